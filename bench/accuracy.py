@@ -1,0 +1,121 @@
+"""Accuracy of a distiller by the full evaluation protocol, written as one table row.
+
+    python bench/accuracy.py --dataset fashion-mnist --method dc --ipc 1 --iterations 60 --models 5
+
+Distills (same code path as ``fastdd distill``), evaluates the set and IPC random real images per
+class with the same protocol, and adds one row at the top of ``bench/results/accuracy.md`` (newest
+first) and one JSON line to ``bench/results/accuracy.jsonl``: method, data set, IPC, mean, std,
+random-real baseline, iterations, models, wall time, machine, commit, and the published value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from fastdd.data import load_dataset
+from fastdd.distill import get_distiller
+from fastdd.evaluate import default_eval_config, evaluate_with_baseline
+from fastdd.io import append_jsonl, atomic_write_bytes
+from fastdd.run import run_distillation
+
+RESULTS = Path(__file__).parent / "results"
+TABLE = RESULTS / "accuracy.md"
+HEADER = (
+    "| date | method | data set | IPC | accuracy % | random real % | published % | iterations | eval | models "
+    "| distill s | eval s | machine | commit |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+# ConvNet, published (DESIGN section 6), by (method, data set) and IPC 1 / 10 / 50.
+PUBLISHED = {
+    ("dc", "fashion-mnist"): (70.5, 82.3, 83.6),
+    ("dsa", "fashion-mnist"): (70.6, 84.6, 88.7),
+    ("dc", "mnist"): (91.7, 97.4, 98.8),
+    ("dsa", "mnist"): (88.7, 97.8, 99.2),
+    ("dc", "cifar10"): (28.3, 44.9, 53.9),
+    ("dsa", "cifar10"): (28.8, 52.1, 60.6),
+    ("dm", "cifar10"): (26.0, 48.9, 63.0),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{device}, torch {torch.__version__}"
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def published(method: str, dataset: str, ipc: int) -> str:
+    values = PUBLISHED.get((method, dataset))
+    column = {1: 0, 10: 1, 50: 2}.get(ipc)
+    return "-" if values is None or column is None else f"{values[column]:.1f}"
+
+
+def add_row(record: dict) -> None:
+    r = record
+    pct = lambda d: f"{100 * d['mean']:.2f} +- {100 * d['std']:.2f}"  # noqa: E731
+    row = (f"| {r['date']} | {r['method']} | {r['dataset']} | {r['ipc']} | {pct(r['distilled'])} "
+           f"| {pct(r['random_real'])} | {r['published']} | {r['iterations']} | {r['eval']} | {r['models']} "
+           f"| {r['distill_seconds']:.0f} | {r['eval_seconds']:.0f} | {r['machine']} | {r['commit']} |\n")
+    old = TABLE.read_text()[len(HEADER):] if TABLE.exists() else ""
+    atomic_write_bytes(TABLE, (HEADER + row + old).encode())
+    append_jsonl(RESULTS / "accuracy.jsonl", record)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--method", default="dc")
+    p.add_argument("--ipc", type=int, default=1)
+    p.add_argument("--iterations", type=int, required=True, help="the budget (the methods' defaults are 1000+)")
+    p.add_argument("--models", type=int, default=5)
+    p.add_argument("--eval-epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default: a fresh one under runs/bench/)")
+    args = p.parse_args()
+
+    train, test = load_dataset(args.dataset, args.data_root)
+    distiller = get_distiller(args.method)(train, args.ipc, torch.Generator().manual_seed(args.seed),
+                                           iterations=args.iterations)
+    out = Path(args.out or f"runs/bench/{args.dataset}-{args.method}-ipc{args.ipc}-it{args.iterations}-s{args.seed}")
+    began = time.perf_counter()
+    synset = run_distillation(distiller, out, vars(args), args.seed, resume=True)
+    distill_seconds = time.perf_counter() - began
+    config = default_eval_config(args.method, epochs=args.eval_epochs)
+    began = time.perf_counter()
+    report = evaluate_with_baseline(synset, train, test, config, args.models, args.seed)
+    record = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "method": args.method, "dataset": args.dataset, "ipc": args.ipc, "iterations": args.iterations,
+        "seed": args.seed, "models": args.models, "eval": f"{config.epochs} ep, aug {config.augment}",
+        "distilled": report["distilled"], "random_real": report["random_real"],
+        "published": published(args.method, args.dataset, args.ipc),
+        "distill_seconds": distill_seconds, "eval_seconds": time.perf_counter() - began,
+        "machine": machine(), "commit": commit(),
+    }
+    add_row(record)
+    print(json.dumps({k: record[k] for k in ("method", "dataset", "ipc", "iterations", "published")}),
+          f"distilled {100 * report['distilled']['mean']:.2f}, random real {100 * report['random_real']['mean']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""fastdd: fast dataset distillation."""
+
+__version__ = "0.1.0"

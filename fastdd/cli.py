@@ -1,0 +1,181 @@
+"""Command line: ``fastdd distill`` and ``fastdd evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fastdd import __version__
+from fastdd.data import DATASETS, DatasetError, load_dataset
+from fastdd.distill import METHODS, get_distiller
+from fastdd.evaluate import EvalConfig, EvalReport, default_eval_config, evaluate_with_baseline
+from fastdd.io import atomic_write_json
+from fastdd.run import GRID, REPORT, SYNSET, NonFiniteError, run_distillation
+from fastdd.synset import SyntheticSet
+
+DESCRIPTION = """\
+fastdd condenses a labelled image data set into a few synthetic images per class.
+
+  fastdd distill --dataset digits --method dc --ipc 10      distill, then evaluate
+  fastdd evaluate runs/digits-dc-ipc10                      evaluate a run or a .safetensors set
+
+Run `fastdd COMMAND --help` for the options of a command."""
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _add_eval_options(p: argparse.ArgumentParser, models_flag: str) -> None:
+    g = p.add_argument_group("evaluation (DESIGN protocol: fresh ConvNets trained on the synthetic set)")
+    g.add_argument(models_flag, type=int, default=5, metavar="N",
+                   help="networks trained and tested; mean and std over them (default 5%s)"
+                   % (", 0 skips evaluation" if models_flag == "--eval-models" else ""))
+    g.add_argument("--eval-epochs", type=int, default=None, metavar="E",
+                   help="training epochs per network (default: 300 for dc, 1000 for dsa and dm)")
+    g.add_argument("--eval-augment", choices=["none", "dsa"], default=None,
+                   help="augmentation while training (default: none for dc, dsa for dsa and dm)")
+    g.add_argument("--eval-model", default="ConvNet", help="architecture to evaluate with (default ConvNet)")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="skip the random-real baseline (IPC random real images per class, same protocol)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastdd", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastdd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("distill", help="distill a data set into IPC synthetic images per class, then evaluate",
+                       description="Distill a data set, write the run directory, evaluate the result.")
+    d.add_argument("--dataset", default="digits", choices=sorted(DATASETS),
+                   help="data set (default digits: scikit-learn's bundled 8x8 digits, works offline)")
+    d.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder holding the data set's files (fashion-mnist defaults to "
+                        "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
+    d.add_argument("--image-size", type=int, default=None, metavar="PX", help="resize imagefolder images to PX x PX")
+    d.add_argument("--method", default="dc", choices=sorted(METHODS), help="distiller (default dc)")
+    d.add_argument("--ipc", type=int, default=10, help="synthetic images per class (default 10)")
+    d.add_argument("--iterations", type=int, default=None,
+                   help="outer iterations (default: 1000 for dc and dsa, 20000 for dm)")
+    d.add_argument("--lr-img", type=float, default=None, help="image learning rate (default: 0.1 dc/dsa, 1.0 dm)")
+    d.add_argument("--batch-real", type=int, default=256, help="real images per class per step (default 256)")
+    d.add_argument("--init", choices=["real", "noise"], default="real",
+                   help="start from random real images or from noise (default real)")
+    d.add_argument("--model", default="ConvNet", help="network to distill with (default ConvNet)")
+    d.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
+    d.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/DATASET-METHOD-ipcN)")
+    d.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    d.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="iterations between checkpoints")
+    d.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_eval_options(d, "--eval-models")
+
+    e = sub.add_parser("evaluate", help="evaluate a synthetic set with the standard protocol",
+                       description="Train fresh networks on a synthetic set, test them on the real test set.")
+    e.add_argument("synset", help="a run directory or a .safetensors synthetic set")
+    e.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the real data set's files")
+    e.add_argument("--seed", type=int, default=0, help="seed of the evaluation (default 0)")
+    e.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    e.add_argument("--report", default=None, metavar="FILE",
+                   help="where to write the JSON report (default: report.json beside the set)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_eval_options(e, "--models")
+    return parser
+
+
+def _eval_config(args: argparse.Namespace, method: str) -> EvalConfig:
+    return default_eval_config(method, args.eval_model, args.eval_epochs, args.eval_augment)
+
+
+def _fmt(r: EvalReport | dict[str, Any]) -> str:
+    d = r if isinstance(r, dict) else r.to_dict()
+    return f"{100 * d['mean']:.2f} +- {100 * d['std']:.2f} %  ({d['num_models']} models)"
+
+
+def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}\n" + "-" * len(title))
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+
+
+def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [("distilled accuracy", _fmt(report["distilled"]))]
+    if "random_real" in report:
+        rows += [("random real (same IPC)", _fmt(report["random_real"])),
+                 ("gain", f"{100 * report['gain']:+.2f} points")]
+    return rows
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    train, test = load_dataset(args.dataset, args.data_root, device=device, image_size=args.image_size)
+    out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")
+    config = {k: getattr(args, k) for k in ("dataset", "image_size", "method", "ipc", "iterations", "lr_img",
+                                            "batch_real", "init", "model", "seed")}
+    generator = torch.Generator().manual_seed(args.seed)
+    distiller = get_distiller(args.method)(
+        train, args.ipc, generator, model=args.model, iterations=args.iterations, lr_img=args.lr_img,
+        batch_real=args.batch_real, init=args.init)
+    began = time.perf_counter()
+    synset = run_distillation(distiller, out, config, args.seed, checkpoint_every=args.checkpoint_every,
+                              resume=args.resume, progress=not args.quiet)
+    seconds = time.perf_counter() - began
+    rows = [("data set", f"{args.dataset} ({len(train)} train / {len(test)} test images, {train.num_classes} classes)"),
+            ("method", f"{args.method}, IPC {args.ipc}, {distiller.iterations} iterations, seed {args.seed}"),
+            ("distillation time", f"{seconds:.1f} s on {device}")]
+    if args.eval_models > 0:
+        config_eval = _eval_config(args, args.method)
+        report = evaluate_with_baseline(synset, train, test, config_eval, args.eval_models, args.seed,
+                                        not args.no_baseline, not args.quiet)
+        report["synset"] = str(out / SYNSET)
+        atomic_write_json(out / REPORT, report)
+        rows += [("evaluation", f"{config_eval.model}, {config_eval.epochs} epochs, augment {config_eval.augment}")]
+        rows += _summary_rows(report)
+    rows += [("synthetic set", str(out / SYNSET)), ("picture", str(out / GRID))]
+    _print_summary("fastdd distill", rows)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    path = Path(args.synset)
+    path = path / SYNSET if path.is_dir() else path
+    synset = SyntheticSet.load(path)
+    meta = synset.meta
+    device = _device(args.device)
+    train, test = load_dataset(meta["dataset"], args.data_root, device=device)
+    config = _eval_config(args, meta.get("method", ""))
+    report = evaluate_with_baseline(synset, train, test, config, args.models, args.seed, not args.no_baseline,
+                                    not args.quiet)
+    report["synset"] = str(path)
+    report_path = Path(args.report) if args.report else path.parent / REPORT
+    atomic_write_json(report_path, report)
+    rows = [("synthetic set", f"{path} ({meta['dataset']}, {meta.get('method')}, IPC {meta['ipc']})"),
+            ("evaluation", f"{config.model}, {config.epochs} epochs, augment {config.augment}")]
+    rows += _summary_rows(report) + [("report", str(report_path))]
+    _print_summary("fastdd evaluate", rows)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"distill": cmd_distill, "evaluate": cmd_evaluate}[args.command]
+    try:
+        return command(args)
+    except (DatasetError, NonFiniteError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"fastdd {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Image folders: ImageNet subsets, Tiny ImageNet, or any ``<split>/<class>/<image>`` tree (PIL).
+
+Layout in the data root::
+
+    train/<class>/**/<image>          every image file under a class folder (recursively), so Tiny
+                                      ImageNet's train/<wnid>/images/*.JPEG works as is
+    val/<class>/**/<image>            test split; or test/<class>/... when there is no val/
+    val/images/* + val/val_annotations.txt    Tiny ImageNet's test layout (tab-separated lines:
+                                      file name, class folder name, box)
+
+Classes are the train class folders, sorted by name; their names are the folder names (WordNet ids
+for Tiny ImageNet). A test split may lack classes, but may not have classes train lacks. Images are
+converted to RGB (grey images get three equal channels). Image files: .png .jpg .jpeg .bmp .gif
+.webp .ppm .tif .tiff (any case).
+
+``image_size`` (int S for S x S, or (H, W)): each image is scaled (bilinear, antialiased) so it
+covers H x W while keeping its aspect ratio, then centre-cropped to H x W (for an int, the usual
+"resize the short side, centre crop"). Without it, every image must already have the same size.
+Normalisation: the ImageNet mean / std.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastdd.data.base import DatasetError, RealDataset, require_root, tensor_from_numpy
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "load_imagefolder"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"})
+_LAYOUT = (
+    "train/<class>/<images> and val/<class>/<images> (or test/<class>/, or Tiny ImageNet's val/images "
+    "+ val/val_annotations.txt; Tiny ImageNet: http://cs231n.stanford.edu/tiny-imagenet-200.zip)"
+)
+_MAX_WORKERS = 8
+
+Items = list[tuple[Path, int]]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted; DatasetError if there are none."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise DatasetError(
+            f"imagefolder: class folder {folder} holds no images; expected at least one "
+            f"{'/'.join(sorted(IMAGE_EXTENSIONS))} file in it (remove the folder or add images)"
+        )
+    return files
+
+
+def _class_folders(split: Path) -> list[Path]:
+    folders = sorted((p for p in split.iterdir() if p.is_dir()), key=lambda p: p.name)
+    if not folders:
+        raise DatasetError(f"imagefolder: {split} has no class folders; expected {_LAYOUT}")
+    return folders
+
+
+def _train_items(root: Path) -> tuple[list[str], Items]:
+    split = root / "train"
+    if not split.is_dir():
+        raise DatasetError(f"imagefolder: missing folder {split}; expected {_LAYOUT}")
+    folders = _class_folders(split)
+    items = [(path, label) for label, folder in enumerate(folders) for path in _images_in(folder)]
+    return [f.name for f in folders], items
+
+
+def _tiny_imagenet_val_items(val: Path, class_index: dict[str, int]) -> Items:
+    annotations = val / "val_annotations.txt"
+    items = []
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in class_index:
+            raise DatasetError(
+                f"{annotations}: line {number} {line!r}: expected '<file>\\t<class>\\t...' with a class "
+                f"folder of train/ (e.g. {next(iter(class_index))})"
+            )
+        path = val / "images" / fields[0]
+        if not path.is_file():
+            raise DatasetError(f"{annotations}: line {number} names {path}, which does not exist")
+        items.append((path, class_index[fields[1]]))
+    if not items:
+        raise DatasetError(f"{annotations}: no annotation lines; expected '<file>\\t<class>\\t...' per image")
+    return items
+
+
+def _test_items(root: Path, class_index: dict[str, int]) -> Items:
+    val = root / "val"
+    if (val / "val_annotations.txt").is_file():
+        return _tiny_imagenet_val_items(val, class_index)
+    split = val if val.is_dir() else root / "test"
+    if not split.is_dir():
+        raise DatasetError(f"imagefolder: missing test split: neither {val} nor {split} exists; expected {_LAYOUT}")
+    items = []
+    for folder in _class_folders(split):
+        if folder.name not in class_index:
+            raise DatasetError(f"imagefolder: test class folder {folder} has no counterpart in {root / 'train'}")
+        items += [(path, class_index[folder.name]) for path in _images_in(folder)]
+    return items
+
+
+def _target_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    """uint8 [H, W, 3] of ``path``; resized and centre-cropped to ``size`` = (H, W) when given."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    if size is not None and image.size != (size[1], size[0]):
+        h, w = size
+        scale = max(h / image.height, w / image.width)
+        scaled_w, scaled_h = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+        image = image.resize((scaled_w, scaled_h), Image.Resampling.BILINEAR)
+        left, top = (scaled_w - w) // 2, (scaled_h - h) // 2
+        image = image.crop((left, top, left + w, top + h))
+    return np.asarray(image)
+
+
+def _read_all(items: Items, size: tuple[int, int], resize: bool, reference: Path) -> np.ndarray:
+    """uint8 [N, 3, H, W] of every item, decoded on a few threads (PIL releases the GIL). Without
+    ``resize`` every image must be ``size`` (the size of ``reference``, named in the error)."""
+    out = np.empty((len(items), 3, *size), dtype=np.uint8)
+
+    def read(i: int) -> None:
+        pixels = _read_image(items[i][0], size if resize else None)
+        if pixels.shape[:2] != size:
+            raise DatasetError(
+                f"{items[i][0]}: image is {pixels.shape[0]}x{pixels.shape[1]} (HxW), but {reference} is "
+                f"{size[0]}x{size[1]}; images differ in size, pass image_size (--image-size) to resize them"
+            )
+        out[i] = pixels.transpose(2, 0, 1)
+
+    with ThreadPoolExecutor(max_workers=min(_MAX_WORKERS, os.cpu_count() or 1)) as pool:
+        list(pool.map(read, range(len(items))))
+    return out
+
+
+def load_imagefolder(
+    root: str | Path | None,
+    device: str | torch.device = "cpu",
+    image_size: int | tuple[int, int] | None = None,
+) -> tuple[RealDataset, RealDataset]:
+    """(train, test) from an image-folder tree: uint8 [N, 3, H, W], classes = train's class folders."""
+    folder = require_root(root, "imagefolder", _LAYOUT)
+    names, train_items = _train_items(folder)
+    test_items = _test_items(folder, {name: i for i, name in enumerate(names)})
+    if image_size is None:
+        size = _read_image(train_items[0][0], None).shape[:2]
+    else:
+        size = _target_size(image_size)
+    splits = []
+    for items in (train_items, test_items):
+        images = _read_all(items, size, image_size is not None, train_items[0][0])
+        splits.append(
+            RealDataset(
+                name="imagefolder",
+                images=tensor_from_numpy(images, device),
+                labels=torch.tensor([label for _, label in items], dtype=torch.int64, device=device),
+                num_classes=len(names),
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                class_names=list(names),
+            )
+        )
+    return splits[0], splits[1]

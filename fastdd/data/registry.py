@@ -1,0 +1,75 @@
+"""Data sets by name: :func:`load_dataset`, the names in :data:`DATASETS`, default roots and
+normalisation constants.
+
+Names are case-insensitive and ``_`` may stand for ``-`` (``Fashion_MNIST`` = ``fashion-mnist``).
+``root`` is ignored for ``digits`` (bundled with scikit-learn); ``fashion-mnist`` falls back to
+:data:`DEFAULT_ROOTS`; every other set needs a root (a DatasetError says what to put there).
+``image_size`` resizes only ``imagefolder``; the fixed-size sets accept only their own size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fastdd.data.base import RealDataset
+from fastdd.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar10, load_cifar100
+from fastdd.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits
+from fastdd.data.idx import (
+    FASHION_MNIST_DEFAULT_ROOT,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    load_fashion_mnist,
+    load_mnist,
+)
+from fastdd.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
+from fastdd.data.svhn import SVHN_MEAN, SVHN_STD, load_svhn
+
+__all__ = ["DATASETS", "DEFAULT_ROOTS", "NORMALIZATION", "load_dataset"]
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "imagefolder")
+DEFAULT_ROOTS: dict[str, Path] = {"fashion-mnist": FASHION_MNIST_DEFAULT_ROOT}
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "digits": (DIGITS_MEAN, DIGITS_STD),
+    "mnist": (MNIST_MEAN, MNIST_STD),
+    "fashion-mnist": (FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "svhn": (SVHN_MEAN, SVHN_STD),
+    "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
+}  # (mean, std) per channel, [0, 1] pixel units
+
+_NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32}
+_FIXED_LOADERS: dict[str, Callable[[Path | str | None, str | torch.device], tuple[RealDataset, RealDataset]]] = {
+    "digits": lambda root, device: load_digits(device),
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "svhn": load_svhn,
+}
+
+
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    image_size: int | tuple[int, int] | None = None,
+) -> tuple[RealDataset, RealDataset]:
+    """(train, test) of data set ``name`` (one of :data:`DATASETS`), uint8 images on ``device``."""
+    key = name.lower().replace("_", "-")
+    if key not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
+    if key == "imagefolder":
+        return load_imagefolder(root, device, image_size)
+    native = _NATIVE_SIZE[key]
+    if image_size is not None and image_size not in (native, (native, native), [native, native]):
+        raise ValueError(
+            f"image_size={image_size!r}: {key} images are {native}x{native} and are not resized; "
+            "image_size applies to imagefolder only"
+        )
+    return _FIXED_LOADERS[key](root, device)

@@ -1,0 +1,20 @@
+"""The distillers, by name."""
+
+from __future__ import annotations
+
+from fastdd.distill.base import Distiller, Plugin
+from fastdd.distill.dc import DC, DSADistiller, get_loops
+from fastdd.distill.dm import DM
+
+METHODS: dict[str, type[Distiller]] = {"dc": DC, "dsa": DSADistiller, "dm": DM}
+
+
+def get_distiller(method: str) -> type[Distiller]:
+    """The Distiller class of ``method`` (one of METHODS)."""
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}") from None
+
+
+__all__ = ["DC", "DM", "DSADistiller", "Distiller", "METHODS", "Plugin", "get_distiller", "get_loops"]

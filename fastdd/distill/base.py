@@ -1,0 +1,199 @@
+"""The Distiller interface shared by every method, and the plug-in hooks SDC and UDD use.
+
+A distiller owns the synthetic images (a leaf tensor of ``ipc`` images per class, stored class by
+class in the normalised space), their optimiser and one ``torch.Generator`` from which every random
+choice of the run is drawn: networks, real batches, augmentation. ``step(iteration)`` runs one
+outer iteration of the method and returns its metrics. ``state_dict`` holds everything needed to
+continue a run bit for bit, the generator state included.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastdd import __version__
+from fastdd.data import RealDataset
+from fastdd.models import get_network
+from fastdd.synset import SyntheticSet
+
+INITS = ("real", "noise")
+
+
+class Plugin:
+    """A plug-in to a distiller: adds a term to every matching loss and may act between steps.
+
+    ``loss`` is called once per matching step with the network the method uses at that step; its
+    result (a scalar, or ``None`` for nothing) is added to the method's loss before the image
+    update. ``after_step`` is called after every outer iteration and may change
+    ``distiller.images`` in place (under ``torch.no_grad``).
+    """
+
+    name = "plugin"
+
+    def loss(self, distiller: "Distiller", net: nn.Module) -> Tensor | None:
+        return None
+
+    def after_step(self, distiller: "Distiller", iteration: int) -> None:
+        return None
+
+    def hparams(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class Distiller(ABC):
+    """Base class of the distillers: synthetic images, their optimiser, the run's generator.
+
+    Args:
+        train: the real training set (on the device the run uses).
+        ipc: synthetic images per class.
+        generator: the run's only source of randomness (a CPU generator).
+        model: network name for ``fastdd.models.get_network``.
+        iterations: outer iterations of the run (default: the method's).
+        lr_img: learning rate of the images (default: the method's); SGD with momentum 0.5.
+        batch_real: real images drawn per class at each matching step.
+        init: ``"real"`` (random real images of the class) or ``"noise"`` (standard normal).
+        plugins: plug-ins whose terms are added to every matching loss.
+    """
+
+    name: str = ""
+    default_iterations: int = 1000
+    default_lr_img: float = 0.1
+
+    def __init__(
+        self,
+        train: RealDataset,
+        ipc: int,
+        generator: torch.Generator,
+        *,
+        model: str = "ConvNet",
+        iterations: int | None = None,
+        lr_img: float | None = None,
+        batch_real: int = 256,
+        init: str = "real",
+        plugins: Sequence[Plugin] = (),
+    ) -> None:
+        if not isinstance(ipc, int) or ipc < 1:
+            raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if batch_real < 1:
+            raise ValueError(f"batch_real must be >= 1, got {batch_real}")
+        self.train = train
+        self.ipc = ipc
+        self.generator = generator
+        self.model = model
+        self.iterations = self.default_iterations if iterations is None else iterations
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        self.lr_img = self.default_lr_img if lr_img is None else lr_img
+        if not self.lr_img > 0:
+            raise ValueError(f"lr_img must be > 0, got {self.lr_img}")
+        self.batch_real = batch_real
+        self.init = init
+        self.plugins = list(plugins)
+        self.device = train.images.device
+        self.num_classes = train.num_classes
+        self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(ipc)
+        self.images = self._initial_images().requires_grad_(True)
+        self.optimizer = torch.optim.SGD([self.images], lr=self.lr_img, momentum=0.5)
+
+    # ----------------------------------------------------------------------------- set-up
+    def _initial_images(self) -> Tensor:
+        """[num_classes * ipc, C, H, W] float32, class by class."""
+        if self.init == "noise":
+            shape = (self.num_classes * self.ipc, *self.train.image_shape)
+            return torch.randn(shape, generator=self.generator).to(self.device)
+        return torch.cat([self.train.sample(c, self.ipc, self.generator) for c in range(self.num_classes)])
+
+    def new_network(self) -> nn.Module:
+        """A freshly initialised network of the run's architecture, drawn from the generator."""
+        net = get_network(
+            self.model, self.train.channels, self.num_classes, (self.train.height, self.train.width), self.generator
+        )
+        return net.to(self.device)
+
+    def class_images(self, c: int) -> Tensor:
+        """The synthetic images of class ``c``: a view [ipc, C, H, W] of ``self.images``."""
+        return self.images[c * self.ipc : (c + 1) * self.ipc]
+
+    def real_batches(self) -> list[Tensor]:
+        """One batch of ``batch_real`` real images per class, normalised."""
+        return [self.train.sample(c, self.batch_real, self.generator) for c in range(self.num_classes)]
+
+    # ----------------------------------------------------------------------------- steps
+    def plugin_loss(self, net: nn.Module) -> Tensor | None:
+        """Sum of the plug-ins' terms at network ``net`` (None when no plug-in adds one)."""
+        terms = [t for t in (p.loss(self, net) for p in self.plugins) if t is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def update_images(self, loss: Tensor, net: nn.Module) -> float:
+        """One optimiser step of the images on ``loss`` plus the plug-ins' terms; returns the total."""
+        extra = self.plugin_loss(net)
+        total = loss if extra is None else loss + extra
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return total.item()
+
+    @abstractmethod
+    def step(self, iteration: int) -> dict[str, float]:
+        """Run one outer iteration; returns metrics, at least ``{"loss": ...}``."""
+
+    def after_step(self, iteration: int) -> None:
+        for plugin in self.plugins:
+            plugin.after_step(self, iteration)
+
+    # ----------------------------------------------------------------------------- state
+    def hparams(self) -> dict[str, Any]:
+        """Every hyper-parameter of the run, as stored in the synthetic set's metadata."""
+        return {
+            "model": self.model,
+            "iterations": self.iterations,
+            "lr_img": self.lr_img,
+            "batch_real": self.batch_real,
+            "init": self.init,
+            **{f"{p.name}.{k}": v for p in self.plugins for k, v in p.hparams().items()},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images.detach().cpu().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "plugins": {p.name: p.state_dict() for p in self.plugins},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"].to(self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        for p in self.plugins:
+            p.load_state_dict(state["plugins"].get(p.name, {}))
+
+    def synthetic_set(self, seed: int | None = None) -> SyntheticSet:
+        """The current images as a SyntheticSet with the run's metadata."""
+        meta = {
+            "dataset": self.train.name,
+            "mean": list(self.train.mean),
+            "std": list(self.train.std),
+            "num_classes": self.num_classes,
+            "class_names": list(self.train.class_names),
+            "ipc": self.ipc,
+            "method": self.name,
+            "plugins": [p.name for p in self.plugins],
+            "hparams": self.hparams(),
+            "seed": seed,
+            "fastdd_version": __version__,
+        }
+        return SyntheticSet(images=self.images.detach().cpu().clone(), labels=self.labels.cpu().clone(), meta=meta)

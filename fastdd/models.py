@@ -1,0 +1,279 @@
+"""Networks used for distillation and evaluation: the ConvNet family and ResNet-18.
+
+ConvNet follows the field's reference definition: ``depth`` blocks of
+``Conv2d(k3, pad 1) -> norm -> act -> pool(2)`` with ``width`` channels, then ``Linear(feat_dim,
+classes)``. For 1-channel inputs the first conv pads 3, so 28x28 MNIST becomes 32x32 and the
+feature map matches CIFAR's (128 x 4 x 4 = 2048 features at depth 3). The default (3x32x32, 10
+classes) has 320,010 parameters; 1x28x28 / 10 classes has 317,706.
+
+ResNet-18 is the CIFAR-style variant used for cross-architecture evaluation: a 3x3 stride-1 stem
+without max-pool, BasicBlocks [2, 2, 2, 2] of widths 64..512, adaptive average pooling, so it runs on
+any input of at least 1x1 after the three stride-2 stages (8x8 works). Its "instancenorm" is
+``GroupNorm(C, C, affine=True)`` (DC's ResNet18); "ResNet18BN" uses BatchNorm.
+
+Networks never touch the global RNG: :func:`get_network` re-initialises every parameter from an
+explicit ``torch.Generator`` with PyTorch's default distributions (:func:`init_parameters`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
+ACTIVATIONS = ("relu", "sigmoid", "leakyrelu")
+POOLINGS = ("avgpooling", "maxpooling", "none")
+
+# name -> ConvNet keyword overrides (relative to width 128, depth 3, instancenorm, relu, avgpooling)
+_CONVNET_VARIANTS: dict[str, dict[str, object]] = {
+    "ConvNet": {},
+    **{f"ConvNetD{d}": {"depth": d} for d in range(1, 7)},
+    **{f"ConvNetW{w}": {"width": w} for w in (32, 64, 256)},
+    "ConvNetBN": {"norm": "batchnorm"},
+    "ConvNetLN": {"norm": "layernorm"},
+    "ConvNetGN": {"norm": "groupnorm"},
+    "ConvNetNN": {"norm": "none"},
+    "ConvNetMP": {"pooling": "maxpooling"},
+    "ConvNetNP": {"pooling": "none"},
+    "ConvNetAS": {"act": "sigmoid"},
+    "ConvNetAL": {"act": "leakyrelu"},
+}
+_RESNET_VARIANTS: dict[str, str] = {"ResNet18": "instancenorm", "ResNet18BN": "batchnorm"}
+NETWORK_NAMES: tuple[str, ...] = (*_CONVNET_VARIANTS, *_RESNET_VARIANTS)
+
+
+def _check_choice(arg: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{arg}={value!r} is not supported; expected one of {', '.join(choices)}")
+
+
+def _check_positive(**kwargs: int) -> None:
+    for arg, value in kwargs.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+
+
+def _im_size_pair(im_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    pair = (im_size, im_size) if isinstance(im_size, int) else tuple(im_size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s >= 1 for s in pair):
+        raise ValueError(f"im_size must be a positive int or a pair (height, width), got {im_size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _norm_layer(norm: str, channels: int, shape: tuple[int, int, int]) -> nn.Module:
+    """Norm layer for a [B, C, H, W] map of per-sample shape ``shape`` = (C, H, W)."""
+    if norm == "instancenorm":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if norm == "layernorm":
+        return nn.LayerNorm(list(shape), elementwise_affine=True)
+    if norm == "groupnorm":
+        if channels % 4:
+            raise ValueError(f"norm='groupnorm' uses 4 groups and needs width divisible by 4, got {channels}")
+        return nn.GroupNorm(4, channels, affine=True)
+    _check_choice("norm", norm, NORMS)
+    return nn.Identity()
+
+
+def _activation(act: str) -> nn.Module:
+    _check_choice("act", act, ACTIVATIONS)
+    if act == "relu":
+        return nn.ReLU()
+    if act == "sigmoid":
+        return nn.Sigmoid()
+    return nn.LeakyReLU(negative_slope=0.01)
+
+
+class ConvNet(nn.Module):
+    """The field's default ConvNet.
+
+    Input [B, channels, H, W] -> logits [B, num_classes]; ``embed`` gives the flattened features
+    [B, feat_dim] (feat_dim = width * H' * W', 2048 for 32x32 or 28x28 inputs at depth 3).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        im_size: int | tuple[int, int],
+        width: int = 128,
+        depth: int = 3,
+        norm: str = "instancenorm",
+        act: str = "relu",
+        pooling: str = "avgpooling",
+    ) -> None:
+        super().__init__()
+        _check_positive(channels=channels, num_classes=num_classes, width=width, depth=depth)
+        _check_choice("norm", norm, NORMS)
+        _check_choice("act", act, ACTIVATIONS)
+        _check_choice("pooling", pooling, POOLINGS)
+        h, w = _im_size_pair(im_size)
+        layers: list[nn.Module] = []
+        in_ch = channels
+        for d in range(depth):
+            pad = 3 if channels == 1 and d == 0 else 1
+            layers.append(nn.Conv2d(in_ch, width, kernel_size=3, padding=pad))
+            h, w = h + 2 * pad - 2, w + 2 * pad - 2
+            if norm != "none":
+                layers.append(_norm_layer(norm, width, (width, h, w)))
+            layers.append(_activation(act))
+            if pooling != "none":
+                layers.append(nn.AvgPool2d(2) if pooling == "avgpooling" else nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+                if h < 1 or w < 1:
+                    raise ValueError(
+                        f"im_size={im_size!r} is too small for depth={depth}: "
+                        f"the feature map vanishes after block {d + 1}"
+                    )
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.feat_dim = width * h * w
+        self.classifier = nn.Linear(self.feat_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> flattened features [B, feat_dim]."""
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> logits [B, num_classes]."""
+        return self.classifier(self.embed(x))
+
+
+def _resnet_norm(norm: str, channels: int) -> nn.Module:
+    return nn.GroupNorm(channels, channels, affine=True) if norm == "instancenorm" else nn.BatchNorm2d(channels)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with a (projected when needed) identity shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _resnet_norm(norm, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.norm2 = _resnet_norm(norm, out_ch)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _resnet_norm(norm, out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: [B, channels, H, W] -> logits [B, num_classes]; ``embed`` -> [B, 512]."""
+
+    def __init__(self, channels: int, num_classes: int, norm: str = "instancenorm") -> None:
+        super().__init__()
+        _check_positive(channels=channels, num_classes=num_classes)
+        _check_choice("norm", norm, ("instancenorm", "batchnorm"))
+        self.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+        self.norm1 = _resnet_norm(norm, 64)
+        stages: list[nn.Module] = []
+        in_ch = 64
+        for out_ch, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages += [BasicBlock(in_ch, out_ch, stride, norm), BasicBlock(out_ch, out_ch, 1, norm)]
+            in_ch = out_ch
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feat_dim = 512
+        self.classifier = nn.Linear(512, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> pooled features [B, 512]."""
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return self.pool(self.layers(out)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> logits [B, num_classes]."""
+        return self.classifier(self.embed(x))
+
+
+def _fill(param: torch.Tensor, init: Callable[[torch.Tensor], object], generator: torch.Generator) -> None:
+    """Run ``init`` on ``param`` in place, drawing on the generator's device when it differs."""
+    if param.device == generator.device:
+        init(param)
+    else:
+        tmp = torch.empty(param.shape, dtype=param.dtype, device=generator.device)
+        init(tmp)
+        param.copy_(tmp)
+
+
+_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialise every parameter of ``model`` from ``generator`` (global RNG untouched).
+
+    Conv/Linear weights: kaiming_uniform(a=sqrt 5) = U(+-1/sqrt(fan_in)); their biases
+    U(+-1/sqrt(fan_in)); norm weights 1, biases 0, BatchNorm running statistics reset (the only
+    buffers these networks hold). These are
+    PyTorch's default distributions. Modules are visited in ``model.modules()`` order, so equal
+    generator states give identical networks. Raises TypeError for a parameterised module of
+    another kind.
+    """
+    done: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            weight = module.weight
+            _fill(weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator), generator)
+            done.add(id(weight))
+            if module.bias is not None:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+                bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                _fill(module.bias, lambda t: nn.init.uniform_(t, -bound, bound, generator=generator), generator)
+                done.add(id(module.bias))
+        elif isinstance(module, _NORM_TYPES):
+            for name, value in (("weight", 1.0), ("bias", 0.0)):
+                param = getattr(module, name, None)
+                if isinstance(param, nn.Parameter):
+                    param.fill_(value)
+                    done.add(id(param))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+    for name, param in model.named_parameters():
+        if id(param) not in done:
+            raise TypeError(f"init_parameters: no initialiser for parameter {name!r} of {type(model).__name__}")
+
+
+def get_network(
+    name: str,
+    channels: int,
+    num_classes: int,
+    im_size: int | tuple[int, int],
+    generator: torch.Generator,
+) -> nn.Module:
+    """Build network ``name`` (see NETWORK_NAMES) on CPU, initialised from ``generator``.
+
+    ConvNet variants: "ConvNet" (depth 3, width 128, instancenorm, relu, avg pooling), "ConvNetD1".."D6"
+    (depth; use D4 for 64 px and D5 for 128 px inputs), "ConvNetW32/W64/W256" (width), "ConvNetBN/LN/GN/NN"
+    (batch/layer/group/no norm), "ConvNetMP/NP" (max/no pooling), "ConvNetAS/AL" (sigmoid/leaky relu);
+    "ResNet18" (instancenorm) and "ResNet18BN". Unknown name -> ValueError listing the names.
+    """
+    if name not in NETWORK_NAMES:
+        raise ValueError(f"unknown network name {name!r}; expected one of {', '.join(NETWORK_NAMES)}")
+    # built on the meta device (no global-RNG draws, no wasted default init), then filled from `generator`
+    with torch.device("meta"):
+        if name in _CONVNET_VARIANTS:
+            kwargs = _CONVNET_VARIANTS[name]
+            net: nn.Module = ConvNet(channels, num_classes, im_size, **kwargs)  # type: ignore[arg-type]
+        else:
+            _im_size_pair(im_size)
+            net = ResNet18(channels, num_classes, norm=_RESNET_VARIANTS[name])
+    net = net.to_empty(device="cpu")
+    init_parameters(net, generator)
+    return net
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """True when ``model`` contains a BatchNorm layer (its train/eval mode then matters)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -1,0 +1,132 @@
+"""A distillation run on disk: config, checkpoints to resume from, metrics, the synthetic set.
+
+Layout of a run directory::
+
+    config.json          what the run was started with (checked again on --resume)
+    checkpoint.pt        the distiller's full state after the last checkpointed iteration
+    metrics.jsonl        one line per iteration: {"iteration", "loss", ..., "seconds"}
+    synset.safetensors   the synthetic set at the last checkpoint (the final one at the end)
+    synset.png           its picture, one row per class
+    report.json          the evaluation report, written by ``fastdd evaluate`` / ``fastdd distill``
+
+Every file is written atomically, so a run killed at any point keeps its last checkpoint, and
+``resume=True`` continues it to the same result as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastdd.distill.base import Distiller
+from fastdd.io import append_jsonl, atomic_torch_save, atomic_write_json
+from fastdd.synset import SyntheticSet
+
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SYNSET = "synset.safetensors"
+GRID = "synset.png"
+REPORT = "report.json"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the images became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _check_finite(distiller: Distiller, iteration: int, metrics: dict[str, float], run_dir: Path, last_good: int) -> None:
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if not bad and bool(torch.isfinite(distiller.images).all()):
+        return
+    what = ", ".join(f"{k}={metrics[k]}" for k in bad) or "the synthetic images hold NaN or inf"
+    kept = (
+        f"the last good checkpoint (iteration {last_good}) is kept in {run_dir / CHECKPOINT}"
+        if last_good > 0
+        else "no checkpoint had been written yet"
+    )
+    raise NonFiniteError(
+        f"iteration {iteration}: {what}. The run stopped; {kept}. "
+        "Try a lower --lr-img, or check the data and the network."
+    )
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Keep only the metric lines of iterations before ``start`` (a resumed run rewrites the rest)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < start]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    saved = json.loads((run_dir / CONFIG).read_text())
+    if saved != config:
+        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        raise ValueError(
+            f"--resume: {run_dir} holds a run with a different configuration (differs in: {', '.join(diff)}); "
+            "use another --out directory or the same arguments"
+        )
+    return torch.load(path, weights_only=False)
+
+
+def save_synset(synset: SyntheticSet, run_dir: Path) -> None:
+    """Write the synthetic set and its picture into ``run_dir``."""
+    synset.save(run_dir / SYNSET)
+    synset.save_grid(run_dir / GRID)
+
+
+def run_distillation(
+    distiller: Distiller,
+    run_dir: str | Path,
+    config: dict[str, Any],
+    seed: int,
+    *,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    progress: bool = True,
+) -> SyntheticSet:
+    """Run ``distiller`` for its iterations, checkpointing into ``run_dir``; returns the final set.
+
+    ``config`` is the JSON-able description of the run (stored, and compared on resume).
+    With ``resume``, continues from ``run_dir``'s checkpoint when there is one.
+    """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = 0
+    checkpoint = _load_checkpoint(run_dir, config) if resume else None
+    if checkpoint is not None:
+        distiller.load_state_dict(checkpoint["distiller"])
+        start = checkpoint["iteration"]
+    elif (run_dir / CHECKPOINT).exists():
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    else:
+        atomic_write_json(run_dir / CONFIG, config)
+    _truncate_metrics(run_dir / METRICS, start)
+
+    last_good = start
+    began = time.perf_counter()
+    bar = tqdm(range(start, distiller.iterations), initial=start, total=distiller.iterations,
+               desc=f"distill {distiller.name}", disable=not progress, unit="it")
+    for iteration in bar:
+        metrics = distiller.step(iteration)
+        _check_finite(distiller, iteration, metrics, run_dir, last_good)
+        distiller.after_step(iteration)
+        append_jsonl(run_dir / METRICS, {"iteration": iteration, **metrics, "seconds": time.perf_counter() - began})
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+        done = iteration + 1
+        if done % checkpoint_every == 0 or done == distiller.iterations:
+            atomic_torch_save({"iteration": done, "distiller": distiller.state_dict()}, run_dir / CHECKPOINT)
+            save_synset(distiller.synthetic_set(seed), run_dir)
+            last_good = done
+    return distiller.synthetic_set(seed)

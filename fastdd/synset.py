@@ -1,0 +1,182 @@
+"""The synthetic-set container: the one file a user keeps from a distillation, and its PNG grid.
+
+File format (safetensors, written atomically):
+
+* tensors ``images`` float32 [N, C, H, W] (normalised space), ``labels`` int64 [N], and
+  ``soft_labels`` float32 [N, K] when present;
+* header metadata key ``"fastdd"``: a JSON string ``{"format": 1, "fastdd_version": ..., "lr": float
+  | null, "meta": {...}}``. ``meta`` is the caller's dict (data set, mean, std, ipc, method, plugins,
+  hyper-parameters, seed, ...); ``lr`` is the learned learning rate of MTT-style methods;
+  ``fastdd_version`` is the version that wrote the file.
+
+Any safetensors reader can open the tensors; ``SyntheticSet.load`` restores everything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+
+from fastdd import __version__
+from fastdd.io import atomic_write_bytes
+
+METADATA_KEY = "fastdd"
+FORMAT_VERSION = 1
+GRID_MIN_SIDE = 32  # images smaller than this are upscaled (nearest) in the PNG grid
+GRID_PADDING = 2  # pixels between tiles (white)
+
+
+@dataclass
+class SyntheticSet:
+    """A distilled data set.
+
+    images: float [N, C, H, W] in the normalised space (``(x - mean) / std``, x in [0, 1]).
+    labels: int64 [N], class of each image.
+    meta: JSON-able dict describing how the set was made; ``save_grid`` needs ``meta["mean"]`` and
+        ``meta["std"]`` (per-channel, [0, 1] pixel units).
+    lr: learned evaluation learning rate (MTT) or None.
+    soft_labels: float [N, K] or None.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    soft_labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, torch.Tensor) or self.images.dim() != 4 or not self.images.is_floating_point():
+            raise ValueError(f"images must be a float tensor [N, C, H, W], got {_describe(self.images)}")
+        if not isinstance(self.labels, torch.Tensor) or self.labels.dim() != 1 or self.labels.dtype != torch.int64:
+            raise ValueError(f"labels must be an int64 tensor [N], got {_describe(self.labels)}")
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"labels has {len(self.labels)} entries but images has {len(self.images)} images")
+        if len(self.labels) and int(self.labels.min()) < 0:
+            raise ValueError(f"labels must be non-negative class indices, got min {int(self.labels.min())}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
+        if self.lr is not None:
+            if isinstance(self.lr, torch.Tensor) and self.lr.numel() == 1:
+                self.lr = float(self.lr.detach())
+            if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr):
+                raise ValueError(f"lr must be a finite number or None, got {self.lr!r}")
+            self.lr = float(self.lr)
+        if self.soft_labels is not None:
+            s = self.soft_labels
+            if not isinstance(s, torch.Tensor) or s.dim() != 2 or not s.is_floating_point() or len(s) != len(self.images):
+                raise ValueError(
+                    f"soft_labels must be a float tensor [N={len(self.images)}, K] or None, got {_describe(s)}"
+                )
+
+    @property
+    def images_per_class(self) -> int:
+        """Images per class (IPC); for an unbalanced set, the largest class count (0 when empty)."""
+        if len(self.labels) == 0:
+            return 0
+        return int(torch.bincount(self.labels.cpu()).max())
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the set to ``path`` (safetensors, atomic). Tensors are stored float32/int64 on CPU."""
+        header = {"format": FORMAT_VERSION, "fastdd_version": __version__, "lr": self.lr, "meta": self.meta}
+        try:
+            header_json = json.dumps(header, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"meta must be JSON-serialisable (finite numbers, str, list, dict): {e}") from e
+        tensors = {
+            "images": self.images.detach().to("cpu", torch.float32).contiguous(),
+            "labels": self.labels.detach().cpu().contiguous(),
+        }
+        if self.soft_labels is not None:
+            tensors["soft_labels"] = self.soft_labels.detach().to("cpu", torch.float32).contiguous()
+        atomic_write_bytes(path, safetensors_save(tensors, metadata={METADATA_KEY: header_json}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SyntheticSet:
+        """Read a set written by :meth:`save` (tensors on CPU).
+
+        Raises FileNotFoundError when ``path`` does not exist and ValueError when it is not a fastdd
+        synthetic set (not safetensors, no ``fastdd`` metadata, missing or malformed tensors).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"synthetic set file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as e:  # safetensors raises its own error type for a corrupt header
+            raise ValueError(f"{path} is not a safetensors file: {e}") from e
+        if METADATA_KEY not in metadata:
+            raise ValueError(f"{path} is not a fastdd synthetic set: its header has no {METADATA_KEY!r} metadata")
+        try:
+            header = json.loads(metadata[METADATA_KEY])
+            meta, lr = header["meta"], header["lr"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: malformed {METADATA_KEY!r} metadata ({e!r})") from e
+        missing = [key for key in ("images", "labels") if key not in tensors]
+        if missing:
+            raise ValueError(f"{path} is not a complete fastdd synthetic set: missing tensor(s) {', '.join(missing)}")
+        try:
+            return cls(tensors["images"], tensors["labels"], meta, lr, tensors.get("soft_labels"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def save_grid(self, path: str | os.PathLike[str]) -> None:
+        """Write a PNG grid of the images to ``path`` (atomic).
+
+        One row per class present (ascending label), one column per image of the class (columns =
+        largest class count), tiles separated by white padding. Images are denormalised with
+        ``meta["mean"]``/``meta["std"]``, clamped to [0, 1], and upscaled (nearest, integer factor)
+        to at least 32 px per side. 1-channel sets give a greyscale PNG, 3-channel sets RGB.
+        """
+        n, c, h, w = self.images.shape
+        if c not in (1, 3):
+            raise ValueError(f"save_grid needs 1- or 3-channel images, got {c} channels")
+        if n == 0:
+            raise ValueError("save_grid: the synthetic set has no images")
+        mean, std = (_channel_stats(self.meta, key, c) for key in ("mean", "std"))
+        x = self.images.detach().to("cpu", torch.float32) * std.view(1, c, 1, 1) + mean.view(1, c, 1, 1)
+        x = x.clamp(0.0, 1.0)
+        scale = max(1, math.ceil(GRID_MIN_SIDE / min(h, w)))
+        if scale > 1:
+            x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        th, tw = h * scale, w * scale
+        labels = self.labels.cpu()
+        classes = torch.unique(labels).tolist()
+        cols = self.images_per_class
+        p = GRID_PADDING
+        grid = torch.ones(c, p + len(classes) * (th + p), p + cols * (tw + p))
+        for row, cls_ in enumerate(classes):
+            for col, i in enumerate(torch.nonzero(labels == cls_).flatten().tolist()):
+                top, left = p + row * (th + p), p + col * (tw + p)
+                grid[:, top : top + th, left : left + tw] = x[i]
+        pixels = (grid * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        image = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)  # uint8 HxW -> "L", HxWx3 -> "RGB"
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
+
+
+def _channel_stats(meta: dict[str, Any], key: str, channels: int) -> torch.Tensor:
+    value = meta.get(key)
+    ok = isinstance(value, (list, tuple)) and len(value) == channels
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ValueError(f"save_grid needs meta[{key!r}] as a list of {channels} per-channel numbers, got {value!r}")
+    return torch.tensor([float(v) for v in value])
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,41 @@
+"""One epoch of plain minibatch SGD training on a tensor data set, shared by distillers and evaluation."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def train_epoch(
+    net: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    batch_size: int = 256,
+    augment: Augment | None = None,
+) -> float:
+    """Train ``net`` one epoch on (images [N,C,H,W], labels [N]) in shuffled minibatches.
+
+    The order comes from ``torch.randperm(generator=generator)``; ``augment(x, generator)`` is
+    applied to every batch when given. Returns the mean cross-entropy over the epoch.
+    """
+    net.train()
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        idx = order[start : start + batch_size]
+        x = images[idx]
+        if augment is not None:
+            x = augment(x, generator)
+        loss = F.cross_entropy(net(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+    return total / len(images)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastdd, importable as ``fastdd.kernels``."""

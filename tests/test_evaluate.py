@@ -1,0 +1,168 @@
+"""The evaluation protocol: determinism, lr schedule, accuracy on a toy problem, random-real baseline, report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastdd.data import RealDataset
+from fastdd.evaluate import (
+    EvalConfig,
+    EvalReport,
+    evaluate_random_real,
+    evaluate_synset,
+    lr_at_epoch,
+    random_real,
+    train_and_test,
+)
+from fastdd.models import get_network
+
+MODEL = "ConvNetW32"  # the smallest named network; 8x8 inputs keep every run in milliseconds
+
+
+def toy_dataset(per_class: int, seed: int, classes: int = 4, channels: int = 1, name: str = "toy") -> RealDataset:
+    """Separable toy set: class c is a bright quadrant c on a dark noisy 8x8 background."""
+    g = torch.Generator().manual_seed(seed)
+    n = classes * per_class
+    labels = torch.arange(classes).repeat(per_class)
+    images = torch.randint(0, 60, (n, channels, 8, 8), generator=g, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        r, q = divmod(c, 2)
+        images[i, :, 4 * r : 4 * r + 4, 4 * q : 4 * q + 4] += 180
+    return RealDataset(name=name, images=images, labels=labels, num_classes=classes,
+                       mean=(0.3,) * channels, std=(0.3,) * channels, class_names=[str(c) for c in range(classes)])
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[RealDataset, RealDataset]:
+    return toy_dataset(20, seed=0), toy_dataset(50, seed=1)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_lr_schedule_function():
+    assert [lr_at_epoch(1.0, e, 6) for e in range(6)] == [1.0, 1.0, 1.0, 0.1, 0.1, 0.1]
+    assert [lr_at_epoch(1.0, e, 5) for e in range(5)] == [1.0, 1.0, 0.1, 0.1, 0.1]
+
+
+def test_training_uses_schedule_and_lr_override(data, monkeypatch):
+    train, test = data
+    seen: list[float] = []
+    original = torch.optim.SGD.step
+
+    def probe(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        assert self.param_groups[0]["momentum"] == 0.9 and self.param_groups[0]["weight_decay"] == 5e-4
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", probe)
+    images, labels = random_real(train, 3, gen())  # 12 images, batch 8 -> 2 steps per epoch
+    config = EvalConfig(model=MODEL, epochs=4, batch_size=8)
+    net = get_network(MODEL, 1, 4, (8, 8), gen())
+    train_and_test(net, images, labels, test, config, gen())
+    assert seen == pytest.approx([0.01] * 4 + [0.001] * 4)
+    seen.clear()
+    train_and_test(net, images, labels, test, config, gen(), lr=0.5)
+    assert seen == pytest.approx([0.5] * 4 + [0.05] * 4)
+
+
+def test_deterministic_with_equal_generators(data):
+    train, test = data
+    images, labels = random_real(train, 2, gen(3))
+    config = EvalConfig(model=MODEL, epochs=3, augment="dsa", dsa_strategy="color_crop_cutout_scale_rotate")
+    a = evaluate_synset(images, labels, train, test, config, 2, gen(5), progress=False)
+    b = evaluate_synset(images, labels, train, test, config, 2, gen(5), progress=False)
+    assert a.accuracies == b.accuracies
+    net1 = get_network(MODEL, 1, 4, (8, 8), gen(1))
+    net2 = get_network(MODEL, 1, 4, (8, 8), gen(1))
+    train_and_test(net1, images, labels, test, EvalConfig(model=MODEL, epochs=2, augment="dsa"), gen(2))
+    train_and_test(net2, images, labels, test, EvalConfig(model=MODEL, epochs=2, augment="dsa"), gen(2))
+    for p1, p2 in zip(net1.parameters(), net2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_high_accuracy_on_separable_toy(data):
+    train, test = data
+    images, labels = random_real(train, 5, gen())
+    report = evaluate_synset(images, labels, train, test, EvalConfig(model=MODEL, epochs=30), 2, gen(), progress=False)
+    assert report.mean > 0.95, report.accuracies
+
+
+def test_random_real_picks_ipc_per_class():
+    train = toy_dataset(6, seed=2, channels=3)
+    images, labels = random_real(train, 4, gen(9))
+    assert images.shape == (16, 3, 8, 8) and images.dtype == torch.float32
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    g = gen(9)
+    expected = torch.cat([train.sample_indices(c, 4, g) for c in range(4)])
+    assert len(set(expected.tolist())) == 16
+    assert torch.equal(train.labels[expected], labels)
+    assert torch.equal(images, train.get(expected))
+    # a class smaller than ipc contributes all of its images
+    small, small_labels = random_real(train, 10, gen())
+    assert torch.bincount(small_labels).tolist() == [6, 6, 6, 6]
+    with pytest.raises(ValueError, match="ipc"):
+        random_real(train, 0, gen())
+
+
+def test_report_fields(data):
+    train, test = data
+    config = EvalConfig(model=MODEL, epochs=2)
+    report = evaluate_random_real(train, test, 2, config, 3, gen(), progress=False)
+    assert isinstance(report, EvalReport) and report.num_models == 3 and len(report.accuracies) == 3
+    assert report.mean == pytest.approx(np.mean(report.accuracies))
+    assert report.std == pytest.approx(np.std(report.accuracies))
+    assert all(0.0 <= a <= 1.0 for a in report.accuracies) and report.seconds > 0
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["config"]["model"] == MODEL and d["num_models"] == 3 and d["accuracies"] == report.accuracies
+    images, labels = random_real(train, 1, gen())
+    learned = evaluate_synset(images, labels, train, test, config, 1, gen(), lr=0.02, progress=False)
+    assert learned.config.lr == 0.02 and config.lr == 0.01  # the report states the lr used
+
+
+def test_progress_bar(data, capsys):
+    train, test = data
+    images, labels = random_real(train, 1, gen())
+    evaluate_synset(images, labels, train, test, EvalConfig(model=MODEL, epochs=2), 1, gen(), progress=False)
+    assert capsys.readouterr().err == ""
+    evaluate_synset(images, labels, train, test, EvalConfig(model=MODEL, epochs=2), 1, gen(), progress=True)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("momentum", -0.1), ("augment", "mixup"), ("test_batch_size", 0)],
+)
+def test_bad_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        EvalConfig(**{field: value})
+
+
+def test_bad_arguments(data):
+    train, test = data
+    images, labels = random_real(train, 1, gen())
+    config = EvalConfig(model=MODEL, epochs=1)
+
+    def run(x=images, y=labels, num_models=1, **kw):
+        return evaluate_synset(x, y, train, test, config, num_models, gen(), progress=False, **kw)
+
+    with pytest.raises(ValueError, match="num_models"):
+        run(num_models=0)
+    with pytest.raises(ValueError, match="shape"):
+        run(x=torch.zeros(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="images"):
+        run(x=torch.zeros(4, 8, 8))
+    with pytest.raises(ValueError, match="labels"):
+        run(y=labels.to(torch.int32))
+    with pytest.raises(ValueError, match="labels"):
+        run(y=labels[:2])
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        run(y=labels + 1)
+    with pytest.raises(ValueError, match="lr"):
+        run(lr=-1.0)
+    with pytest.raises(ValueError, match="unknown network"):
+        evaluate_synset(images, labels, train, test, EvalConfig(model="NoSuchNet"), 1, gen(), progress=False)

@@ -1,0 +1,243 @@
+"""ConvNet / ResNet-18 shapes, parameter counts, options and generator-seeded initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastdd.models import (
+    NETWORK_NAMES,
+    ConvNet,
+    ResNet18,
+    get_network,
+    has_batchnorm,
+    init_parameters,
+)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize(("shape", "count"), [((3, 32, 32), 320_010), ((1, 28, 28), 317_706)])
+def test_reference_parameter_counts(shape, count):
+    net = get_network("ConvNet", shape[0], 10, shape[1:], gen())
+    assert n_params(net) == count
+    x = torch.randn(2, *shape)
+    assert net.embed(x).shape == (2, 2048)
+    assert net(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("shape", "depth", "feat_hw"),
+    [
+        ((1, 28, 28), 3, 4),  # pad 3 -> 32 -> 16 -> 8 -> 4
+        ((3, 32, 32), 3, 4),
+        ((1, 8, 8), 3, 1),  # pad 3 -> 12 -> 6 -> 3 -> 1
+        ((3, 8, 8), 3, 1),
+        ((3, 64, 64), 4, 4),  # ConvNetD4 for 64 px
+        ((3, 24, 40), 2, None),  # non-square
+    ],
+)
+def test_convnet_shapes(shape, depth, feat_hw):
+    net = ConvNet(shape[0], 7, shape[1:], width=16, depth=depth)
+    x = torch.randn(3, *shape)
+    feats = net.embed(x)
+    if feat_hw is not None:
+        assert net.feat_dim == 16 * feat_hw * feat_hw
+    else:
+        assert net.feat_dim == 16 * 6 * 10
+    assert feats.shape == (3, net.feat_dim)
+    out = net(x)
+    assert out.shape == (3, 7)
+    torch.testing.assert_close(out, net.classifier(feats))
+
+
+def test_first_conv_padding_only_for_one_channel():
+    gray = ConvNet(1, 10, (28, 28), width=8)
+    rgb = ConvNet(3, 10, (28, 28), width=8)
+    assert gray.features[0].padding == (3, 3)
+    assert rgb.features[0].padding == (1, 1)
+    assert all(m.padding == (1, 1) for m in gray.features[1:] if isinstance(m, nn.Conv2d))
+    assert rgb.feat_dim == 8 * 3 * 3  # 28 -> 14 -> 7 -> 3
+
+
+@pytest.mark.parametrize(
+    ("norm", "layer"),
+    [
+        ("instancenorm", nn.GroupNorm),
+        ("batchnorm", nn.BatchNorm2d),
+        ("layernorm", nn.LayerNorm),
+        ("groupnorm", nn.GroupNorm),
+        ("none", None),
+    ],
+)
+def test_norm_options(norm, layer):
+    net = ConvNet(3, 5, (16, 16), width=16, norm=norm)
+    norms = [m for m in net.features if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm))]
+    if layer is None:
+        assert norms == []
+    else:
+        assert len(norms) == 3 and all(type(m) is layer for m in norms)
+    if norm == "instancenorm":
+        assert all(m.num_groups == 16 and m.affine for m in norms)
+    if norm == "groupnorm":
+        assert all(m.num_groups == 4 and m.affine for m in norms)
+    if norm == "layernorm":
+        # normalised over the conv output [C, H, W] of each block, before pooling
+        assert [m.normalized_shape for m in norms] == [(16, 16, 16), (16, 8, 8), (16, 4, 4)]
+        assert all(m.elementwise_affine for m in norms)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+    assert has_batchnorm(net) == (norm == "batchnorm")
+
+
+@pytest.mark.parametrize(("act", "layer"), [("relu", nn.ReLU), ("sigmoid", nn.Sigmoid), ("leakyrelu", nn.LeakyReLU)])
+def test_activation_options(act, layer):
+    net = ConvNet(3, 5, (8, 8), width=8, act=act)
+    acts = [m for m in net.features if isinstance(m, (nn.ReLU, nn.Sigmoid, nn.LeakyReLU))]
+    assert len(acts) == 3 and all(type(m) is layer for m in acts)
+    if act == "leakyrelu":
+        assert acts[0].negative_slope == 0.01
+    assert net(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+@pytest.mark.parametrize(("pooling", "feat_hw"), [("avgpooling", 2), ("maxpooling", 2), ("none", 16)])
+def test_pooling_options(pooling, feat_hw):
+    net = ConvNet(3, 5, (16, 16), width=8, pooling=pooling)
+    pools = [m for m in net.features if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d))]
+    assert len(pools) == (0 if pooling == "none" else 3)
+    assert net.feat_dim == 8 * feat_hw * feat_hw
+    assert net.embed(torch.randn(2, 3, 16, 16)).shape == (2, net.feat_dim)
+
+
+@pytest.mark.parametrize("name", ["ResNet18", "ResNet18BN"])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28), (1, 8, 8)])
+def test_resnet18_shapes(name, shape):
+    net = get_network(name, shape[0], 10, shape[1:], gen())
+    assert isinstance(net, ResNet18)
+    x = torch.randn(2, *shape)
+    assert net.embed(x).shape == (2, 512)
+    assert net(x).shape == (2, 10)
+    assert has_batchnorm(net) == (name == "ResNet18BN")
+
+
+def test_resnet18_structure():
+    net = ResNet18(3, 10)
+    assert n_params(net) == 11_173_962  # CIFAR ResNet-18 (BN and GroupNorm(C, C) have the same count)
+    assert n_params(ResNet18(3, 10, norm="batchnorm")) == 11_173_962
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    gns = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+    assert gns and all(m.num_groups == m.num_channels for m in gns)
+    assert not has_batchnorm(net)
+
+
+@pytest.mark.parametrize("name", NETWORK_NAMES)
+def test_every_name_builds_and_runs(name):
+    size = 64 if name in ("ConvNetD5", "ConvNetD6") else 16
+    net = get_network(name, 3, 4, (size, size), gen())
+    assert net(torch.randn(1, 3, size, size)).shape == (1, 4)
+
+
+def test_named_variants_configure_convnet():
+    def cfg(name):
+        net = get_network(name, 3, 10, (32, 32), gen())
+        convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+        return len(convs), convs[0].out_channels, {type(m) for m in net.features}
+
+    assert cfg("ConvNet")[:2] == (3, 128)
+    assert cfg("ConvNetD1")[:2] == (1, 128)
+    assert cfg("ConvNetD4")[:2] == (4, 128)
+    assert cfg("ConvNetW32")[:2] == (3, 32)
+    assert cfg("ConvNetW256")[:2] == (3, 256)
+    assert nn.BatchNorm2d in cfg("ConvNetBN")[2]
+    assert nn.LayerNorm in cfg("ConvNetLN")[2]
+    assert not {nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm} & cfg("ConvNetNN")[2]
+    assert nn.MaxPool2d in cfg("ConvNetMP")[2] and nn.AvgPool2d not in cfg("ConvNetMP")[2]
+
+
+@pytest.mark.parametrize("name", ["ConvNetW32", "ConvNetBN", "ResNet18BN"])
+def test_get_network_is_deterministic_and_ignores_global_rng(name):
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        a = get_network(name, 3, 10, (16, 16), gen(42))
+        torch.manual_seed(2)
+        torch.rand(100)
+        b = get_network(name, 3, 10, (16, 16), gen(42))
+        c = get_network(name, 3, 10, (16, 16), gen(43))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:  # parameters and buffers (BatchNorm running statistics)
+        assert torch.equal(sa[k], sb[k]), k
+    first = next(k for k in sa if k.endswith("weight"))
+    assert not torch.equal(sa[first], sc[first])
+    x = torch.randn(2, 3, 16, 16)
+    a.eval()
+    b.eval()
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_get_network_does_not_consume_global_rng():
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        get_network("ConvNetBN", 1, 10, (8, 8), gen())
+        after = torch.rand(3)
+        torch.manual_seed(5)
+        expected = torch.rand(3)
+    assert torch.equal(after, expected)
+
+
+def test_init_parameters_uses_default_distributions():
+    net = ConvNet(3, 10, (8, 8), width=32, norm="batchnorm")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(7.0)
+        net.features[1].running_mean.fill_(3.0)
+    init_parameters(net, gen(3))
+    for m in net.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in)
+            for t in (m.weight, m.bias):
+                assert t.abs().max() <= bound
+                assert t.abs().max() > 0.8 * bound  # spread over the whole interval
+            # uniform(-b, b) has std b / sqrt(3)
+            assert abs(m.weight.std().item() - bound / math.sqrt(3)) < 0.15 * bound
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight))
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+            assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+            assert int(m.num_batches_tracked) == 0
+
+
+def test_init_parameters_rejects_unknown_parameterised_module():
+    net = nn.Sequential(nn.Linear(3, 3), nn.PReLU())
+    with pytest.raises(TypeError, match="1.weight"):
+        init_parameters(net, gen())
+
+
+def test_unknown_names_and_bad_options():
+    with pytest.raises(ValueError, match="ConvNetD4") as err:
+        get_network("VGG11", 3, 10, (32, 32), gen())
+    assert "'VGG11'" in str(err.value) and "ResNet18BN" in str(err.value)
+    with pytest.raises(ValueError, match="norm='weird'"):
+        ConvNet(3, 10, (32, 32), norm="weird")
+    with pytest.raises(ValueError, match="act='tanh'"):
+        ConvNet(3, 10, (32, 32), act="tanh")
+    with pytest.raises(ValueError, match="pooling='avg'"):
+        ConvNet(3, 10, (32, 32), pooling="avg")
+    with pytest.raises(ValueError, match="too small"):
+        ConvNet(3, 10, (8, 8), depth=4)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ConvNet(3, 10, (8, 8), width=6, norm="groupnorm")
+    with pytest.raises(ValueError, match="im_size"):
+        get_network("ConvNet", 3, 10, (32, 32, 3), gen())
+    with pytest.raises(ValueError, match="channels"):
+        ConvNet(0, 10, (8, 8))
