@@ -1,0 +1,54 @@
+"""The command line end to end on the bundled digits set, with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastdd.cli import build_parser, main
+from fastdd.synset import SyntheticSet
+
+TINY = ["--dataset", "digits", "--method", "dc", "--ipc", "1", "--iterations", "2", "--batch-real", "8",
+        "--model", "ConvNetW32", "--eval-model", "ConvNetW32", "--eval-models", "2", "--eval-epochs", "2", "--quiet"]
+
+
+def test_distill_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", *TINY, "--out", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "distilled accuracy" in summary and "random real (same IPC)" in summary and "gain" in summary
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["distilled"]["accuracies"]) == 2
+    assert report["gain"] == pytest.approx(report["distilled"]["mean"] - report["random_real"]["mean"])
+    synset = SyntheticSet.load(out / "synset.safetensors")
+    assert synset.images.shape == (10, 1, 8, 8) and synset.meta["hparams"]["batch_real"] == 8
+    assert (out / "synset.png").exists()
+
+    assert main(["evaluate", str(out), "--models", "1", "--eval-epochs", "1", "--eval-model", "ConvNetW32",
+                 "--no-baseline", "--quiet", "--report", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert "random_real" not in again and again["distilled"]["num_models"] == 1
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = ["distill", *TINY, "--eval-models", "0", "--out", out]
+    assert main(args) == 0
+    assert main(args) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    assert main(["distill", "--dataset", "cifar10", "--data-root", str(tmp_path), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "error" in err and "cifar-10-batches-py" in err and str(tmp_path) in err
+
+
+def test_help_lists_commands_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--dataset", "--method", "--ipc", "--resume", "--eval-models", "--seed"):
+        assert option in text
