@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.data import load_dataset
 from fastdd.distill import get_distiller
 from fastdd.evaluate import default_eval_config, evaluate_with_baseline
-from fastdd.io import append_jsonl, atomic_write_bytes
 from fastdd.run import run_distillation
 
 RESULTS = Path(__file__).parent / "results"
-TABLE = RESULTS / "accuracy.md"
 HEADER = (
     "| date | method | data set | IPC | accuracy % | random real % | published % | iterations | eval | models "
     "| distill s | eval s | machine | commit |\n"
@@ -45,39 +42,18 @@ PUBLISHED = {
 }
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {torch.get_num_threads()} threads"
-    return f"{device}, torch {torch.__version__}"
-
-
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-
-    rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def published(method: str, dataset: str, ipc: int) -> str:
     values = PUBLISHED.get((method, dataset))
     column = {1: 0, 10: 1, 50: 2}.get(ipc)
     return "-" if values is None or column is None else f"{values[column]:.1f}"
 
 
-def add_row(record: dict) -> None:
-    r = record
+def add_row(r: dict) -> None:
     pct = lambda d: f"{100 * d['mean']:.2f} +- {100 * d['std']:.2f}"  # noqa: E731
     row = (f"| {r['date']} | {r['method']} | {r['dataset']} | {r['ipc']} | {pct(r['distilled'])} "
            f"| {pct(r['random_real'])} | {r['published']} | {r['iterations']} | {r['eval']} | {r['models']} "
            f"| {r['distill_seconds']:.0f} | {r['eval_seconds']:.0f} | {r['machine']} | {r['commit']} |\n")
-    old = TABLE.read_text()[len(HEADER):] if TABLE.exists() else ""
-    atomic_write_bytes(TABLE, (HEADER + row + old).encode())
-    append_jsonl(RESULTS / "accuracy.jsonl", record)
+    record(RESULTS, "accuracy", HEADER, row, [r])
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from fastdd import __version__
 from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.distill import METHODS, get_distiller
 from fastdd.evaluate import EvalConfig, EvalReport, default_eval_config, evaluate_with_baseline
-from fastdd.io import atomic_write_json
+from fastdd.io import append_jsonl, atomic_write_json
 from fastdd.run import GRID, REPORT, SYNSET, NonFiniteError, run_distillation
 from fastdd.synset import SyntheticSet
 
@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the JSON report (default: report.json beside the set)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_eval_options(e, "--models")
+
+    b = sub.add_parser("bench", help="time the fused ops against their baselines on this machine",
+                       description="Microbenchmarks of the fused ops, each against its baseline in the same run; "
+                                   "prints one row per measurement with the speed-up and peak memory.")
+    b.add_argument("--ops", nargs="+", default=None, metavar="OP",
+                   help="which ops (default: all): grad_match_distance masked_feature_contrastive per_sample_grad_norm")
+    b.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    b.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median; default 5)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the rows to FILE (JSON lines)")
     return parser
 
 
@@ -167,9 +176,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fastdd.benchmarks import suite
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rows = suite.run(args.ops or list(suite.SUITES), device, args.repeat)
+    if args.json:
+        for row in rows:
+            append_jsonl(args.json, row)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"distill": cmd_distill, "evaluate": cmd_evaluate}[args.command]
+    command = {"distill": cmd_distill, "evaluate": cmd_evaluate, "bench": cmd_bench}[args.command]
     try:
         return command(args)
     except (DatasetError, NonFiniteError, FileExistsError, FileNotFoundError, ValueError) as err:

@@ -1,11 +1,25 @@
-"""Shared fixtures: a tiny random real data set that every distiller test can use."""
+"""Shared fixtures: a tiny random real data set that every distiller test can use; NaN-poisoned
+kernel outputs; Triton kernels interpreted on CPU when no GPU is present."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from fastdd.data import RealDataset
+if not torch.cuda.is_available():  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastdd.data import RealDataset  # noqa: E402
+from fastdd.ops import _backend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every output buffer a launcher allocates starts as NaN, so an unwritten element fails."""
+    monkeypatch.setattr(_backend, "POISON_OUTPUTS", True)
 
 
 def make_dataset(num_classes: int = 3, per_class: int = 12, channels: int = 1, size: int = 8,

@@ -52,3 +52,20 @@ def test_help_lists_commands_and_defaults(capsys):
     text = capsys.readouterr().out
     for option in ("--dataset", "--method", "--ipc", "--resume", "--eval-models", "--seed"):
         assert option in text
+
+
+def test_bench_rejects_unknown_op(capsys):
+    assert main(["bench", "--ops", "nope"]) == 1
+    assert "unknown op 'nope'" in capsys.readouterr().err
+
+
+def test_bench_row_and_table():
+    from fastdd.benchmarks.measure import Case
+    from fastdd.benchmarks.suite import add_peaks, format_table, timing_row
+
+    case = Case("op", "tiny", "sum", lambda: sum(range(100)), lambda: sum(range(1000)), 2.0)
+    row = timing_row(case, "cpu", 0.5, 1.0)
+    add_peaks(row, case, "cpu")
+    assert row["speedup"] == 2.0 and row["target"] == 2.0 and row["peak_mib"] is not None
+    table = format_table([row])
+    assert table.count("\n") == 3 and "| op | tiny | sum |" in table

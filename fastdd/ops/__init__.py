@@ -1,5 +1,7 @@
 """The public ops of fastdd."""
 
 from fastdd.ops.grad_match import METRICS, grad_match_distance
+from fastdd.ops.grad_norm import per_sample_grad_norm
+from fastdd.ops.masked_contrastive import masked_feature_contrastive
 
-__all__ = ["METRICS", "grad_match_distance"]
+__all__ = ["METRICS", "grad_match_distance", "masked_feature_contrastive", "per_sample_grad_norm"]

@@ -1,0 +1,121 @@
+"""Timing, peak memory and provenance (machine, commit) for benchmark rows."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: ``run`` (fastdd) against ``baseline`` (what users have today), same inputs.
+
+    ``target`` is the speed-up (baseline time / fastdd time) the op is expected to reach here.
+    """
+
+    op: str
+    name: str
+    baseline_name: str
+    run: Callable[[], object]
+    baseline: Callable[[], object]
+    target: float | None = None
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], device: str, repeat: int = 5, warmup: int = 1,
+                   min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` calls (at least ``min_seconds`` in all)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    while len(times) < repeat or sum(times) < min_seconds:
+        began = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
+    """Memory ``fn()`` needs at its peak beyond what was held before, in bytes; None where unmeasurable.
+
+    CUDA: the allocator's peak. CPU (Linux): the resident-set high-water mark, reset through
+    /proc/self/clear_refs before the call, minus the resident set before it. glibc would otherwise
+    serve large buffers from pages an earlier call left resident (its mmap threshold grows as
+    buffers are freed), so the threshold is pinned at 128 KiB first: every large buffer is then
+    freshly mapped and counted. That also slows later large allocations, so measure peaks after
+    all timings.
+    """
+    if device.startswith("cuda"):
+        synchronize(device)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _proc_status_kib("VmRSS")
+        fn()
+        return max(0, _proc_status_kib("VmHWM") - before) * 1024
+    except (OSError, RuntimeError):
+        return None
+
+
+def machine(device: str = "cpu") -> str:
+    """The CPU model and thread count, or the GPU name, and the torch version."""
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def commit() -> str:
+    """Short hash of the checked-out commit, with ``-dirty`` when tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def record(results: Path, name: str, header: str, table_rows: str, rows: list[dict]) -> None:
+    """Put ``table_rows`` at the top of ``results/<name>.md`` (newest first, under ``header``) and
+    append ``rows`` to ``results/<name>.jsonl``."""
+    from fastdd.io import append_jsonl, atomic_write_bytes
+
+    table = results / f"{name}.md"
+    old = table.read_text()[len(header):] if table.exists() else ""
+    atomic_write_bytes(table, (header + table_rows + old).encode())
+    for row in rows:
+        append_jsonl(results / f"{name}.jsonl", row)
