@@ -1,8 +1,9 @@
-// Per-sample squared Frobenius norms of Conv2d weight gradients, direct form, on CPU.
+// Per-sample squared Frobenius norms of Conv2d weight gradients on CPU.
 //
 // For sample b and group k the weight gradient is G U^T, with G = dL/dz [p, T] and U the unfolded
-// (im2col) input [D, T]. Each (b, k) pair unfolds its input into a buffer of its own, multiplies
-// with torch's GEMM and keeps only the squared sum: memory O(threads * D * T), never O(B * p * D).
+// (im2col) input [D, T]. Each (b, k) pair unfolds its input into a buffer of its own and keeps only
+// a squared sum: memory O(threads * (D + p) * T), never O(B * p * D). Direct form: |G U^T|^2 with
+// one GEMM. Ghost form: <U^T U, G^T G>, two T x T GEMMs, cheaper when T (D + p) < D p.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -27,7 +28,7 @@ void unfold_one(const scalar_t* a, scalar_t* cols, int64_t channels, int64_t hei
 
 // a: padded input [B, Cin, H, W]; g: output gradient [B, Cout, Ho, Wo]; out: [B * groups].
 void conv2d_weight_sq_norms(const at::Tensor& a, const at::Tensor& g, int64_t kh, int64_t kw,
-                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t groups,
+                            int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t groups, bool ghost,
                             at::Tensor& out) {
   TORCH_CHECK(a.is_contiguous() && g.is_contiguous() && out.is_contiguous(), "contiguous tensors expected");
   const int64_t batch = a.size(0), cin = a.size(1) / groups, height = a.size(2), width = a.size(3);
@@ -38,16 +39,56 @@ void conv2d_weight_sq_norms(const at::Tensor& a, const at::Tensor& g, int64_t kh
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
       at::Tensor cols = at::empty({d, t}, a.options());
-      at::Tensor w = at::empty({p, d}, a.options());
+      at::Tensor w = ghost ? at::empty({t, t}, a.options()) : at::empty({p, d}, a.options());
+      at::Tensor gram = ghost ? at::empty({t, t}, a.options()) : at::Tensor();
       for (int64_t n = begin; n < end; ++n) {
         const int64_t b = n / groups, k = n % groups;
         unfold_one(a_ptr + (b * groups + k) * cin * height * width, cols.data_ptr<scalar_t>(), cin, height,
                    width, kh, kw, sh, sw, dh, dw, out_h, out_w);
         at::Tensor gk = g[b].view({groups, p, t})[k];
-        at::mm_out(w, gk, cols.t());
-        at::Tensor flat = w.view(-1);
-        out_ptr[n] = at::dot(flat, flat).item<scalar_t>();
+        if (ghost) {
+          at::mm_out(w, cols.t(), cols);
+          at::mm_out(gram, gk.t(), gk);
+          out_ptr[n] = at::dot(w.view(-1), gram.view(-1)).item<scalar_t>();
+        } else {
+          at::mm_out(w, gk, cols.t());
+          at::Tensor flat = w.view(-1);
+          out_ptr[n] = at::dot(flat, flat).item<scalar_t>();
+        }
       }
+    });
+  });
+}
+
+// (sum a, sum a^2, sum a*g, sum g) of one row of length n, accumulated in double so that
+// var = E[a^2] - E[a]^2 keeps its precision.
+template <typename scalar_t>
+void row_sums_one(const scalar_t* a, const scalar_t* g, int64_t n, double* out) {
+  double sa = 0, saa = 0, sag = 0, sg = 0;
+#pragma omp simd reduction(+ : sa, saa, sag, sg)
+  for (int64_t s = 0; s < n; ++s) {
+    const double x = a[s], y = g[s];
+    sa += x;
+    saa += x * x;
+    sag += x * y;
+    sg += y;
+  }
+  out[0] = sa;
+  out[1] = saa;
+  out[2] = sag;
+  out[3] = sg;
+}
+
+// a, g: [R, S]; out: [R, 4] double, one read of each input.
+void row_sums(const at::Tensor& a, const at::Tensor& g, at::Tensor& out) {
+  TORCH_CHECK(a.is_contiguous() && g.is_contiguous() && out.is_contiguous(), "contiguous tensors expected");
+  const int64_t rows = a.size(0), length = a.size(1);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "row_sums", [&] {
+    const scalar_t* a_ptr = a.data_ptr<scalar_t>();
+    const scalar_t* g_ptr = g.data_ptr<scalar_t>();
+    double* out_ptr = out.data_ptr<double>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row_sums_one(a_ptr + r * length, g_ptr + r * length, length, out_ptr + 4 * r);
     });
   });
 }
@@ -56,5 +97,6 @@ void conv2d_weight_sq_norms(const at::Tensor& a, const at::Tensor& g, int64_t kh
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_weight_sq_norms", &conv2d_weight_sq_norms,
-        "per-sample squared norms of Conv2d weight gradients (direct form), written to out [B * groups]");
+        "per-sample squared norms of Conv2d weight gradients (direct or ghost form), written to out [B * groups]");
+  m.def("row_sums", &row_sums, "per-row (sum a, sum a^2, sum a*g, sum g) of a, g [R, S], written to out [R, 4] (double)");
 }

@@ -11,7 +11,7 @@ from torch import nn
 
 from fastdd.models import get_network
 from fastdd.ops import naive, per_sample_grad_norm
-from fastdd.ops.grad_norm import _direct_sq_norms
+from fastdd.ops.grad_norm import _fused_sq_norms
 
 BACKENDS = ["torch", "cpp", "triton"]
 F64 = dict(dtype=torch.float64)
@@ -74,12 +74,14 @@ def test_chunks_and_frozen_parameters(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck_wrt_input(backend):
+@pytest.mark.parametrize("form", ["direct", "ghost"])
+def test_gradcheck_wrt_input(backend, form):
     """The second-order path: norms are differentiable w.r.t. x (what SDC needs)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.GroupNorm(3, 3), nn.Tanh(), nn.Flatten(),
-                        nn.Linear(3 * 5 * 5, 4)).double()
-    x, y = batch(2, (2, 5, 5), 4)
+    channels, size = (2, 5) if form == "direct" else (4, 2)  # ghost: T (D + p) < D p
+    net = nn.Sequential(nn.Conv2d(channels, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(6 * size * size, 4)).double()
+    x, y = batch(2, (channels, size, size), 4)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v: per_sample_grad_norm(net, v, y, create_graph=True, backend=backend), (x,))
 
@@ -118,14 +120,15 @@ def unfold_sq_norms(a, g, kernel, stride, dilation, groups):
 @given(b=st.sampled_from([1, 2, 3]), groups=st.sampled_from([1, 2]), cin=st.integers(1, 3), cout=st.integers(1, 3),
        kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
        dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), size=st.tuples(st.integers(5, 9), st.integers(5, 9)),
-       backend=st.sampled_from(["cpp", "triton"]))
-def test_direct_form_conv_hyperparameters(b, groups, cin, cout, kernel, stride, dilation, size, backend):
+       form=st.sampled_from([("cpp", False), ("cpp", True), ("triton", False)]))
+def test_fused_forms_conv_hyperparameters(b, groups, cin, cout, kernel, stride, dilation, size, form):
     g = torch.Generator().manual_seed(b * 100 + cin * 10 + cout)
     a = torch.randn(b, cin * groups, *size, generator=g, **F64)
     out_size = [(size[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
     grad = torch.randn(b, cout * groups, *out_size, generator=g, **F64)
     expected = unfold_sq_norms(a, grad, kernel, stride, dilation, groups)
-    got = _direct_sq_norms(a, grad, kernel, stride, dilation, groups, backend)
+    backend, ghost = form
+    got = _fused_sq_norms(a, grad, kernel, stride, dilation, groups, ghost, backend)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -147,11 +150,11 @@ def test_conv_layer_against_vmap_grad(b, groups, stride, padding, dilation, mode
                                rtol=1e-10, atol=1e-10)
 
 
-def test_direct_form_vmap_rule():
-    from fastdd.ops.grad_norm import _DirectConvSqNorms
+def test_fused_form_vmap_rule():
+    from fastdd.ops.grad_norm import _ConvSqNorms
 
     a, g = torch.randn(4, 2, 2, 6, 6, **F64), torch.randn(4, 2, 3, 4, 4, **F64)
-    got = torch.func.vmap(lambda ai, gi: _DirectConvSqNorms.apply(ai, gi, (3, 3), (1, 1), (1, 1), 1, "cpp"))(a, g)
+    got = torch.func.vmap(lambda ai, gi: _ConvSqNorms.apply(ai, gi, (3, 3), (1, 1), (1, 1), 1, False, "cpp"))(a, g)
     expected = torch.stack([unfold_sq_norms(ai, gi, (3, 3), (1, 1), (1, 1), 1) for ai, gi in zip(a, g)])
     torch.testing.assert_close(got, expected)
 

@@ -60,8 +60,9 @@ def load_extension(name: str) -> ModuleType | None:
             verbose=False,
         )
     except Exception as err:  # noqa: BLE001 - any build failure means: fall back, say so once
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(f"fastdd: the C++ extension {name!r} could not be built ({first_line}); "
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        reason = next((line for line in lines if "error" in line.lower()), lines[0])
+        warnings.warn(f"fastdd: the C++ extension {name!r} could not be built ({reason}); "
                       "the plain torch reference runs instead", RuntimeWarning, stacklevel=3)
         return None
 

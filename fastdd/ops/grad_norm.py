@@ -135,25 +135,41 @@ def _layer_sq_norms(module: nn.Module, a: Tensor, g: Tensor, backend: str) -> Te
             total = total + per_sample(g).pow(2).flatten(1).sum(1)
     else:  # GroupNorm, InstanceNorm: per (sample, channel) sums of xhat * g and of g
         groups = module.num_groups if isinstance(module, nn.GroupNorm) else a.shape[1]
-        g_sum = g.flatten(2).sum(2)  # [B, C]
+        weight_grads, bias_grads = _group_norm_affine_grads(a, g, groups, module.eps, backend)
         if weight:
-            total = total + _group_norm_weight_grads(a, g, g_sum, groups, module.eps).pow(2).sum(1)
+            total = total + weight_grads.pow(2).sum(1)
         if bias:
-            total = total + g_sum.pow(2).sum(1)
+            total = total + bias_grads.pow(2).sum(1)
     return total
 
 
-def _group_norm_weight_grads(a: Tensor, g: Tensor, g_sum: Tensor, groups: int, eps: float) -> Tensor:
-    """[B, C] per-sample affine-weight gradients of a group norm, ``sum_s xhat * g``, without forming xhat.
+def _group_norm_affine_grads(a: Tensor, g: Tensor, groups: int, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    """[B, C] per-sample gradients of a group norm's affine weight (``sum_s xhat g``) and bias (``sum_s g``).
 
-    With xhat = (a - mean) * rstd per (sample, group): sum_s xhat g = rstd (sum_s a g - mean sum_s g).
+    With xhat = (a - mean) * rstd per (sample, group): sum_s xhat g = rstd (sum_s a g - mean sum_s g), so
+    xhat is never formed. Without a graph to keep, the C++ backend gets the four row sums it needs
+    in one pass over ``a`` and ``g``.
     """
     b, c = a.shape[:2]
+    per_group = c // groups
+    a, g = a.reshape(b, c, -1), g.reshape(b, c, -1)
+    keep_graph = torch.is_grad_enabled() and (a.requires_grad or g.requires_grad)
+    if not keep_graph and _backend.resolve_backend(backend, [a, g], "grad_norm") == "cpp":
+        sums = _backend.empty((b * c, 4), torch.float64, a.device)
+        _backend.load_extension("grad_norm").row_sums(a.contiguous().view(b * c, -1),
+                                                      g.contiguous().view(b * c, -1), sums)
+        sums = sums.view(b, groups, per_group, 4)
+        count = per_group * a.shape[2]
+        mean = sums[..., 0].sum(2) / count
+        var = (sums[..., 1].sum(2) / count - mean.pow(2)).clamp_min(0)
+        rstd = (var + eps).rsqrt()[..., None]
+        weight = rstd * (sums[..., 2] - mean[..., None] * sums[..., 3])
+        return weight.reshape(b, c).to(a.dtype), sums[..., 3].reshape(b, c).to(a.dtype)
     var, mean = torch.var_mean(a.reshape(b, groups, -1), dim=2, correction=0)
-    rstd = (var + eps).rsqrt().repeat_interleave(c // groups, dim=1)
-    mean = mean.repeat_interleave(c // groups, dim=1)
-    a_dot_g = torch.einsum("bcs,bcs->bc", a.reshape(b, c, -1), g.reshape(b, c, -1))
-    return rstd * (a_dot_g - mean * g_sum)
+    rstd = (var + eps).rsqrt().repeat_interleave(per_group, dim=1)
+    mean = mean.repeat_interleave(per_group, dim=1)
+    g_sum = g.sum(2)
+    return rstd * (torch.einsum("bcs,bcs->bc", a, g) - mean * g_sum), g_sum
 
 
 def _matmul_sq_norms(u: Tensor, gm: Tensor) -> Tensor:
@@ -213,9 +229,9 @@ def _padded(a: Tensor, module: nn.Conv2d) -> Tensor:
 def conv2d_weight_sq_norms(a: Tensor, g: Tensor, module: nn.Conv2d, *, backend: str = "auto") -> Tensor:
     """[B] per-sample ``|dL/dW|^2`` of a Conv2d from its input a [B, Cin, H, W] and output gradient g.
 
-    Ghost form in torch where it needs fewer FLOPs; otherwise the direct form on ``backend``:
-    Triton (tiled implicit im2col), C++ (per-sample im2col and GEMM in cache-sized buffers) or torch
-    (unfold + bmm in chunks).
+    The ghost form where it needs fewer FLOPs, else the direct form. C++: per-sample im2col and GEMMs
+    in cache-sized buffers, both forms. Triton: the direct form by tiled implicit im2col (the ghost
+    form runs as torch on GPU). torch: unfold + bmm in chunks.
     """
     a = _padded(a, module)
     b, groups = a.shape[0], module.groups
@@ -223,23 +239,23 @@ def conv2d_weight_sq_norms(a: Tensor, g: Tensor, module: nn.Conv2d, *, backend: 
     t = g.shape[2] * g.shape[3]
     d = a.shape[1] // groups * kh * kw
     p = g.shape[1] // groups
+    ghost = t * (d + p) < d * p
     name = _backend.resolve_backend(backend, [a, g], "grad_norm")
-    if t * (d + p) < d * p or name == "torch":
+    if name == "torch" or (name == "triton" and ghost):
         u = unfold(a, module.kernel_size, module.stride, module.dilation, g.shape[2:])  # [B, groups * D, T]
-        u = u.reshape(b * groups, d, t)
-        gm = g.reshape(b * groups, p, t)
-        return _matmul_sq_norms(u, gm).reshape(b, groups).sum(1)
-    return _DirectConvSqNorms.apply(a, g, module.kernel_size, module.stride, module.dilation, groups, name)
+        return _matmul_sq_norms(u.reshape(b * groups, d, t), g.reshape(b * groups, p, t)).reshape(b, groups).sum(1)
+    return _ConvSqNorms.apply(a, g, module.kernel_size, module.stride, module.dilation, groups, ghost, name)
 
 
-def _direct_sq_norms(a: Tensor, g: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-                     dilation: tuple[int, int], groups: int, name: str) -> Tensor:
-    """[B] squared norms of the direct form on the C++ or Triton kernel; ``a`` already padded."""
+def _fused_sq_norms(a: Tensor, g: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                    dilation: tuple[int, int], groups: int, ghost: bool, name: str) -> Tensor:
+    """[B] squared norms on the C++ kernel (either form) or the Triton kernel (direct); ``a`` already padded."""
     b = a.shape[0]
-    a, g = a.detach().contiguous(), g.detach().contiguous()  # gradients come from _DirectConvSqNorms.backward
+    a, g = a.detach().contiguous(), g.detach().contiguous()  # gradients come from _ConvSqNorms.backward
     if name == "cpp":
         partial = _backend.empty((b * groups,), a.dtype, a.device)
-        _backend.load_extension("grad_norm").conv2d_weight_sq_norms(a, g, *kernel, *stride, *dilation, groups, partial)
+        _backend.load_extension("grad_norm").conv2d_weight_sq_norms(a, g, *kernel, *stride, *dilation, groups,
+                                                                    ghost, partial)
     else:
         from fastdd.kernels.grad_norm import conv2d_weight_sq_norms as triton_sq_norms
 
@@ -247,17 +263,17 @@ def _direct_sq_norms(a: Tensor, g: Tensor, kernel: tuple[int, int], stride: tupl
     return partial.reshape(b, -1).sum(1).to(a.dtype)
 
 
-class _DirectConvSqNorms(torch.autograd.Function):
-    """Direct-form squared norms with a torch backward (recomputes the per-sample gradients once)."""
+class _ConvSqNorms(torch.autograd.Function):
+    """Fused squared norms with a torch backward (recomputes the per-sample gradients once)."""
 
     @staticmethod
     def forward(a: Tensor, g: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-                dilation: tuple[int, int], groups: int, name: str) -> Tensor:
-        return _direct_sq_norms(a, g, kernel, stride, dilation, groups, name)
+                dilation: tuple[int, int], groups: int, ghost: bool, name: str) -> Tensor:
+        return _fused_sq_norms(a, g, kernel, stride, dilation, groups, ghost, name)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        a, g, ctx.kernel, ctx.stride, ctx.dilation, ctx.groups, _ = inputs
+        a, g, ctx.kernel, ctx.stride, ctx.dilation, ctx.groups, _, _ = inputs
         ctx.save_for_backward(a, g)
 
     @staticmethod
@@ -271,18 +287,17 @@ class _DirectConvSqNorms(torch.autograd.Function):
         w = (gm @ u.transpose(1, 2)) * (2 * grad_out).repeat_interleave(groups)[:, None, None]
         grad_a = grad_g = None
         if ctx.needs_input_grad[0]:
-            grad_u = (w.transpose(1, 2) @ gm).reshape(b, -1, u.shape[-1])
-            grad_a = fold(grad_u, a.shape, *geometry)
+            grad_a = fold((w.transpose(1, 2) @ gm).reshape(b, -1, u.shape[-1]), a.shape, *geometry)
         if ctx.needs_input_grad[1]:
             grad_g = (w @ u).reshape(g.shape)
-        return grad_a, grad_g, None, None, None, None, None
+        return grad_a, grad_g, None, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, a, g, kernel, stride, dilation, groups, name):
+    def vmap(info, in_dims, a, g, kernel, stride, dilation, groups, ghost, name):
         """One call per vmapped slice (the kernels take one batch of samples)."""
         def slices(t: Tensor, dim: int | None) -> list[Tensor]:
             return list(t.movedim(dim, 0)) if dim is not None else [t] * info.batch_size
 
-        out = [_DirectConvSqNorms.apply(ai, gi, kernel, stride, dilation, groups, name)
+        out = [_ConvSqNorms.apply(ai, gi, kernel, stride, dilation, groups, ghost, name)
                for ai, gi in zip(slices(a, in_dims[0]), slices(g, in_dims[1]))]
         return torch.stack(out), 0
