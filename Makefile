@@ -3,11 +3,15 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 DEMO_ARGS = --dataset digits --method dc --ipc 1 --iterations 100 --eval-models 5 --out runs/demo --seed 0
 
-.PHONY: install data demo test
+.PHONY: install install-test data demo test
 
 # torch first, pinned, so that nothing later pulls a different build of it.
 install:
 	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[plot]"
+
+# The test extras add pytest, hypothesis and triton (its kernels are interpreted on CPU).
+install-test: install
 	$(PIP) install --quiet -c constraints.txt -e ".[test,plot]"
 
 # Real data for the tests (Fashion-MNIST from Debian); skipped where apt-get is not usable.
@@ -21,5 +25,5 @@ demo: install
 	rm -rf runs/demo
 	$(PYTHON) -m fastdd.cli distill $(DEMO_ARGS)
 
-test: install data
+test: install-test data
 	$(PYTHON) -m pytest tests

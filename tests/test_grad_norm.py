@@ -15,6 +15,9 @@ from fastdd.ops.grad_norm import _fused_sq_norms
 
 BACKENDS = ["torch", "cpp", "triton"]
 F64 = dict(dtype=torch.float64)
+ON_CUDA = torch.cuda.is_available()
+# Triton runs compiled on CUDA tensors when a GPU is present, else interpreted on CPU tensors.
+DEVICE = {"torch": "cpu", "cpp": "cpu", "triton": "cuda" if ON_CUDA else "cpu"}
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -37,8 +40,10 @@ def batch(n: int, shape=(2, 6, 6), classes: int = 5, seed: int = 0):
 def test_matches_vmap_grad(backend, n):
     net = small_net()
     x, y = batch(n)
-    torch.testing.assert_close(per_sample_grad_norm(net, x, y, backend=backend), naive.per_sample_grad_norm(net, x, y),
-                               rtol=1e-10, atol=1e-10)
+    expected = naive.per_sample_grad_norm(net, x, y)
+    dev = DEVICE[backend]
+    got = per_sample_grad_norm(net.to(dev), x.to(dev), y.to(dev), backend=backend)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("norm", ["instancenorm", "layernorm", "groupnorm", "none"])
@@ -82,7 +87,7 @@ def test_gradcheck_wrt_input(backend, form):
     net = nn.Sequential(nn.Conv2d(channels, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.Tanh(), nn.Flatten(),
                         nn.Linear(6 * size * size, 4)).double()
     x, y = batch(2, (channels, size, size), 4)
-    x.requires_grad_(True)
+    net, x, y = net.to(DEVICE[backend]), x.to(DEVICE[backend]).requires_grad_(True), y.to(DEVICE[backend])
     assert torch.autograd.gradcheck(lambda v: per_sample_grad_norm(net, v, y, create_graph=True, backend=backend), (x,))
 
 
@@ -128,8 +133,21 @@ def test_fused_forms_conv_hyperparameters(b, groups, cin, cout, kernel, stride, 
     grad = torch.randn(b, cout * groups, *out_size, generator=g, **F64)
     expected = unfold_sq_norms(a, grad, kernel, stride, dilation, groups)
     backend, ghost = form
-    got = _fused_sq_norms(a, grad, kernel, stride, dilation, groups, ghost, backend)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    got = _fused_sq_norms(a.to(DEVICE[backend]), grad.to(DEVICE[backend]), kernel, stride, dilation, groups, ghost,
+                          backend)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="float16/bfloat16 run on CUDA only (Triton)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_reduced_precision_on_cuda(dtype):
+    """fp32 accumulation: relative error of the inputs' rounding only (fp32: no TF32)."""
+    g = torch.Generator().manual_seed(0)
+    a, grad = torch.randn(5, 6, 13, 13, generator=g, **F64), torch.randn(5, 37, 11, 11, generator=g, **F64)
+    expected = unfold_sq_norms(a, grad, (3, 3), (1, 1), (1, 1), 1)
+    got = _fused_sq_norms(a.cuda().to(dtype), grad.cuda().to(dtype), (3, 3), (1, 1), (1, 1), 1, False, "triton")
+    tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=tol, atol=0)
 
 
 @settings(max_examples=20, deadline=None)

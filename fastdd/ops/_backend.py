@@ -61,7 +61,7 @@ def load_extension(name: str) -> ModuleType | None:
         )
     except Exception as err:  # noqa: BLE001 - any build failure means: fall back, say so once
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        reason = next((line for line in lines if "error" in line.lower()), lines[0])
+        reason = next((line.strip() for line in lines if "error:" in line), lines[0])  # the compiler's own message
         warnings.warn(f"fastdd: the C++ extension {name!r} could not be built ({reason}); "
                       "the plain torch reference runs instead", RuntimeWarning, stacklevel=3)
         return None

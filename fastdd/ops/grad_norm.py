@@ -249,7 +249,10 @@ def conv2d_weight_sq_norms(a: Tensor, g: Tensor, module: nn.Conv2d, *, backend: 
 
 def _fused_sq_norms(a: Tensor, g: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
                     dilation: tuple[int, int], groups: int, ghost: bool, name: str) -> Tensor:
-    """[B] squared norms on the C++ kernel (either form) or the Triton kernel (direct); ``a`` already padded."""
+    """[B] squared norms on the C++ kernel (either form) or the Triton kernel (direct); ``a`` already padded.
+
+    float64 for float64 inputs, else float32.
+    """
     b = a.shape[0]
     a, g = a.detach().contiguous(), g.detach().contiguous()  # gradients come from _ConvSqNorms.backward
     if name == "cpp":
@@ -260,7 +263,8 @@ def _fused_sq_norms(a: Tensor, g: Tensor, kernel: tuple[int, int], stride: tuple
         from fastdd.kernels.grad_norm import conv2d_weight_sq_norms as triton_sq_norms
 
         partial = triton_sq_norms(a, g, kernel, stride, dilation, groups)
-    return partial.reshape(b, -1).sum(1).to(a.dtype)
+    # fp16 / bf16 inputs keep the fp32 sums: a squared norm easily overflows fp16
+    return partial.reshape(b, -1).sum(1).to(torch.promote_types(a.dtype, torch.float32))
 
 
 class _ConvSqNorms(torch.autograd.Function):
