@@ -65,7 +65,7 @@ def test_bench_row_and_table():
 
     case = Case("op", "tiny", "sum", lambda: sum(range(100)), lambda: sum(range(1000)), 2.0)
     row = timing_row(case, "cpu", 0.5, 1.0)
-    add_peaks(row, case, "cpu")
+    add_peaks(row, "masked_feature_contrastive", 0, "cpu")
     assert row["speedup"] == 2.0 and row["target"] == 2.0 and row["peak_mib"] is not None
     table = format_table([row])
     assert table.count("\n") == 3 and "| op | tiny | sum |" in table

@@ -66,8 +66,8 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     /proc/self/clear_refs before the call, minus the resident set before it. glibc would otherwise
     serve large buffers from pages an earlier call left resident (its mmap threshold grows as
     buffers are freed), so the threshold is pinned at 128 KiB first: every large buffer is then
-    freshly mapped and counted. That also slows later large allocations, so measure peaks after
-    all timings.
+    freshly mapped and counted. That also slows later large allocations: take CPU peaks in a
+    process of their own (``fastdd.benchmarks.suite`` does).
     """
     if device.startswith("cuda"):
         synchronize(device)

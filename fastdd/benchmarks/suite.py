@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 from fastdd.benchmarks.measure import Case, commit, machine, median_seconds, peak_bytes
@@ -26,30 +28,43 @@ def timing_row(case: Case, device: str, seconds: float, baseline_seconds: float)
     }
 
 
-def add_peaks(row: dict, case: Case, device: str) -> None:
-    """Fill in both peak memories (after every timing: see measure.peak_bytes)."""
-    for key, fn in (("peak_mib", case.run), ("baseline_peak_mib", case.baseline)):
-        peak = peak_bytes(fn, device)
+def add_peaks(row: dict, op: str, index: int, device: str) -> None:
+    """Fill in both peak memories of case ``index`` of ``op``.
+
+    On CPU each peak is taken in a fresh process (``python -m fastdd.benchmarks.suite``), where the
+    resident-set high-water mark is not blurred by pages earlier calls left behind.
+    """
+    for key, which in (("peak_mib", "run"), ("baseline_peak_mib", "baseline")):
+        if device.startswith("cuda"):
+            peak = peak_bytes(getattr(_cases(op, device)[index], which), device)
+        else:
+            out = subprocess.run([sys.executable, "-m", "fastdd.benchmarks.suite", op, str(index), which],
+                                 capture_output=True, text=True, check=True).stdout.split()
+            peak = None if out[-1] == "None" else int(out[-1])
         row[key] = None if peak is None else peak / 2**20
 
 
+def _cases(op: str, device: str) -> list[Case]:
+    if op not in SUITES:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(SUITES)}")
+    return importlib.import_module(SUITES[op]).cases(device)
+
+
 def run(ops: list[str], device: str, repeat: int = 5, progress: bool = True) -> list[dict]:
-    """Rows for every case of the named ops on ``device``: all timings first, then all peaks."""
-    for op in ops:
-        if op not in SUITES:
-            raise ValueError(f"unknown op {op!r}; expected one of {sorted(SUITES)}")
+    """Rows for every case of the named ops on ``device``: all timings, then all peaks."""
+    suites = {op: _cases(op, device) for op in ops}
     measured = []
-    for op in ops:
-        for case in importlib.import_module(SUITES[op]).cases(device):
-            measured.append((case, timing_row(case, device, median_seconds(case.run, device, repeat),
-                                       median_seconds(case.baseline, device, repeat))))
+    for op, cases in suites.items():
+        for index, case in enumerate(cases):
+            measured.append((op, index, timing_row(case, device, median_seconds(case.run, device, repeat),
+                                                   median_seconds(case.baseline, device, repeat))))
             if progress:
-                print(format_table([measured[-1][1]], header=len(measured) == 1), end="", flush=True)
-    for case, row in measured:
-        add_peaks(row, case, device)
+                print(format_table([measured[-1][2]], header=len(measured) == 1), end="", flush=True)
+    for op, index, row in measured:
+        add_peaks(row, op, index, device)
     if progress:
-        print("\npeak memory:\n" + format_table([r for _, r in measured]), end="")
-    return [r for _, r in measured]
+        print("\nwith peak memory:\n" + format_table([r for _, _, r in measured]), end="")
+    return [r for _, _, r in measured]
 
 
 HEADER = ("| date | op | case | baseline | fastdd ms | baseline ms | speed-up | target | peak MiB "
@@ -71,3 +86,8 @@ def format_table(rows: list[dict], header: bool = True) -> str:
         for r in rows
     ]
     return (HEADER if header else "") + "".join(lines)
+
+
+if __name__ == "__main__":  # python -m fastdd.benchmarks.suite OP INDEX run|baseline: one CPU peak, in bytes
+    _op, _index, _which = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    print(peak_bytes(getattr(_cases(_op, "cpu")[_index], _which), "cpu"))
