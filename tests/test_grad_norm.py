@@ -223,3 +223,16 @@ def test_unfold_and_fold_match_torch(kernel, stride, dilation, size):
     torch.testing.assert_close(unfold(a, kernel, stride, dilation, out_hw), expected)
     torch.testing.assert_close(fold(expected, a.shape, kernel, stride, dilation, out_hw),
                                F.fold(expected, size, kernel, dilation=dilation, stride=stride))
+
+
+def test_unused_trainable_layer_is_reported():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match="1 of the model's trainable layers got no gradient"):
+        per_sample_grad_norm(TwoHeads().double(), torch.randn(2, 4, **F64), torch.tensor([0, 1]))

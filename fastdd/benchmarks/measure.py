@@ -62,6 +62,7 @@ def _proc_status_kib(field: str) -> int:
 def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     """Memory ``fn()`` needs at its peak beyond what was held before, in bytes; None where unmeasurable.
 
+    One warm-up call first (lazy initialisation, such as loading an extension, is not the op's memory).
     CUDA: the allocator's peak. CPU (Linux): the resident-set high-water mark, reset through
     /proc/self/clear_refs before the call, minus the resident set before it. glibc would otherwise
     serve large buffers from pages an earlier call left resident (its mmap threshold grows as
@@ -70,6 +71,7 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     process of their own (``fastdd.benchmarks.suite`` does).
     """
     if device.startswith("cuda"):
+        fn()
         synchronize(device)
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -78,6 +80,7 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
         return torch.cuda.max_memory_allocated() - before
     try:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        fn()
         Path("/proc/self/clear_refs").write_text("5")
         before = _proc_status_kib("VmRSS")
         fn()

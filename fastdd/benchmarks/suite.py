@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 from fastdd.benchmarks.measure import Case, commit, machine, median_seconds, peak_bytes
 
+MIN_SECONDS = 1.0  # each side is timed for at least this long: millisecond ops get hundreds of calls
 # op name -> module under fastdd.benchmarks with a ``cases(device) -> list[Case]`` function
 SUITES = {
     "grad_match_distance": "fastdd.benchmarks.grad_match",
@@ -56,8 +57,9 @@ def run(ops: list[str], device: str, repeat: int = 5, progress: bool = True) -> 
     measured = []
     for op, cases in suites.items():
         for index, case in enumerate(cases):
-            measured.append((op, index, timing_row(case, device, median_seconds(case.run, device, repeat),
-                                                   median_seconds(case.baseline, device, repeat))))
+            seconds = median_seconds(case.run, device, repeat, min_seconds=MIN_SECONDS)
+            baseline_seconds = median_seconds(case.baseline, device, repeat, min_seconds=MIN_SECONDS)
+            measured.append((op, index, timing_row(case, device, seconds, baseline_seconds)))
             if progress:
                 print(format_table([measured[-1][2]], header=len(measured) == 1), end="", flush=True)
     for op, index, row in measured:

@@ -3,9 +3,10 @@
 ``per_sample_grad_norm(model, x, y)`` returns, for every sample i, ``|grad_theta CE(model(x_i), y_i)|_2``
 over the parameters of ``model`` that require grad: the GraDN difficulty score of SDC.
 
-How: one forward pass records each layer's input ``a`` and output ``z``; one backward pass of the
-summed loss gives ``g = dL/dz`` (sum, so batch-mean scaling does not leak into the norms; weight
-gradients are never formed). Each layer's per-sample squared norm then follows from ``a`` and ``g``:
+How: one forward pass records each layer's input ``a`` and hooks its output ``z``; one backward pass
+of the summed loss (sum, so batch-mean scaling does not leak into the norms; weight gradients are
+never formed) hands each hook ``g = dL/dz``, and the layer's per-sample squared norm follows from
+``a`` and ``g`` right there, so ``g`` is freed as in a plain backward:
 
 - Linear, Conv2d (input unfolded to ``U`` [D, T], output gradient ``G`` [p, T] per sample and group):
   the weight gradient is ``G U^T``. Its squared norm is either taken directly, tile by tile (the
@@ -55,17 +56,28 @@ def trainable_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _record(layers: list[nn.Module]) -> tuple[dict[nn.Module, tuple[Tensor, Tensor]], list]:
-    """Forward hooks storing each layer's (input, output); a second call of one layer raises."""
-    seen: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+def _record(layers: list[nn.Module], create_graph: bool, backend: str) -> tuple[list[Tensor], list]:
+    """Forward hooks that give each layer's output a gradient hook computing the layer's squared norms.
+
+    Returns the list the per-layer [B] squared norms are appended to (during the backward pass, so
+    each output gradient is freed as soon as it is used) and the handles of all hooks, to be removed
+    after that backward (an SDC backward through the graph must not run them again). A second call of
+    one layer in a forward raises.
+    """
+    called: set[nn.Module] = set()
+    sq_norms: list[Tensor] = []
+    handles: list = []
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if module in seen:
+        if module in called:
             raise ValueError(f"per_sample_grad_norm: {type(module).__name__} is called more than once per forward "
                              "(shared weights); its per-sample gradient does not split by layer")
-        seen[module] = (inputs[0], output)
+        called.add(module)
+        a = inputs[0] if create_graph else inputs[0].detach()
+        handles.append(output.register_hook(lambda g: sq_norms.append(_layer_sq_norms(module, a, g, backend))))
 
-    return seen, [m.register_forward_hook(hook) for m in layers]
+    handles.extend(m.register_forward_hook(hook) for m in layers)
+    return sq_norms, handles
 
 
 def per_sample_grad_norm(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool = False,
@@ -91,21 +103,21 @@ def per_sample_grad_norm(model: nn.Module, x: Tensor, y: Tensor, *, create_graph
 
 def _chunk_norms(model: nn.Module, layers: list[nn.Module], x: Tensor, y: Tensor, create_graph: bool,
                  backend: str) -> Tensor:
-    seen, handles = _record(layers)
+    # Differentiating w.r.t. the input walks the whole graph, so every layer's output-gradient hook
+    # fires, and no weight gradient is formed (the input gradient of the first layer is the only extra).
+    x = x if x.requires_grad else x.detach().requires_grad_(True)
+    sq_norms, handles = _record(layers, create_graph, backend)
     try:
         with torch.enable_grad():
             loss = F.cross_entropy(model(x), y, reduction="sum")
+            torch.autograd.grad(loss, x, create_graph=create_graph)
     finally:
         for h in handles:
             h.remove()
-    outputs = [seen[m][1] for m in layers]
-    grads = torch.autograd.grad(loss, outputs, create_graph=create_graph)
-    total = x.new_zeros(x.shape[0], dtype=loss.dtype)
-    for module, g in zip(layers, grads):
-        a = seen[module][0]
-        a = a if create_graph else a.detach()
-        total = total + _layer_sq_norms(module, a, g, backend)
-    return total.sqrt()
+    if len(sq_norms) != len(layers):
+        raise ValueError(f"per_sample_grad_norm: {len(layers) - len(sq_norms)} of the model's trainable layers got "
+                         "no gradient from the loss (unused in the forward pass?)")
+    return torch.stack(sq_norms).sum(0).sqrt()
 
 
 def _layer_sq_norms(module: nn.Module, a: Tensor, g: Tensor, backend: str) -> Tensor:
