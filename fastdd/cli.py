@@ -16,6 +16,9 @@ from fastdd.data.zca import REGULARIZATION, whitened
 from fastdd.allocator import keep_freed_memory
 from fastdd.distill import METHODS, MTT, Plugin, get_distiller
 from fastdd.distill.sdc import LAMBDA0, SDC, default_lambda
+from fastdd.distill.udd import BETA0, UDD, auto_policy, default_beta
+from fastdd.distill.udd import METHODS as UDD_METHODS
+from fastdd.distill.udd import POLICIES as UDD_POLICIES
 from fastdd.evaluate import EvalConfig, EvalReport, default_eval_config, evaluate_with_baseline, training_data
 from fastdd.experts import train_experts
 from fastdd.io import append_jsonl, atomic_write_json
@@ -110,13 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-syn", type=int, default=None, help="synthetic images per student step (default all)")
     m.add_argument("--syn-lr", type=float, default=None, help="initial learned learning rate (default 0.01)")
     m.add_argument("--lr-lr", type=float, default=None, help="learning rate of the learned rate (default 1e-5)")
-    s = d.add_argument_group("plug-ins (dc, dsa, dm, idc; docs/methods.md)")
-    s.add_argument("--plugin", dest="plugins", action="append", choices=PLUGINS, default=None,
-                   help="add a plug-in's term to the method's loss: sdc (sample difficulty correction, steers the "
-                        "images toward easy samples)")
-    s.add_argument("--sdc-lambda", type=float, default=None, metavar="X",
-                   help="weight of the SDC term (default: a provisional schedule, "
-                        + ", ".join(f"{v:g} / IPC for {k}" for k, v in LAMBDA0.items()) + ")")
+    add_plugin_options(d)
     _add_eval_options(d, "--eval-models")
 
     e = sub.add_parser("evaluate", help="evaluate a synthetic set with the standard protocol",
@@ -198,19 +195,60 @@ def _mtt_options(args: argparse.Namespace) -> dict[str, Any]:
     return {MTT_OPTIONS[option]: value for option, value in given.items()}
 
 
-PLUGINS = ("sdc",)
+PLUGINS = ("sdc", "udd")
 
 
-def _plugins(args: argparse.Namespace) -> list[Plugin]:
-    """The plug-ins ``--plugin`` asks for, with their options resolved (SDC's lambda from the IPC when not given)."""
+def add_plugin_options(parser: argparse.ArgumentParser) -> None:
+    """The ``--plugin`` option and the plug-ins' own options (read back by :func:`plugins_from_args`)."""
+    s = parser.add_argument_group("plug-ins (docs/methods.md)")
+    s.add_argument("--plugin", dest="plugins", action="append", choices=PLUGINS, default=None,
+                   help="add a plug-in's term to the method's loss: sdc (sample difficulty correction, steers the "
+                        "images toward easy samples; dc, dsa, dm, idc), udd (mines underutilized regions and makes "
+                        f"them discriminative; {', '.join(UDD_METHODS)}); may be given twice")
+    s.add_argument("--sdc-lambda", type=float, default=None, metavar="X",
+                   help="weight of the SDC term (default: a provisional schedule, "
+                        + ", ".join(f"{v:g} / IPC for {k}" for k, v in LAMBDA0.items()) + ")")
+    s.add_argument("--udd-policy", choices=[*UDD_POLICIES, "auto"], default=None,
+                   help="how UDD finds underutilized regions: response (a proxy network trained briefly on real "
+                        "data, cached), jitter (the matching network under random shifts), auto (default; the "
+                        "measured rule in docs/methods.md)")
+    s.add_argument("--udd-beta", type=float, default=None, metavar="X",
+                   help="weight of UDD's contrastive term (default: "
+                        + ", ".join(f"{v:g} for {k}" for k, v in BETA0.items()) + ")")
+    s.add_argument("--udd-tau", type=float, default=None, metavar="T", help="temperature of UDD's term (default 0.01)")
+    s.add_argument("--udd-quantile", type=float, default=None, metavar="Q",
+                   help="cells whose response lies below this quantile of their image are underutilized "
+                        "(default 0.25)")
+    s.add_argument("--udd-every", type=int, default=None, metavar="R",
+                   help="image updates between minings of the regions (default 50)")
+
+
+# UDD option -> keyword argument of fastdd.distill.udd.UDD
+UDD_OPTIONS = {"udd_tau": "tau", "udd_quantile": "quantile", "udd_every": "every"}
+
+
+def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
+    """The plug-ins ``--plugin`` asks for (args of :func:`add_plugin_options` plus ``method`` and ``ipc``), their
+    defaults resolved for the method and IPC (SDC's lambda, UDD's beta and policy)."""
     names = args.plugins or []
     if len(set(names)) < len(names):
         raise ValueError("--plugin: each plug-in may be given once")
     if args.sdc_lambda is not None and "sdc" not in names:
         raise ValueError("--sdc-lambda is an option of --plugin sdc")
-    if "sdc" not in names:
-        return []
-    return [SDC(default_lambda(args.ipc, args.method) if args.sdc_lambda is None else args.sdc_lambda)]
+    udd_given = [k for k in ("udd_policy", "udd_beta", *UDD_OPTIONS) if getattr(args, k) is not None]
+    if udd_given and "udd" not in names:
+        raise ValueError(f"--{udd_given[0].replace('_', '-')} is an option of --plugin udd")
+    plugins: list[Plugin] = []
+    if "sdc" in names:
+        plugins.append(SDC(default_lambda(args.ipc, args.method) if args.sdc_lambda is None else args.sdc_lambda))
+    if "udd" in names:
+        if args.method not in UDD_METHODS:
+            raise ValueError(f"--plugin udd applies to --method {', '.join(UDD_METHODS)}, not {args.method}")
+        policy = auto_policy(args.ipc) if args.udd_policy in (None, "auto") else args.udd_policy
+        beta = default_beta(args.method) if args.udd_beta is None else args.udd_beta
+        options = {kw: getattr(args, k) for k, kw in UDD_OPTIONS.items() if getattr(args, k) is not None}
+        plugins.append(UDD(policy, beta, **options))
+    return plugins
 
 
 def _eval_config(args: argparse.Namespace, method: str) -> EvalConfig:
@@ -246,7 +284,7 @@ def _load(dataset: str, root: str | None, device: str, image_size: int | None,
 
 def cmd_distill(args: argparse.Namespace) -> int:
     options = _mtt_options(args)
-    plugins = _plugins(args)
+    plugins = plugins_from_args(args)
     device = _device(args.device)
     train, test = _load(args.dataset, args.data_root, device, args.image_size, REGULARIZATION if args.zca else None)
     out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")

@@ -114,7 +114,8 @@ class ConvNet(nn.Module):
     """The field's default ConvNet.
 
     Input [B, channels, H, W] -> logits [B, num_classes]; ``embed`` gives the flattened features
-    [B, feat_dim] (feat_dim = width * H' * W', 2048 for 32x32 or 28x28 inputs at depth 3).
+    [B, feat_dim] (feat_dim = width * H' * W', 2048 for 32x32 or 28x28 inputs at depth 3);
+    ``feature_map`` the last block's activations before its pooling (UDD's response maps).
     """
 
     def __init__(
@@ -166,6 +167,16 @@ class ConvNet(nn.Module):
             return x.flatten(1)
         return self.features(x).flatten(1)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> the last block's activations before its pooling [B, width, h, w]
+        (8 x 8 at depth 3 for 1 x 28 x 28 inputs, whose first convolution pads by 3, and for 3 x 32 x 32)."""
+        layers = list(self.features)
+        if isinstance(layers[-1], (nn.AvgPool2d, nn.MaxPool2d)):
+            layers = layers[:-1]
+        for layer in layers:
+            x = layer(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> logits [B, num_classes]."""
         return self.classifier(self.embed(x))
@@ -215,10 +226,13 @@ class ResNet18(nn.Module):
         self.feat_dim = 512
         self.classifier = nn.Linear(512, num_classes)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> the last stage's activations [B, 512, H / 8, W / 8]."""
+        return self.layers(torch.relu(self.norm1(self.conv1(x))))
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> pooled features [B, 512]."""
-        out = torch.relu(self.norm1(self.conv1(x)))
-        return self.pool(self.layers(out)).flatten(1)
+        return self.pool(self.feature_map(x)).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> logits [B, num_classes]."""

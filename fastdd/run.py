@@ -7,6 +7,7 @@ Layout of a run directory::
     metrics.jsonl        one line per iteration: {"iteration", "loss", ..., "seconds"}
     synset.safetensors   the synthetic set at the last checkpoint (the final one at the end)
     synset.png           its picture, one row per class
+    udd_*.png            plug-ins' pictures (UDD: regions at the start and latest, underutilized share)
     report.json          the evaluation report, written by ``fastdd evaluate`` / ``fastdd distill``
 
 Every file is written atomically, so a run killed at any point keeps its last checkpoint, and
@@ -36,7 +37,7 @@ SYNSET = "synset.safetensors"
 GRID = "synset.png"
 REPORT = "report.json"
 __all__ = ["CHECKPOINT", "CONFIG", "GRID", "METRICS", "NonFiniteError", "REPORT", "SYNSET", "run_distillation",
-           "save_synset"]
+           "save_outputs"]
 
 
 def _check_finite(distiller: Distiller, iteration: int, metrics: dict[str, float], run_dir: Path, last_good: int) -> None:
@@ -77,10 +78,13 @@ def _load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | 
     return torch.load(path, weights_only=False)
 
 
-def save_synset(synset: SyntheticSet, run_dir: Path) -> None:
-    """Write the synthetic set and its picture into ``run_dir``."""
+def save_outputs(distiller: Distiller, seed: int, run_dir: Path) -> None:
+    """Write the distiller's synthetic set, its picture and its plug-ins' outputs into ``run_dir``."""
+    synset = distiller.synthetic_set(seed)
     synset.save(run_dir / SYNSET)
     synset.save_grid(run_dir / GRID)
+    for plugin in distiller.plugins:
+        plugin.write_outputs(distiller, run_dir)
 
 
 def run_distillation(
@@ -126,6 +130,6 @@ def run_distillation(
         done = iteration + 1
         if done % checkpoint_every == 0 or done == distiller.iterations:
             atomic_torch_save({"iteration": done, "distiller": distiller.state_dict()}, run_dir / CHECKPOINT)
-            save_synset(distiller.synthetic_set(seed), run_dir)
+            save_outputs(distiller, seed, run_dir)
             last_good = done
     return distiller.synthetic_set(seed)

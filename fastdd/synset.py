@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
@@ -133,13 +134,14 @@ class SyntheticSet:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
 
-    def save_grid(self, path: str | os.PathLike[str]) -> None:
+    def save_grid(self, path: str | os.PathLike[str], outline: torch.Tensor | None = None) -> None:
         """Write a PNG grid of the images to ``path`` (atomic).
 
         One row per class present (ascending label), one column per image of the class (columns =
         largest class count), tiles separated by white padding. Images are denormalised with
         ``meta["mean"]``/``meta["std"]``, clamped to [0, 1], and upscaled (nearest, integer factor)
         to at least 32 px per side. 1-channel sets give a greyscale PNG, 3-channel sets RGB.
+        ``outline`` (masks [N, 1, H, W], 1 inside a region): the regions' borders drawn in red (RGB PNG).
         """
         n, c, h, w = self.images.shape
         if c not in (1, 3):
@@ -152,6 +154,9 @@ class SyntheticSet:
         scale = max(1, math.ceil(GRID_MIN_SIDE / min(h, w)))
         if scale > 1:
             x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        if outline is not None:
+            x = _draw_outline(x, outline, scale)
+            c = 3
         th, tw = h * scale, w * scale
         labels = self.labels.cpu()
         classes = torch.unique(labels).tolist()
@@ -167,6 +172,21 @@ class SyntheticSet:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         atomic_write_bytes(path, buffer.getvalue())
+
+
+def _draw_outline(x: torch.Tensor, masks: torch.Tensor, scale: int) -> torch.Tensor:
+    """RGB copies of x [N, C, H', W'] (upscaled by ``scale``) with the border pixels of masks [N, 1, H, W]
+    painted red; a region touching the image edge is closed along it."""
+    want = [x.shape[0], 1, x.shape[2] // scale, x.shape[3] // scale]
+    if list(masks.shape) != want:
+        raise ValueError(f"outline must have shape [N, 1, H, W] = {want}, got {list(masks.shape)}")
+    inside = (masks.detach().to("cpu", torch.float32) > 0.5).float()
+    inside = inside.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    outside_near = F.max_pool2d(F.pad(1 - inside, (1, 1, 1, 1), value=1.0), 3, stride=1)
+    border = (inside * outside_near) > 0
+    rgb = x.expand(-1, 3, -1, -1).clone()
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).expand_as(rgb)
+    return torch.where(border.expand_as(rgb), red, rgb)
 
 
 def _channel_stats(meta: dict[str, Any], key: str, channels: int) -> torch.Tensor:

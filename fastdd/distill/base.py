@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -32,7 +33,8 @@ class Plugin:
     ``loss`` is called once per matching step with the network the method uses at that step; its
     result (a scalar, or ``None`` for nothing) is added to the method's loss before the image
     update. ``after_step`` is called after every outer iteration and may change
-    ``distiller.images`` in place (under ``torch.no_grad``).
+    ``distiller.images`` in place (under ``torch.no_grad``). ``write_outputs`` is called whenever the
+    run writes its synthetic set, with the run's directory, for the plug-in's own pictures.
     """
 
     name = "plugin"
@@ -41,6 +43,9 @@ class Plugin:
         return None
 
     def after_step(self, distiller: "Distiller", iteration: int) -> None:
+        return None
+
+    def write_outputs(self, distiller: "Distiller", run_dir: Path) -> None:
         return None
 
     def hparams(self) -> dict[str, Any]:
@@ -121,6 +126,7 @@ class Distiller(ABC):
         self.num_classes = train.num_classes
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(ipc)
         self.images = self._initial_images().requires_grad_(True)
+        self.last_real_batches: list[Tensor] = []
         self.optimizer = torch.optim.SGD([self.images], lr=self.lr_img, momentum=0.5)
 
     # ----------------------------------------------------------------------------- set-up
@@ -153,8 +159,11 @@ class Distiller(ABC):
         return self.images, self.labels
 
     def real_batches(self) -> list[Tensor]:
-        """One batch of ``batch_real`` real images per class, normalised."""
-        return [self.train.sample(c, self.batch_real, self.generator) for c in range(self.num_classes)]
+        """One batch of ``batch_real`` real images per class, normalised; also kept as ``last_real_batches``
+        for the plug-ins of the matching step."""
+        self.last_real_batches = [self.train.sample(c, self.batch_real, self.generator)
+                                  for c in range(self.num_classes)]
+        return self.last_real_batches
 
     # ----------------------------------------------------------------------------- steps
     @contextlib.contextmanager
