@@ -1,6 +1,7 @@
 """Accuracy of a distiller by the full evaluation protocol, written as one table row.
 
     python bench/accuracy.py --dataset fashion-mnist --method dc --ipc 1 --iterations 60 --models 5
+    python bench/accuracy.py --method idc --ipc 1 --iterations 2 --models 3 --plugin udd --udd-policy jitter
 
 Distills (same code path as ``fastdd distill``), evaluates the set and IPC random real images per
 class with the same protocol, and adds one row at the top of ``bench/results/accuracy.md`` (newest
@@ -20,8 +21,9 @@ import torch
 
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, record
+from fastdd.cli import add_plugin_options, plugins_from_args
 from fastdd.data import load_dataset
-from fastdd.distill import get_distiller
+from fastdd.distill import Plugin, get_distiller
 from fastdd.evaluate import default_eval_config, evaluate_with_baseline
 from fastdd.run import run_distillation
 
@@ -61,6 +63,11 @@ def add_row(r: dict) -> None:
     record(RESULTS, "accuracy", HEADER, row, [r])
 
 
+def key_hparams(plugin: Plugin) -> dict:
+    """The plug-in's settings that name a row: SDC's lambda, UDD's policy and beta."""
+    return {k: v for k, v in plugin.hparams().items() if k in ("lambda", "policy", "beta")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
@@ -74,17 +81,25 @@ def main() -> None:
     p.add_argument("--real-precision", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--experts", default=None, help="expert trajectories (fastdd experts) for --method mtt")
     p.add_argument("--out", default=None, help="run directory (default: a fresh one under runs/bench/)")
+    add_plugin_options(p)
     args = p.parse_args()
+    plugins = plugins_from_args(args)
     keep_freed_memory()  # as the fastdd command does
     code = commit()  # the code this process runs, whatever is committed while it does
 
     train, test = load_dataset(args.dataset, args.data_root)
     options = {"experts": args.experts} if args.method == "mtt" else {}
     distiller = get_distiller(args.method)(train, args.ipc, torch.Generator().manual_seed(args.seed),
-                                           iterations=args.iterations, real_precision=args.real_precision, **options)
+                                           iterations=args.iterations, real_precision=args.real_precision,
+                                           plugins=plugins, **options)
     precision = "" if args.real_precision == "float32" else f"-{args.real_precision}"
+    plugged = "".join(f"-{p.name}-" + "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in key_hparams(p).values())
+                      for p in plugins)
     out = Path(args.out or f"runs/bench/{args.dataset}-{args.method}-ipc{args.ipc}-it{args.iterations}-s{args.seed}"
-               f"{precision}")
+               f"{precision}{plugged}")
+    label = args.method + "".join(f" + {p.name} (" + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                                               for k, v in key_hparams(p).items()) + ")"
+                                  for p in plugins)
     began = time.perf_counter()
     synset = run_distillation(distiller, out, vars(args), args.seed, resume=True)
     distill_seconds = time.perf_counter() - began
@@ -93,7 +108,8 @@ def main() -> None:
     report = evaluate_with_baseline(synset, train, test, config, args.models, args.seed)
     record = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "method": args.method + (f" ({args.real_precision} real)" if precision else ""), "dataset": args.dataset, "ipc": args.ipc, "iterations": args.iterations,
+        "method": label + (f" ({args.real_precision} real)" if precision else ""), "plugins": [p.name for p in plugins],
+        "plugin_hparams": {p.name: p.hparams() for p in plugins}, "dataset": args.dataset, "ipc": args.ipc, "iterations": args.iterations,
         "seed": args.seed, "models": args.models, "eval": f"{config.epochs} ep, aug {config.augment}",
         "distilled": report["distilled"], "random_real": report["random_real"],
         "published": published(args.method, args.dataset, args.ipc),
