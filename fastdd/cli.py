@@ -203,7 +203,7 @@ def add_plugin_options(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("plug-ins (docs/methods.md)")
     s.add_argument("--plugin", dest="plugins", action="append", choices=PLUGINS, default=None,
                    help="add a plug-in's term to the method's loss: sdc (sample difficulty correction, steers the "
-                        "images toward easy samples; dc, dsa, dm, idc), udd (mines underutilized regions and makes "
+                        "images toward easy samples; dc, dsa, dm, idc, mtt), udd (mines underutilized regions and makes "
                         f"them discriminative; {', '.join(UDD_METHODS)}); may be given twice")
     s.add_argument("--sdc-lambda", type=float, default=None, metavar="X",
                    help="weight of the SDC term (default: a provisional schedule, "

@@ -22,6 +22,7 @@ from fastdd.data import RealDataset, load_dataset
 from fastdd.data.zca import whitened
 from fastdd.distill import MTT, Plugin, get_distiller
 from fastdd.distill.mtt import MAX_LR_GROWTH, Unroll
+from fastdd.distill.sdc import SDC
 from fastdd.errors import NonFiniteError
 from fastdd.evaluate import EvalConfig, default_eval_config, evaluate_with_baseline, random_real
 from fastdd.models import get_network
@@ -57,11 +58,12 @@ def make(data, experts, seed=1, **kwargs) -> MTT:
     return MTT(data, args.pop("ipc"), torch.Generator().manual_seed(seed), experts=experts, model=MODEL, **args)
 
 
-def reference(d: MTT, unroll: Unroll, experts: Path, detach_start: bool = False):
+def reference(d: MTT, unroll: Unroll, experts: Path, detach_start: bool = False, sdc: float = 0.0):
     """(loss, d loss / d images, d loss / d syn_lr) of ``unroll``, unrolled by hand on a plain module.
 
     ``detach_start``: each step's gradient is taken at a detached copy of its starting parameters
-    (the lean mode's definition)."""
+    (the lean mode's definition). ``sdc``: add ``sdc`` times the mean over the students of their mean
+    per-sample gradient norm on the synthetic images (one sample at a time) to the differentiated total."""
     net = get_network(MODEL, d.train.channels, d.num_classes, (d.train.height, d.train.width), torch.Generator())
     slots = [(m, name, p.shape) for m in net.modules() for name, p in list(m.named_parameters(recurse=False))]
     for m, name, _ in slots:
@@ -75,16 +77,24 @@ def reference(d: MTT, unroll: Unroll, experts: Path, detach_start: bool = False)
     images = d.images.detach().clone().requires_grad_(True)
     lr = d.syn_lr.detach().clone().requires_grad_(True)
     theta = [t.clone().requires_grad_(True) for t in start]
+    extra = 0.0
     for idx, params in unroll.batches:
         at = [t.detach().requires_grad_(True) for t in theta] if detach_start else theta
         for (m, name, _), t in zip(slots, at):
             setattr(m, name, t)
+        if sdc:
+            norms = []
+            for k in range(len(images)):
+                per_sample = torch.autograd.grad(F.cross_entropy(net(images[k : k + 1]), d.labels[k : k + 1]), at,
+                                                 create_graph=True)
+                norms.append(torch.sqrt(sum(g.pow(2).sum() for g in per_sample)))
+            extra = extra + sdc * torch.stack(norms).mean() / len(unroll.batches)
         x = d.dsa.apply(images[idx], params, torch.arange(len(idx)))
         grads = torch.autograd.grad(F.cross_entropy(net(x), d.labels[idx]), at, create_graph=True)
         theta = [t - lr * g for t, g in zip(theta, grads)]
     loss = sum((a - b).pow(2).sum() for a, b in zip(theta, target)) / sum(
         (a - b).pow(2).sum() for a, b in zip(start, target))
-    return (loss.item(), *torch.autograd.grad(loss, [images, lr]))
+    return (loss.item(), *torch.autograd.grad(loss + extra, [images, lr], allow_unused=True))
 
 
 def assert_grads_close(got, want):
@@ -115,6 +125,34 @@ def test_lean_mode_equals_the_reference_with_detached_starting_points(tiny, expe
     assert exact.backward(unroll) == pytest.approx(loss, rel=1e-5)
     assert (exact.images.grad - lean.images.grad).norm() > 1e-2 * exact.images.grad.norm()
     assert not math.isclose(exact.syn_lr.grad.item(), lean.syn_lr.grad.item(), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["exact", "lean"])
+def test_sdc_term_at_every_student_matches_the_hand_unrolled_reference(tiny, experts, mode):
+    """With the SDC plug-in: the exact mode differentiates the term through the whole unroll; the lean mode
+    holds each student constant, as it does for the matching gradient (so syn_lr gets no part of it)."""
+    d = make(tiny, experts, mode=mode, plugins=[SDC(0.5)])
+    unroll = d.sample_unroll()
+    loss = d.backward(unroll)
+    want_loss, want_images, want_lr = reference(d, unroll, experts, detach_start=mode == "lean", sdc=0.5)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    assert_grads_close(d.images.grad, want_images)
+    assert_grads_close(d.syn_lr.grad, want_lr)
+    plain = make(tiny, experts, mode=mode)
+    plain.backward(unroll)
+    assert (plain.images.grad - d.images.grad).norm() > 1e-3 * plain.images.grad.norm()  # the term counts
+
+
+def test_sdc_lowers_the_students_gradn(tiny, experts):
+    """One iteration with a large lambda against one without (same seed): lower mean GraDN at the start."""
+    after = {}
+    for lam in (0.0, 5.0):
+        d = make(tiny, experts, plugins=[SDC(lam)], lr_img=100.0)
+        d.step(0)
+        assert bool(torch.isfinite(d.images).all())
+        theta0 = d.expert_rows[0, 0]
+        after[lam] = SDC(1.0).term(d.student, d.images.detach(), d.labels, d.student_params(theta0)).item()
+    assert after[5.0] < after[0.0]
 
 
 def test_lean_mode_misses_exactly_the_hessian_term_of_the_later_step(tiny, experts):
@@ -235,7 +273,7 @@ def test_non_finite_loss_raises_before_updating(tiny, experts):
     ({"lr_img": -1.0}, "lr_img"),
     ({"batch_real": 5}, "batch_real"),
     ({"real_precision": "bfloat16"}, "real_precision"),
-    ({"plugins": [Plugin()]}, "plugins"),
+    ({"plugins": [Plugin()]}, "sdc plug-in only"),
 ])
 def test_bad_arguments_are_named(tiny, experts, kwargs, match):
     with pytest.raises(ValueError, match=match):

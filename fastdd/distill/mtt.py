@@ -74,8 +74,15 @@ update, raise :class:`fastdd.errors.NonFiniteError` naming the iteration and the
 Differences: the expert and the start epoch are drawn from the run's generator each iteration (the
 original walks a shuffled buffer of experts); only the rows ``0 .. max_start_epoch + expert_epochs
 - 1`` of each expert are kept in memory; ZCA whitening (the original's ``--zca``) is a property of
-the data sets (:mod:`fastdd.data.zca`), and experts must have been made in the same space. Plug-ins are
-refused: their hook takes a network module, and the students here are parameter vectors.
+the data sets (:mod:`fastdd.data.zca`), and experts must have been made in the same space.
+
+Plug-ins: SDC only (:mod:`fastdd.distill.sdc`; the others need a network module, the students here are
+parameter vectors). Its term is taken at every unrolled student ``theta_0 .. theta_{N-1}`` on all the
+synthetic images (not augmented) and averaged over the ``N`` students, so its scale does not depend on
+``syn_steps``: ``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode it is part of the
+unrolled graph (its gradient also reaches the images and ``syn_lr`` through ``theta_i``). In the lean mode
+each student's term is built and back-propagated during pass 2 with ``theta_i`` held constant, the same
+stop-gradient the lean matching gradient makes, so memory stays flat; ``syn_lr`` gets no gradient from it.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ from torch.func import functional_call
 from fastdd.augment import DSA, DSAParams, dsa_strategy_for
 from fastdd.data import RealDataset
 from fastdd.distill.base import Distiller, Plugin
+from fastdd.distill.sdc import SDC
 from fastdd.data.zca import regularization_of
 from fastdd.errors import NonFiniteError
 from fastdd.synset import SyntheticSet
@@ -178,8 +186,8 @@ class MTT(Distiller):
         lr_lr: learning rate of the learned rate (1e-5); SGD with momentum 0.5.
         syn_lr: initial value of the learned rate (0.01).
 
-    ``batch_real``, ``real_precision`` and ``plugins`` do not apply (MTT makes no pass over real
-    images, and its students are parameter vectors): anything but their defaults is a ValueError.
+    ``batch_real`` and ``real_precision`` do not apply (MTT makes no pass over real images): anything but
+    their defaults is a ValueError. ``plugins``: SDC only (module docstring).
     """
 
     name = "mtt"
@@ -221,9 +229,11 @@ class MTT(Distiller):
         if real_precision != "float32":
             raise ValueError(f"real_precision does not apply to MTT, which makes no pass over real images, "
                              f"got {real_precision!r}")
-        if plugins:
-            raise ValueError("plugins are not supported by MTT: its students are parameter vectors, not modules")
-        super().__init__(train, ipc, generator, **kwargs)
+        other = [p.name for p in plugins if not isinstance(p, SDC)]
+        if other:
+            raise ValueError(f"MTT takes the sdc plug-in only, got {other}: the others need a network module, "
+                             "and MTT's students are parameter vectors")
+        super().__init__(train, ipc, generator, plugins=plugins, **kwargs)
         self.mode = mode
         self.syn_steps = syn_steps
         self.expert_epochs = expert_epochs
@@ -249,10 +259,20 @@ class MTT(Distiller):
         self.dsa = DSA(dsa_strategy_for(train.name))
 
     # ----------------------------------------------------------------------------- the student
+    def student_params(self, theta: Tensor) -> dict[str, Tensor]:
+        """The flat parameters ``theta`` [P] as the student's named tensors (views)."""
+        return {name: t.view(shape) for name, t, shape in zip(self._names, theta.split(self._numels), self._shapes)}
+
     def student_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy of the student with flat parameters ``theta`` [P] on images x [b, C, H, W], labels y [b]."""
-        params = {name: t.view(shape) for name, t, shape in zip(self._names, theta.split(self._numels), self._shapes)}
-        return F.cross_entropy(functional_call(self.student, params, (x,)), y)
+        return F.cross_entropy(functional_call(self.student, self.student_params(theta), (x,)), y)
+
+    def sdc_term(self, theta: Tensor) -> Tensor | None:
+        """The SDC plug-ins' term at the student ``theta`` on all synthetic images, divided by ``syn_steps``
+        (None without an active plug-in)."""
+        terms = [p.term(self.student, self.images, self.labels, self.student_params(theta)) for p in self.plugins
+                 if p.lam > 0]
+        return torch.stack(terms).sum() / self.syn_steps if terms else None
 
     def batch(self, images: Tensor, step: tuple[Tensor, DSAParams]) -> tuple[Tensor, Tensor]:
         """A step's augmented images [b, C, H, W] (differentiable w.r.t. ``images``) and labels [b]."""
@@ -289,12 +309,15 @@ class MTT(Distiller):
 
     def _backward_exact(self, unroll: Unroll, theta0: Tensor, target: Tensor, scale: Tensor) -> float:
         theta = theta0.clone().requires_grad_(True)
+        terms = []
         for step in unroll.batches:
+            terms.append(self.sdc_term(theta))
             x, y = self.batch(self.images, step)
             (g,) = torch.autograd.grad(self.student_loss(theta, x, y), theta, create_graph=True)
             theta = theta - self.syn_lr * g
         loss = (theta - target).pow(2).sum() / scale
-        torch.autograd.backward(loss, inputs=[self.images, self.syn_lr])
+        total = loss + sum(t for t in terms if t is not None)
+        torch.autograd.backward(total, inputs=[self.images, self.syn_lr])
         return loss.item()
 
     def _backward_lean(self, unroll: Unroll, theta0: Tensor, target: Tensor, scale: Tensor) -> float:
@@ -314,6 +337,9 @@ class MTT(Distiller):
         theta = theta0
         for step in unroll.batches:
             theta = theta.detach().requires_grad_(True)
+            term = self.sdc_term(theta)
+            if term is not None:
+                torch.autograd.backward(term, inputs=[self.images])
             x, y = self.batch(self.images, step)
             (g,) = torch.autograd.grad(self.student_loss(theta, x, y), theta, create_graph=True)
             torch.autograd.backward(g, grad_tensors=cotangent, inputs=[self.images])
