@@ -35,30 +35,20 @@ from torch.nn.utils import parameters_to_vector
 
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, peak_bytes, record, synchronize
-from fastdd.data import RealDataset
-from fastdd.data.idx import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from fastdd.distill import MTT
 from fastdd.models import get_network
 from fastdd.trajectory import Trajectory, expert_path
+from step import fashion_mnist_shaped
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("exact", "lean")
 CLASSES, PER_CLASS, IPC, MODEL = 10, 20, 10, "ConvNet"
 
 
-def fashion_mnist_shaped(generator: torch.Generator, device: str) -> RealDataset:
-    """Random uint8 images with Fashion-MNIST's name, shape, classes and statistics."""
-    images = torch.randint(0, 256, (CLASSES * PER_CLASS, 1, 28, 28), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(CLASSES).repeat_interleave(PER_CLASS)
-    data = RealDataset("fashion-mnist", images, labels, CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
-                       [str(c) for c in range(CLASSES)])
-    return data.to(device)
-
-
 def distiller(mode: str, steps: int, device: str) -> MTT:
     """An MTT distiller of the benchmark's set-up, with one random expert of one epoch."""
     generator = torch.Generator().manual_seed(0)
-    train = fashion_mnist_shaped(generator, device)
+    train = fashion_mnist_shaped(generator, PER_CLASS).to(device)
     net = get_network(MODEL, 1, CLASSES, (28, 28), generator)
     start = parameters_to_vector(net.parameters()).detach()
     rows = torch.stack([start, start + 0.01 * torch.randn(start.shape, generator=generator)])

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-# Three forward + backward passes of ConvNet-3 on 32 images (about 170 MB of buffers each); the faults
-# of the last pass are printed.
+# Five forward + backward passes of ConvNet-3 on 32 images (about 170 MB of buffers each); the fewest
+# faults of the last three passes are printed (one pass can fault more while the machine is busy).
 SCRIPT = """
 import resource, torch
 import torch.nn.functional as F
@@ -18,11 +18,12 @@ assert keep_freed_memory()
 g = torch.Generator().manual_seed(0)
 net = get_network("ConvNet", 1, 10, (28, 28), g)
 x, y = torch.randn(32, 1, 28, 28, generator=g), torch.zeros(32, dtype=torch.long)
-for _ in range(3):
+faults = []
+for _ in range(5):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(faults)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))
 """
 
 
