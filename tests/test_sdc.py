@@ -259,7 +259,7 @@ def test_distill_bad_plugin_arguments(tmp_path, capsys, extra, match):
     (lambda: SDC(float("nan")), "lam"),
     (lambda: SDC(True), "lam"),
     (lambda: default_lambda(0, "dc"), "ipc"),
-    (lambda: default_lambda(1, "mtt"), "method"),
+    (lambda: default_lambda(1, "kip"), "method"),
     (lambda: gradn([], *batch(2)), "models"),
     (lambda: scoring_networks(make_dataset(), 0, torch.Generator()), "--networks"),
 ])
