@@ -2,19 +2,21 @@
 definitions). The plug-in that uses them during distillation is :mod:`fastdd.distill.udd`.
 
 Responses. A network with a ``feature_map(x)`` method (ConvNet: its last block's activations before the
-pooling, 8 x 8 for Fashion-MNIST and CIFAR) gives every image a response map [1, h, w]: the
-channel mean of the absolute activations. Its ``h x w`` positions are the *cells*, each covering a
-patch of the image. A cell is underutilized when its response lies strictly below the ``quantile``-th
-quantile of its image's cells (so a constant map has none). Masks are float [N, 1, h, w], 1 on
-underutilized cells.
+pooling, 8 x 8 for Fashion-MNIST and CIFAR) gives every image a response map [1, h, w]: the channel mean
+of the absolute activations. Its ``h x w`` positions are the *cells*, each covering a patch of the image.
+A cell of a synthetic image is underutilized when its response lies strictly below the ``quantile``-th
+quantile of the cells of real reference images, mapped the same way by the same network
+(:func:`underutilized`): at the first mining a set initialised from real images has about that share
+mined, and the share falls as synthesis puts information into the idle cells. Masks are float
+[N, 1, h, w], 1 on underutilized cells.
 
 - Response policy (:func:`response_masks`): the responses of a proxy network trained briefly on real
   data (:func:`proxy_network`, cached on disk).
 - Jitter policy (:func:`jitter_masks`): the responses of the network at hand to the image and to
   ``jitters`` copies shifted by random whole pixels (zero fill), each shifted back onto the image's grid
-  at image resolution; a cell is underutilized when its largest response over these views stays below
-  the quantile. Content that lights up at some position is not underutilized: cells that are low only
-  because of where they sit are not marked.
+  at image resolution; a cell counts by its largest response over these views (the reference images go
+  through the same shifts). Content that lights up at some position is not underutilized: cells that are
+  low only because of where they sit are not marked.
 
 Contrastive term (:func:`region_contrastive`): ``masked_feature_contrastive`` of the synthetic feature
 maps restricted to the masks, against class prototypes from real feature maps of the same network
@@ -67,19 +69,21 @@ def _check_quantile(quantile: float) -> None:
         raise ValueError(f"quantile must be a number in (0, 1), got {quantile!r}")
 
 
-def below_quantile(cells: Tensor, quantile: float) -> Tensor:
-    """Float mask [N, 1, h, w]: 1 where a cell's value is strictly below its image's ``quantile``-th quantile
-    (linear interpolation between cells, as ``torch.quantile``)."""
+def underutilized(cells: Tensor, reference: Tensor, quantile: float) -> Tensor:
+    """Float mask [N, 1, h, w]: 1 where a cell of ``cells`` [N, 1, h, w] is strictly below the ``quantile``-th
+    quantile of all the cells of ``reference`` [R, 1, h', w'] (linear interpolation, as ``torch.quantile``)."""
     _check_quantile(quantile)
-    flat = cells.flatten(1).float()
-    threshold = torch.quantile(flat, quantile, dim=1, keepdim=True)
-    return (flat < threshold).to(cells.dtype).view_as(cells)
+    if reference.numel() == 0:
+        raise ValueError("reference: no reference cells to take the quantile of")
+    threshold = torch.quantile(reference.flatten().float(), quantile)
+    return (cells < threshold).to(cells.dtype)
 
 
 @torch.no_grad()
-def response_masks(net: nn.Module, x: Tensor, quantile: float) -> Tensor:
-    """Underutilized cells [N, 1, h, w] of images x [N, C, H, W] by ``net``'s responses (response policy)."""
-    return below_quantile(response(net, x), quantile)
+def response_masks(net: nn.Module, x: Tensor, reference: Tensor, quantile: float) -> Tensor:
+    """Underutilized cells [N, 1, h, w] of images x [N, C, H, W] by ``net``'s responses, against real
+    reference images [R, C, H, W] (response policy)."""
+    return underutilized(response(net, x), response(net, reference), quantile)
 
 
 def shift(x: Tensor, dy: int, dx: int) -> Tensor:
@@ -92,13 +96,12 @@ def shift(x: Tensor, dy: int, dx: int) -> Tensor:
 
 
 @torch.no_grad()
-def jitter_masks(net: nn.Module, x: Tensor, quantile: float, jitters: int, max_shift: int,
-                 generator: torch.Generator) -> Tensor:
-    """Underutilized cells [N, 1, h, w] of x [N, C, H, W] under ``jitters`` random shifts (jitter policy).
+def jitter_responses(net: nn.Module, x: Tensor, jitters: int, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Cells [N, 1, h, w] of x [N, C, H, W]: the largest response over the plain view and ``jitters`` shifted ones.
 
     Each shift (dy, dx) is drawn uniformly from [-max_shift, max_shift]² (CPU ``generator``); the response
-    maps are upsampled (bilinear) to H x W, shifted back, and the elementwise maximum over the unshifted
-    view and the jittered ones is averaged over each cell before the quantile test.
+    maps are upsampled (bilinear) to H x W and shifted back, their elementwise maximum is averaged over
+    each cell.
     """
     if isinstance(jitters, bool) or not isinstance(jitters, int) or jitters < 1:
         raise ValueError(f"jitters must be an integer >= 1, got {jitters!r}")
@@ -111,7 +114,16 @@ def jitter_masks(net: nn.Module, x: Tensor, quantile: float, jitters: int, max_s
         moved = response(net, shift(x, dy, dx))
         moved = F.interpolate(moved, size=(height, width), mode="bilinear", align_corners=False)
         peak = torch.maximum(peak, shift(moved, -dy, -dx))
-    return below_quantile(F.adaptive_avg_pool2d(peak, plain.shape[-2:]), quantile)
+    return F.adaptive_avg_pool2d(peak, plain.shape[-2:])
+
+
+@torch.no_grad()
+def jitter_masks(net: nn.Module, x: Tensor, reference: Tensor, quantile: float, jitters: int, max_shift: int,
+                 generator: torch.Generator) -> Tensor:
+    """Underutilized cells [N, 1, h, w] of x [N, C, H, W] under random shifts (jitter policy), against real
+    reference images [R, C, H, W] under the same shifts (:func:`jitter_responses`)."""
+    cells = jitter_responses(net, torch.cat([x, reference]), jitters, max_shift, generator)
+    return underutilized(cells[: len(x)], cells[len(x) :], quantile)
 
 
 def default_max_shift(height: int, width: int) -> int:

@@ -21,8 +21,8 @@ from fastdd.distill.udd import (BETA0, LATEST_PICTURE, SHARE_PLOT, START_PICTURE
                                 default_beta)
 from fastdd.models import get_network
 from fastdd.run import run_distillation
-from fastdd.udd import (below_quantile, class_prototypes, decoded_to_stored, feature_map, jitter_masks,
-                        proxy_network, region_contrastive, response_masks, shift)
+from fastdd.udd import (class_prototypes, decoded_to_stored, feature_map, jitter_masks, proxy_network,
+                        region_contrastive, response_masks, shift, underutilized)
 
 MODEL = "ConvNetW32"
 
@@ -44,19 +44,25 @@ def ramp(size: int = 8) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- mining
-def test_below_quantile_marks_exactly_the_cells_under_the_quantile():
+def test_underutilized_cells_are_those_below_the_reference_quantile():
     cells = torch.tensor([[4.0, 1.0], [3.0, 2.0]]).view(1, 1, 2, 2)
-    assert below_quantile(cells, 0.5).view(-1).tolist() == [0, 1, 0, 1]  # quantile 2.5
-    assert below_quantile(torch.ones(1, 1, 3, 3), 0.25).sum() == 0  # a constant map has no low cell
+    assert underutilized(cells, cells, 0.5).view(-1).tolist() == [0, 1, 0, 1]  # quantile 2.5
+    reference = torch.tensor([0.0, 10.0, 20.0, 30.0, 40.0]).view(5, 1, 1, 1)  # quantile 0.25: 10
+    assert underutilized(cells, reference, 0.25).sum() == 4
+    assert underutilized(cells, reference, 0.1).view(-1).tolist() == [0, 1, 1, 1]  # quantile 0.1: 4
+    assert underutilized(torch.ones(1, 1, 3, 3), torch.ones(2, 1, 3, 3), 0.25).sum() == 0  # nothing below a constant
 
 
 def test_response_policy_marks_the_lowest_responses():
-    """Response = the ramp itself: the 16 lowest cells of 64 (quantile 0.25) are the first two columns."""
+    """Response = the ramp itself, reference = the ramp: the 16 lowest cells of 64 (quantile 0.25) are the first
+    two columns; a brighter synthetic image has none, a darker one all."""
     net = PositionNet(torch.ones(1, 1, 8, 8, dtype=torch.float64))
-    masks = response_masks(net, ramp(), 0.25)
+    masks = response_masks(net, ramp(), ramp(), 0.25)
     expected = torch.zeros(8, 8)
     expected[:, :2] = 1
     assert torch.equal(masks.view(8, 8).float(), expected)
+    assert response_masks(net, ramp() + 100, ramp(), 0.25).sum() == 0
+    assert response_masks(net, ramp() / 100, ramp(), 0.25).sum() == 64
 
 
 def test_shift_moves_with_zero_fill():
@@ -74,9 +80,9 @@ def test_jitter_policy_ignores_cells_that_are_low_only_because_of_where_they_sit
     net = PositionNet(weight)
     image = torch.ones(1, 1, 8, 8, dtype=torch.float64)
     image[..., :2] = 0.01  # dark columns 0 and 1
-    response = response_masks(net, image, 0.3).view(8, 8)
+    response = response_masks(net, image, image, 0.3).view(8, 8)
     assert bool(response[:, 5].all())
-    jitter = jitter_masks(net, image, 0.3, jitters=8, max_shift=2, generator=torch.Generator().manual_seed(0))
+    jitter = jitter_masks(net, image, image, 0.3, jitters=8, max_shift=2, generator=torch.Generator().manual_seed(0))
     jitter = jitter.view(8, 8)
     assert not bool(jitter[:, 5].any())
     assert bool(jitter[:, :2].all()) and int(jitter.sum()) == 16
@@ -84,8 +90,8 @@ def test_jitter_policy_ignores_cells_that_are_low_only_because_of_where_they_sit
 
 def test_jitter_policy_on_an_equivariant_network_equals_the_response_policy():
     net = PositionNet(torch.ones(1, 1, 8, 8, dtype=torch.float64))
-    masks = jitter_masks(net, ramp(), 0.25, jitters=5, max_shift=3, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(masks, response_masks(net, ramp(), 0.25))
+    masks = jitter_masks(net, ramp(), ramp(), 0.25, jitters=5, max_shift=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(masks, response_masks(net, ramp(), ramp(), 0.25))
 
 
 def test_convnet_feature_map_is_the_last_block_before_pooling():
@@ -257,7 +263,8 @@ def test_defaults_and_bad_arguments():
                         (lambda: UDD("jitter", 1.0, tau=0.0), "tau"), (lambda: UDD("jitter", 1.0, quantile=1.0),
                                                                         "quantile"),
                         (lambda: UDD("jitter", 1.0, every=0), "every"), (lambda: default_beta("dm"), "method"),
-                        (lambda: auto_policy(0), "ipc"), (lambda: below_quantile(torch.ones(1, 1, 2, 2), 0), "quantile")]:
+                        (lambda: auto_policy(0), "ipc"), (lambda: underutilized(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 1, 1), 0), "quantile"),
+                        (lambda: underutilized(torch.ones(1, 1, 2, 2), torch.ones(0, 1, 1, 1), 0.5), "reference")]:
         with pytest.raises(ValueError, match=match):
             call()
 

@@ -6,14 +6,15 @@ region-masked category-wise contrastive loss of the synthetic training images (I
 stored images themselves for DC and DSA, i.e. factor 1) at the method's network: their feature maps are
 average-pooled over their underutilized cells only, and classified against the class prototypes of the
 current real batches (the first ``prototype_images`` of each class's batch, same network, no gradient)
-with temperature ``tau``. The masks are mined again every ``every`` image updates (and at the first):
+with temperature ``tau``. The masks are mined again every ``every`` image updates (and at the first),
+against the cells of those same real images (:func:`fastdd.udd.underutilized`):
 
 - ``"response"``: by a proxy network trained briefly on real data (:func:`fastdd.udd.proxy_network`; its
   seed is drawn once from the run's generator, so one seed gives one proxy, cached and reused);
 - ``"jitter"``: by the method's network at that update, under ``jitters`` random shifts of up to an
   eighth of the image side.
 
-Defaults (provisional, docs/methods.md): ``quantile`` 0.25 (a quarter of the cells), ``tau`` 0.1, ``every``
+Defaults (provisional, docs/methods.md): ``quantile`` 0.25 (real images' lowest quarter), ``tau`` 0.1, ``every``
 50 image updates (twice per IDC outer iteration), ``jitters`` 4, ``prototype_images`` 32, ``beta`` from
 :func:`default_beta`, ``auto`` policy from :func:`auto_policy`.
 
@@ -67,7 +68,8 @@ class UDD(Plugin):
     """Adds ``beta *`` the region-masked contrastive loss to every matching loss (module docstring).
 
     policy: ``"response"`` or ``"jitter"``; beta: the term's weight (finite, >= 0; 0 adds nothing);
-    tau: temperature (> 0); quantile: share of cells below which a cell is underutilized, in (0, 1);
+    tau: temperature (> 0); quantile: the real images' cell-response quantile below which a cell is
+    underutilized, in (0, 1);
     every: image updates between minings; jitters: shifted views of the jitter policy;
     prototype_images: real images per class behind each prototype.
     """
@@ -105,12 +107,24 @@ class UDD(Plugin):
             self._proxy = proxy_network(distiller.train, distiller.model, self.proxy_seed)
         return self._proxy
 
+    def real_images(self, distiller: Distiller) -> tuple[Tensor, Tensor]:
+        """The first ``prototype_images`` of each class's current real batch [R, C, H, W] and their labels [R]."""
+        if not distiller.last_real_batches:
+            raise RuntimeError("UDD: the distiller has drawn no real batch yet (its matching step draws them "
+                               "before the plug-in's term)")
+        real = [batch[: self.prototype_images] for batch in distiller.last_real_batches]
+        labels = torch.cat([torch.full((len(b),), c, dtype=torch.long, device=distiller.device)
+                            for c, b in enumerate(real)])
+        return torch.cat(real), labels
+
     def mine(self, distiller: Distiller, net: nn.Module, images: Tensor) -> Tensor:
-        """Underutilized cells [M, 1, h, w] of the training images [M, C, H, W] by the policy."""
+        """Underutilized cells [M, 1, h, w] of the training images [M, C, H, W] by the policy, against the
+        current real images."""
+        reference, _ = self.real_images(distiller)
         if self.policy == "response":
-            return response_masks(self.proxy(distiller), images, self.quantile)
+            return response_masks(self.proxy(distiller), images, reference, self.quantile)
         shift = default_max_shift(*images.shape[-2:])
-        return jitter_masks(net, images, self.quantile, self.jitters, shift, distiller.generator)
+        return jitter_masks(net, images, reference, self.quantile, self.jitters, shift, distiller.generator)
 
     def _remine(self, distiller: Distiller, net: nn.Module, images: Tensor) -> None:
         self.masks = self.mine(distiller, net, images.detach())
@@ -125,11 +139,9 @@ class UDD(Plugin):
     # ----------------------------------------------------------------------------- the term
     def prototypes(self, distiller: Distiller, net: nn.Module) -> tuple[Tensor, Tensor]:
         """(prototypes [K, C'], present [K]) from the distiller's current real batches at ``net``."""
-        real = [batch[: self.prototype_images] for batch in distiller.last_real_batches]
-        labels = torch.cat([torch.full((len(b),), c, dtype=torch.long, device=distiller.device)
-                            for c, b in enumerate(real)])
+        real, labels = self.real_images(distiller)
         with torch.no_grad(), distiller.real_pass():
-            features = feature_map(net, torch.cat(real))
+            features = feature_map(net, real)
         return class_prototypes(features, labels, distiller.num_classes)
 
     def loss(self, distiller: Distiller, net: nn.Module) -> Tensor | None:
