@@ -16,7 +16,7 @@ from fastdd.data.zca import REGULARIZATION, whitened
 from fastdd.allocator import keep_freed_memory
 from fastdd.distill import METHODS, MTT, Plugin, get_distiller
 from fastdd.distill.sdc import LAMBDA0, SDC, default_lambda
-from fastdd.distill.udd import BETA0, UDD, auto_policy, default_beta
+from fastdd.distill.udd import AUTO_POLICY, BETA0, UDD, default_beta
 from fastdd.distill.udd import METHODS as UDD_METHODS
 from fastdd.distill.udd import POLICIES as UDD_POLICIES
 from fastdd.evaluate import EvalConfig, EvalReport, default_eval_config, evaluate_with_baseline, training_data
@@ -210,8 +210,8 @@ def add_plugin_options(parser: argparse.ArgumentParser) -> None:
                         + ", ".join(f"{v:g} / IPC for {k}" for k, v in LAMBDA0.items()) + ")")
     s.add_argument("--udd-policy", choices=[*UDD_POLICIES, "auto"], default=None,
                    help="how UDD finds underutilized regions: response (a proxy network trained briefly on real "
-                        "data, cached), jitter (the matching network under random shifts), auto (default; the "
-                        "measured rule in docs/methods.md)")
+                        "data, cached), jitter (the matching network under random shifts), auto (default: "
+                        f"{AUTO_POLICY}, the better of the two in the measured rows of docs/methods.md)")
     s.add_argument("--udd-beta", type=float, default=None, metavar="X",
                    help="weight of UDD's contrastive term (default: "
                         + ", ".join(f"{v:g} for {k}" for k, v in BETA0.items()) + ")")
@@ -244,7 +244,7 @@ def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
     if "udd" in names:
         if args.method not in UDD_METHODS:
             raise ValueError(f"--plugin udd applies to --method {', '.join(UDD_METHODS)}, not {args.method}")
-        policy = auto_policy(args.ipc) if args.udd_policy in (None, "auto") else args.udd_policy
+        policy = AUTO_POLICY if args.udd_policy in (None, "auto") else args.udd_policy
         beta = default_beta(args.method) if args.udd_beta is None else args.udd_beta
         options = {kw: getattr(args, k) for k, kw in UDD_OPTIONS.items() if getattr(args, k) is not None}
         plugins.append(UDD(policy, beta, **options))

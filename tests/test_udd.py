@@ -17,7 +17,7 @@ from torch import nn
 from conftest import make_dataset
 from fastdd.cli import main
 from fastdd.distill import get_distiller
-from fastdd.distill.udd import (BETA0, LATEST_PICTURE, SHARE_PLOT, START_PICTURE, UDD, auto_policy,
+from fastdd.distill.udd import (AUTO_POLICY, BETA0, LATEST_PICTURE, POLICIES, SHARE_PLOT, START_PICTURE, UDD,
                                 default_beta)
 from fastdd.models import get_network
 from fastdd.run import run_distillation
@@ -258,12 +258,12 @@ def test_proxy_is_trained_once_and_reused(tmp_path, monkeypatch):
 
 
 def test_defaults_and_bad_arguments():
-    assert default_beta("idc") == BETA0["idc"] and auto_policy(1) in ("response", "jitter")
+    assert default_beta("idc") == BETA0["idc"] and AUTO_POLICY in POLICIES
     for call, match in [(lambda: UDD("pixel", 1.0), "policy"), (lambda: UDD("jitter", -1.0), "beta"),
                         (lambda: UDD("jitter", 1.0, tau=0.0), "tau"), (lambda: UDD("jitter", 1.0, quantile=1.0),
                                                                         "quantile"),
                         (lambda: UDD("jitter", 1.0, every=0), "every"), (lambda: default_beta("dm"), "method"),
-                        (lambda: auto_policy(0), "ipc"), (lambda: underutilized(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 1, 1), 0), "quantile"),
+                        (lambda: underutilized(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 1, 1), 0), "quantile"),
                         (lambda: underutilized(torch.ones(1, 1, 2, 2), torch.ones(0, 1, 1, 1), 0.5), "reference")]:
         with pytest.raises(ValueError, match=match):
             call()
