@@ -45,7 +45,7 @@ def measure(ipc: int, repeat: int, device: str) -> dict:
     response, jitter = UDD("response", default_beta("idc")), UDD("jitter", default_beta("idc"))
     with_term = IDC(train, ipc, torch.Generator().manual_seed(1), plugins=[jitter])
     net = plain.new_network()
-    real = with_term.real_batches()
+    real = with_term.real_batches()  # also the reference images of the minings below
     augmentation = plain.augmentation_params()
     images = plain.training_images()[0].detach()
     jitter.loss(with_term, net)  # mines once; with every at its default the timed updates below do not mine
@@ -57,7 +57,7 @@ def measure(ipc: int, repeat: int, device: str) -> dict:
 
     response.proxy(plain)  # trains the proxy before the timing
     seconds = paired_median_seconds([lambda: update(plain), lambda: update(with_term),
-                                     lambda: response.mine(plain, net, images),
+                                     lambda: response.mine(with_term, net, images),
                                      lambda: jitter.mine(with_term, net, images)], device, repeat)
     idc, term, mine_response, mine_jitter = seconds
     every = UDD("jitter", 1.0).every
