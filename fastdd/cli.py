@@ -206,7 +206,7 @@ def add_plugin_options(parser: argparse.ArgumentParser) -> None:
                         "images toward easy samples; dc, dsa, dm, idc, mtt), udd (mines underutilized regions and makes "
                         f"them discriminative; {', '.join(UDD_METHODS)}); may be given twice")
     s.add_argument("--sdc-lambda", type=float, default=None, metavar="X",
-                   help="weight of the SDC term (default: a provisional schedule, "
+                   help="weight of the SDC term (default: "
                         + ", ".join(f"{v:g} / IPC for {k}" for k, v in LAMBDA0.items()) + ")")
     s.add_argument("--udd-policy", choices=[*UDD_POLICIES, "auto"], default=None,
                    help="how UDD finds underutilized regions: response (a proxy network trained briefly on real "
