@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd import __version__
 from fastdd.data import RealDataset
+from fastdd.distill.matching import matching_distance
 from fastdd.models import fused_blocks, get_network
 from fastdd.synset import SyntheticSet
 
@@ -173,6 +175,24 @@ class Distiller(ABC):
         with fused_blocks(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                             enabled=self.real_precision == "bfloat16"):
             yield
+
+    def gradient_matching_loss(self, net: nn.Module, weights: Sequence[Tensor], real: Sequence[Tensor],
+                               syn: Sequence[Tensor], metric: str) -> Tensor:
+        """Sum over classes c of ``grad_match_distance(grads on syn[c], grads on real[c])`` w.r.t. ``weights``
+        (parameters of ``net``), the gradients being those of the class's mean cross-entropy;
+        differentiable w.r.t. the synthetic images.
+
+        The real gradients are targets: one detached pass per class (:meth:`real_pass`). The synthetic
+        side is :func:`fastdd.distill.matching.matching_distance` (one pass over every class where the
+        network allows it).
+        """
+        targets = []
+        for c, x in enumerate(real):
+            with self.real_pass():
+                out = net(x)
+            y = torch.full((len(x),), c, dtype=torch.long, device=self.device)
+            targets.append([g.detach() for g in torch.autograd.grad(F.cross_entropy(out.float(), y), weights)])
+        return matching_distance(net, weights, syn, targets, metric)
 
     def plugin_loss(self, net: nn.Module) -> Tensor | None:
         """Sum of the plug-ins' terms at network ``net`` (None when no plug-in adds one)."""

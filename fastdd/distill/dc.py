@@ -6,7 +6,8 @@ matches the gradient on a batch of real images of the class; after every step bu
 network is trained ``inner_loop`` epochs on the synthetic set. DSA applies one random
 differentiable augmentation per class, the same to the real and the synthetic batch (siamese).
 
-This module computes the loss class by class, as the reference implementation does.
+The real gradients are computed class by class, as the reference implementation does; the synthetic
+ones in one pass over every class when the network allows it (``Distiller.gradient_matching_loss``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.distill.base import Distiller
 from fastdd.models import has_batchnorm
-from fastdd.ops import METRICS, grad_match_distance
+from fastdd.ops import METRICS
 from fastdd.train import train_epoch
 
 # (outer_loop, inner_loop) of the reference implementation, by images per class.
@@ -97,19 +97,9 @@ class DC(Distiller):
     def matching_loss(self, net: nn.Module, real: list[Tensor], params=None) -> Tensor:
         """Sum over classes of D(grad on synthetic, grad on real); differentiable w.r.t. the images."""
         weights = [p for p in net.parameters() if p.requires_grad]
-        loss = self.images.new_zeros(())
-        for c in range(self.num_classes):
-            x_real = self.augment_class(real[c], params, c)
-            x_syn = self.augment_class(self.class_images(c), params, c)
-            y_real = torch.full((len(x_real),), c, dtype=torch.long, device=self.device)
-            y_syn = torch.full((len(x_syn),), c, dtype=torch.long, device=self.device)
-            with self.real_pass():
-                out_real = net(x_real)
-            g_real = torch.autograd.grad(F.cross_entropy(out_real.float(), y_real), weights)
-            g_real = [g.detach() for g in g_real]
-            g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), weights, create_graph=True)
-            loss = loss + grad_match_distance(g_syn, g_real, self.metric)
-        return loss
+        x_real = [self.augment_class(x, params, c) for c, x in enumerate(real)]
+        x_syn = [self.augment_class(self.class_images(c), params, c) for c in range(self.num_classes)]
+        return self.gradient_matching_loss(net, weights, x_real, x_syn, self.metric)
 
     def _set_batchnorm_statistics(self, net: nn.Module) -> None:
         """BatchNorm mixes samples: fix its statistics on a real batch of every class, then freeze it."""

@@ -48,14 +48,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd.augment import DSA, DSAParams
 from fastdd.data import RealDataset
 from fastdd.distill.base import INITS, Distiller
 from fastdd.distill.multiformation import check_factor, decode, mix_init
-from fastdd.ops import grad_match_distance
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
 
@@ -197,19 +195,9 @@ class IDC(Distiller):
 
     def matching_loss(self, net: nn.Module, real: list[Tensor], syn: list[Tensor], params: list[DSAParams]) -> Tensor:
         """Sum over classes of D(conv-weight grads on aug(syn_c), on aug(real_c)); differentiable w.r.t. the images."""
-        weights = conv_weights(net)
-        loss = self.images.new_zeros(())
-        for c in range(self.num_classes):
-            x_real = self.augment_class(real[c], params, c)
-            x_syn = self.augment_class(syn[c], params, c)
-            y_real = torch.full((len(x_real),), c, dtype=torch.long, device=self.device)
-            y_syn = torch.full((len(x_syn),), c, dtype=torch.long, device=self.device)
-            with self.real_pass():
-                out_real = net(x_real)
-            g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(out_real.float(), y_real), weights)]
-            g_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), y_syn), weights, create_graph=True)
-            loss = loss + grad_match_distance(g_syn, g_real, self.metric)
-        return loss
+        x_real = [self.augment_class(x, params, c) for c, x in enumerate(real)]
+        x_syn = [self.augment_class(x, params, c) for c, x in enumerate(syn)]
+        return self.gradient_matching_loss(net, conv_weights(net), x_real, x_syn, self.metric)
 
     def _augment_real(self, x: Tensor, generator: torch.Generator) -> Tensor:
         for aug in self.net_augments:
