@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record
+from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record_cases
 from fastdd.distill.matching import class_batched_distance, per_class_distance
 from fastdd.models import get_network
 from step import SHAPES
@@ -62,16 +62,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = p.parse_args()
     keep_freed_memory()
-    rows, lines = [], []
-    for case in args.cases:
-        row = measure(case, args.repeat, args.device)
-        rows.append(row)
-        cells = [row["date"], case, str(row["classes"]), str(row["ipc"]), f"{row['seconds']['per-class']:.3f}",
-                 f"{row['seconds']['class-batched']:.3f}", f"{row['speedup']:.2f}x", row["machine"], row["commit"]]
-        lines.append("| " + " | ".join(cells) + " |\n")
-        print(lines[-1], end="", flush=True)
-    record(RESULTS, "class_batching", HEADER, "".join(lines), rows)
-
+    record_cases(RESULTS, "class_batching", HEADER, args.cases, lambda case: measure(case, args.repeat, args.device),
+                 lambda row: [row["date"], row["case"], str(row["classes"]), str(row["ipc"]),
+                              f"{row['seconds']['per-class']:.3f}", f"{row['seconds']['class-batched']:.3f}",
+                              f"{row['speedup']:.2f}x", row["machine"], row["commit"]])
 
 if __name__ == "__main__":
     main()

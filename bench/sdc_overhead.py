@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record
+from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record_cases
 from fastdd.distill import DC
 from fastdd.distill.sdc import SDC, default_lambda
 from step import BATCH_REAL, fashion_mnist_shaped
@@ -64,17 +64,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = p.parse_args()
     keep_freed_memory()
-    rows, lines = [], []
-    for case in args.cases:
-        row = measure(case, args.repeat, args.device)
-        rows.append(row)
-        cells = [row["date"], case, f"{row['lambda']:g}", f"{row['seconds']['dc']:.3f}",
-                 f"{row['seconds']['dc+sdc']:.3f}", f"{row['overhead']:.2f}x", f"{row['gradient_ratio']:.3g}",
-                 row["machine"], row["commit"]]
-        lines.append("| " + " | ".join(cells) + " |\n")
-        print(lines[-1], end="", flush=True)
-    record(RESULTS, "sdc_overhead", HEADER, "".join(lines), rows)
-
+    record_cases(RESULTS, "sdc_overhead", HEADER, args.cases, lambda case: measure(case, args.repeat, args.device),
+                 lambda row: [row["date"], row["case"], f"{row['lambda']:g}", f"{row['seconds']['dc']:.3f}",
+                              f"{row['seconds']['dc+sdc']:.3f}", f"{row['overhead']:.2f}x",
+                              f"{row['gradient_ratio']:.3g}", row["machine"], row["commit"]])
 
 if __name__ == "__main__":
     main()

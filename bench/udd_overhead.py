@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record
+from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record_cases
 from fastdd.distill import IDC
 from fastdd.distill.udd import UDD, default_beta
 from step import fashion_mnist_shaped
@@ -75,21 +75,18 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = p.parse_args()
     keep_freed_memory()
-    rows, lines = [], []
+
+    def cells(row: dict) -> list[str]:
+        s = row["seconds"]
+        return [row["date"], str(row["ipc"]), f"{s['idc']:.3f}", f"{s['idc+term']:.3f}", f"{row['term_overhead']:.2f}x",
+                f"{s['response_mining']:.3f}", f"{s['jitter_mining']:.3f}", str(row["every"]),
+                f"{row['per_update']['response']:.2f}x", f"{row['per_update']['jitter']:.2f}x", row["machine"],
+                row["commit"]]
+
     with tempfile.TemporaryDirectory() as cache:
         os.environ["FASTDD_CACHE"] = cache  # the proxy of random images is not worth keeping
-        for ipc in args.ipc:
-            row = measure(ipc, args.repeat, args.device)
-            rows.append(row)
-            s = row["seconds"]
-            cells = [row["date"], str(ipc), f"{s['idc']:.3f}", f"{s['idc+term']:.3f}", f"{row['term_overhead']:.2f}x",
-                     f"{s['response_mining']:.3f}", f"{s['jitter_mining']:.3f}", str(row["every"]),
-                     f"{row['per_update']['response']:.2f}x", f"{row['per_update']['jitter']:.2f}x", row["machine"],
-                     row["commit"]]
-            lines.append("| " + " | ".join(cells) + " |\n")
-            print(lines[-1], end="", flush=True)
-    record(RESULTS, "udd_overhead", HEADER, "".join(lines), rows)
-
+        record_cases(RESULTS, "udd_overhead", HEADER, args.ipc, lambda ipc: measure(ipc, args.repeat, args.device),
+                     cells)
 
 if __name__ == "__main__":
     main()

@@ -124,6 +124,18 @@ def commit() -> str:
     return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def record_cases(results: Path, name: str, header: str, cases: Sequence[object],
+                 measure: Callable[[object], dict], cells: Callable[[dict], list[str]]) -> None:
+    """For each case, ``row = measure(case)``; print its table line (``cells(row)``) as it comes, then
+    :func:`record` them all."""
+    rows, lines = [], []
+    for case in cases:
+        rows.append(measure(case))
+        lines.append("| " + " | ".join(cells(rows[-1])) + " |\n")
+        print(lines[-1], end="", flush=True)
+    record(results, name, header, "".join(lines), rows)
+
+
 def record(results: Path, name: str, header: str, table_rows: str, rows: list[dict]) -> None:
     """Put ``table_rows`` at the top of ``results/<name>.md`` (newest first, under ``header``) and
     append ``rows`` to ``results/<name>.jsonl``."""
