@@ -10,11 +10,12 @@ update also lowers the synthetic images' gradient norms: it steers them toward e
   IDC's decoded images (all of them, also when its matching step draws a subset of ``batch_syn``).
 - ``lambda(IPC) = LAMBDA0[method] / IPC`` by default (:func:`default_lambda`): the data-pruning
   scaling-law argument says small sets should favour easy samples and large ones should not, so the
-  correction fades as the set grows. DC's ``LAMBDA0`` was the best of 0 / 10 / 100 in an accuracy sweep at
-  IPC 1 on Fashion-MNIST (docs/methods.md); the ``1 / IPC`` form and the other values are not yet
-  measured against accuracy. ``LAMBDA0`` puts the term's image gradient at about a tenth of the
-  method's at IPC 1 (Fashion-MNIST, ConvNet, a fresh network and real initial images; at lambda 1 the
-  ratio measured 0.008 for DC and DSA, 0.005 to 0.007 for DM, 0.00028 for IDC, whose l1 loss is large;
+  correction fades as the set grows. Chosen by an accuracy sweep of DC on Fashion-MNIST
+  (docs/methods.md): ``LAMBDA0`` 10 was the best of 0 / 10 / 100 at IPC 1, and at IPC 10 a constant
+  lambda of 10 was the worst of 0 / 0.1 / 1 / 10 while ``10 / IPC`` stays within the spread of no term.
+  The other methods' values are set by pull ratio, not swept: ``LAMBDA0`` puts the term's image
+  gradient at about a tenth of the method's at IPC 1 (Fashion-MNIST, ConvNet, a fresh network and
+  real initial images; at lambda 1 the ratio measured 0.008 for DC and DSA, 0.005 to 0.007 for DM, 0.00028 for IDC, whose l1 loss is large;
   docs/methods.md). ``lambda = 0`` adds nothing and costs nothing.
 - MTT: the term at every unrolled student, averaged over the students (``fastdd.distill.mtt``), through
   :meth:`SDC.term`'s ``params``; at lambda 1 its image gradient measured 46 to 67 times MTT's own at
