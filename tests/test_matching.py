@@ -110,12 +110,24 @@ def test_class_batched_distance_equals_per_class_loop(metric, conv_weights_only)
     torch.testing.assert_close(torch.autograd.grad(got, images)[0], torch.autograd.grad(want, images)[0], **EXACT)
 
 
-@pytest.mark.parametrize("name, sizes", [("ConvNetBN", (2, 2, 2)), ("ConvNetW32", (2, 1, 3))])
-def test_matching_distance_loops_over_classes_where_it_must(name, sizes):
+@pytest.mark.parametrize("name, sizes, path", [
+    ("ConvNetW32", (2, 2, 2), "class_batched_distance"),
+    ("ConvNetW32", (1, 1, 1), "class_batched_distance"),
+    ("ConvNetBN", (2, 2, 2), "per_class_distance"),  # BatchNorm mixes samples
+    ("ConvNetW32", (2, 1, 3), "per_class_distance"),  # unequal classes
+    ("ConvNetW32", (3, 3, 3), "per_class_distance"),  # more than MAX_BATCHED_PER_CLASS images a class
+])
+def test_matching_distance_takes_the_right_path(monkeypatch, name, sizes, path):
+    import fastdd.distill.matching as matching
+
     net = network(name, 1, 3, 8)
     images = torch.randn(sum(sizes), 1, 8, 8, dtype=torch.float64, requires_grad=True)
     syn = list(images.split(list(sizes)))
     targets = [[torch.randn(p.shape, dtype=torch.float64) for p in net.parameters()] for _ in sizes]
     weights = list(net.parameters())
-    torch.testing.assert_close(matching_distance(net, weights, syn, targets, "ours"),
-                               per_class_distance(net, weights, syn, targets, "ours"), **EXACT)
+    want = per_class_distance(net, weights, syn, targets, "ours")
+    calls = []
+    original = getattr(matching, path)
+    monkeypatch.setattr(matching, path, lambda *args: calls.append(path) or original(*args))
+    torch.testing.assert_close(matching_distance(net, weights, syn, targets, "ours"), want, **EXACT)
+    assert calls == [path]

@@ -16,7 +16,8 @@ gradient:
 
 With ``create_graph=True`` every step is differentiable, so a loss on the gradients (gradient
 matching) backpropagates to the images, as in the per-class loop. :func:`matching_distance` takes
-this path when the network allows it and the reference's loop over classes otherwise.
+this path when the network allows it and the classes hold few images (where it was measured faster),
+and the reference's loop over classes otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from fastdd.models import ConvNet
 from fastdd.ops import grad_match_distance
 
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
+# Most synthetic images per class for which matching_distance takes the class-batched path. Measured on
+# CPU (bench/class_batching.py, bench/NOTES.md): 1.5x at one image a class, 1.3x at two, even at five
+# and ten, slower at fifty (one pass over every class's images no longer stays in cache).
+MAX_BATCHED_PER_CLASS = 2
 
 
 def supports_class_batching(net: nn.Module) -> bool:
@@ -173,7 +178,7 @@ def per_class_distance(net: nn.Module, weights: Sequence[Tensor], syn: Sequence[
 def matching_distance(net: nn.Module, weights: Sequence[Tensor], syn: Sequence[Tensor],
                       targets: Sequence[Sequence[Tensor]], metric: str) -> Tensor:
     """:func:`class_batched_distance` when the network treats samples independently and the classes
-    have equally many images, :func:`per_class_distance` otherwise."""
-    if supports_class_batching(net) and len({len(x) for x in syn}) == 1:
+    have equally many images, at most ``MAX_BATCHED_PER_CLASS``; :func:`per_class_distance` otherwise."""
+    if supports_class_batching(net) and len({len(x) for x in syn}) == 1 and len(syn[0]) <= MAX_BATCHED_PER_CLASS:
         return class_batched_distance(net, weights, syn, targets, metric)
     return per_class_distance(net, weights, syn, targets, metric)
