@@ -12,7 +12,7 @@ python -m pytest -q tests/test_grad_match.py tests/test_grad_norm.py tests/test_
 python bench/ops.py --device cuda
 cd bench
 python step.py --device cuda --cases dc-1 dc-10 dm-10 eval-10 dc100-1 dc100-10
-python class_batching.py --device cuda --cases fmnist-1 fmnist-10 fmnist-50 c100-1 c100-10
+python class_batching.py --device cuda --cases fmnist-1 fmnist-2 fmnist-5 fmnist-10 fmnist-50 c100-1 c100-10
 python sdc_overhead.py --device cuda
 python udd_overhead.py --device cuda
 python mtt_memory.py --device cuda
