@@ -184,7 +184,7 @@ class Distiller(ABC):
 
         The real gradients are targets: one detached pass per class (:meth:`real_pass`). The synthetic
         side is :func:`fastdd.distill.matching.matching_distance` (one pass over every class where the
-        network allows it).
+        network allows it and the classes hold at most two images each).
         """
         targets = []
         for c, x in enumerate(real):
