@@ -7,7 +7,8 @@ network is trained ``inner_loop`` epochs on the synthetic set. DSA applies one r
 differentiable augmentation per class, the same to the real and the synthetic batch (siamese).
 
 The real gradients are computed class by class, as the reference implementation does; the synthetic
-ones in one pass over every class when the network allows it (``Distiller.gradient_matching_loss``).
+ones in one pass over every class when the network allows it and a class holds one or two images
+(``Distiller.gradient_matching_loss``).
 """
 
 from __future__ import annotations
