@@ -88,5 +88,6 @@ def main() -> None:
         record_cases(RESULTS, "udd_overhead", HEADER, args.ipc, lambda ipc: measure(ipc, args.repeat, args.device),
                      cells)
 
+
 if __name__ == "__main__":
     main()
