@@ -1,5 +1,5 @@
-// instance_norm_relu_pool on CPU: the tail of a ConvNet block, GroupNorm(C, C) + ReLU + AvgPool2d(2), in one
-// pass over each (sample, channel) plane forward and one backward, never writing the normalised or rectified map.
+// instance_norm_relu_pool on CPU: the tail of a ConvNet block, GroupNorm(C, C) + ReLU + AvgPool2d(2), reading
+// each (sample, channel) plane once forward and once backward, never writing the normalised or rectified map.
 //
 // Per plane x [H, W] (L = H * W), with per-channel gamma, beta:
 //   forward:  mean, rstd = 1 / sqrt(var + eps) (biased variance, two passes over the plane while it is in cache);
@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -106,48 +107,51 @@ void forward_impl(const scalar_t* x, const acc_t<scalar_t>* gamma, const acc_t<s
   });
 }
 
+// Two vectorised passes over each plane: the first sums s1 = sum gz and s2 = sum gz xhat, the second writes
+// grad_x. gz is recomputed in both from the mask z > 0 and up, grad_out / 4 widened to the plane (0 on dropped
+// rows and columns). For bfloat16 the plane is widened to float first and grad_x rounded at the end.
 template <typename scalar_t>
 void backward_impl(const scalar_t* grad_out, const scalar_t* x, const acc_t<scalar_t>* gamma,
                    const acc_t<scalar_t>* beta, const acc_t<scalar_t>* mean, const acc_t<scalar_t>* rstd,
                    scalar_t* grad_x, acc_t<scalar_t>* grad_gamma, acc_t<scalar_t>* grad_beta, int64_t planes,
                    int64_t c, int64_t h, int64_t w) {
   using acc = acc_t<scalar_t>;
+  constexpr bool widened = !std::is_same_v<scalar_t, acc>;
   const int64_t l = h * w, ho = h / 2, wo = w / 2;
   at::parallel_for(0, planes, grain(l), [&](int64_t begin, int64_t end) {
-    std::vector<acc> gz(l), xs(l);  // the gradient at z and the input, for the plane in hand
+    std::vector<acc> up(l, acc(0)), go(ho * wo), xs(widened ? l : 0), gxs(widened ? l : 0);
     for (int64_t p = begin; p < end; ++p) {
-      const scalar_t* gp = grad_out + p * ho * wo;
-      load(x + p * l, xs.data(), l);
-      const acc* xp = xs.data();
-      const acc g = gamma[p % c], a = rstd[p] * g, b = beta[p % c] - mean[p] * a;
-      acc s1 = 0, s2 = 0;
-      for (int64_t r = 0; r < h; ++r) {
-        acc* gzr = gz.data() + r * w;
-        const acc* xr = xp + r * w;
-        if (r >= 2 * ho) {
-          for (int64_t k = 0; k < w; ++k) gzr[k] = 0;
-          continue;
-        }
-        const scalar_t* go = gp + (r / 2) * wo;
-        for (int64_t k = 0; k < 2 * wo; ++k) gzr[k] = acc(0.25) * static_cast<acc>(go[k / 2]);
-        for (int64_t k = 2 * wo; k < w; ++k) gzr[k] = 0;
-#pragma omp simd reduction(+ : s1, s2)
-        for (int64_t k = 0; k < w; ++k) {
-          const acc xv = xr[k];
-          const acc v = a * xv + b > 0 ? gzr[k] : acc(0);
-          gzr[k] = v;
-          s1 += v;
-          s2 += v * (xv - mean[p]) * rstd[p];
-        }
+      load(grad_out + p * ho * wo, go.data(), ho * wo);
+      for (int64_t i = 0; i < ho; ++i) {
+        acc *u0 = up.data() + 2 * i * w, *u1 = u0 + w;
+        for (int64_t j = 0; j < wo; ++j) u0[2 * j] = u0[2 * j + 1] = u1[2 * j] = u1[2 * j + 1] = acc(0.25) * go[i * wo + j];
       }
+      const acc* xp;
+      if constexpr (widened) {
+        load(x + p * l, xs.data(), l);
+        xp = xs.data();
+      } else {
+        xp = x + p * l;
+      }
+      const acc* u = up.data();
+      const acc mu = mean[p], rs = rstd[p], a = rs * gamma[p % c], b = beta[p % c] - mu * a;
+      acc s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t k = 0; k < l; ++k) {
+        const acc v = a * xp[k] + b > 0 ? u[k] : acc(0);
+        s1 += v;
+        s2 += v * (xp[k] - mu);
+      }
+      s2 *= rs;
       grad_gamma[p] = s2, grad_beta[p] = s1;
-      const acc scale = rstd[p] * g, m1 = s1 / l, m2 = s2 / l;
+      const acc m1 = s1 / l, m2r = s2 / l * rs;
+      acc* gx = widened ? gxs.data() : reinterpret_cast<acc*>(grad_x + p * l);
 #pragma omp simd
       for (int64_t k = 0; k < l; ++k) {
-        const acc xhat = (xp[k] - mean[p]) * rstd[p];
-        gz[k] = scale * (gz[k] - m1 - xhat * m2);
+        const acc v = a * xp[k] + b > 0 ? u[k] : acc(0);
+        gx[k] = a * (v - m1 - (xp[k] - mu) * m2r);
       }
-      store(gz.data(), grad_x + p * l, l);
+      if constexpr (widened) store(gx, grad_x + p * l, l);
     }
   });
 }
