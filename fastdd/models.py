@@ -15,9 +15,10 @@ Networks never touch the global RNG: :func:`get_network` re-initialises every pa
 explicit ``torch.Generator`` with PyTorch's default distributions (:func:`init_parameters`).
 
 Inside :func:`fused_blocks`, a ConvNet in its default configuration (instance norm, ReLU, average
-pooling) runs each block's norm + ReLU + pooling as one fused op
-(:func:`fastdd.ops.norm_relu_pool.instance_norm_relu_pool`): same values, much less memory traffic,
-but a backward that cannot be differentiated again. Passes whose gradients get a graph of their own
+pooling) runs each block as one op (:func:`fastdd.ops.norm_relu_pool.conv_instance_norm_relu_pool`: the
+norm + ReLU + pooling fused, and on CPU the first block of a grey-image network fused whole when the
+images need no gradient): same values, much less memory traffic, but a backward that cannot be
+differentiated again. Passes whose gradients get a graph of their own
 (the synthetic side of gradient matching, unrolled students) run outside it.
 """
 
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
+from fastdd.ops.norm_relu_pool import conv_instance_norm_relu_pool
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTIVATIONS = ("relu", "sigmoid", "leakyrelu")
@@ -163,7 +164,8 @@ class ConvNet(nn.Module):
         if self.fusable and _FUSED_BLOCKS.get():
             layers = list(self.features)
             for conv, norm in zip(layers[0::4], layers[1::4]):  # blocks of conv, norm, ReLU, pooling
-                x = instance_norm_relu_pool(conv(x), norm.weight, norm.bias, norm.eps)
+                x = conv_instance_norm_relu_pool(x, conv.weight, conv.bias, norm.weight, norm.bias, conv.padding[0],
+                                                 norm.eps)
             return x.flatten(1)
         return self.features(x).flatten(1)
 

@@ -1,4 +1,5 @@
-"""instance_norm_relu_pool against the eager composition (fastdd.ops.naive) and inside ConvNet."""
+"""instance_norm_relu_pool and conv_instance_norm_relu_pool against the eager composition (fastdd.ops.naive) and
+inside ConvNet."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from fastdd.models import fused_blocks, get_network
 from fastdd.ops import naive
-from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
+from fastdd.ops.norm_relu_pool import MAX_FUSED_TAPS, conv_instance_norm_relu_pool, instance_norm_relu_pool
 
 BACKENDS = ["torch", "cpp", "triton"]
 # against a float64 oracle: float32 statistics over up to H * W terms; bfloat16 keeps 8 bits of mantissa
@@ -87,6 +88,100 @@ def test_bad_inputs_are_named(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         instance_norm_relu_pool(args.pop("x"), args.pop("weight"), args.pop("bias"), args.pop("eps"), **args)
+
+
+def conv_inputs(n, cin, h, w, c, k, dtype=torch.float64, seed=0):
+    """x [n, cin, h, w] (no gradient) and the parameters conv_weight [c, cin, k, k], conv_bias, weight, bias."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g, dtype=torch.float64).to(dtype)
+    params = [torch.randn(c, cin, k, k, generator=g, dtype=torch.float64), *torch.randn(3, c, generator=g,
+                                                                                        dtype=torch.float64)]
+    return x, [p.to(dtype) for p in params]
+
+
+def conv_block_oracle(x, conv_weight, conv_bias, weight, bias, padding, eps=1e-5):
+    return naive.instance_norm_relu_pool(F.conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias, eps)
+
+
+def value_and_param_grads(fn, x, params, padding, seed, **kw):
+    params = [p.clone().requires_grad_(True) for p in params]
+    out = fn(x, *params, padding, **kw)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (out, *torch.autograd.grad(out, params, grad_out.to(out.dtype)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 4), cin=st.sampled_from([1, 2, 3]), c=st.sampled_from([1, 3, 37]), k=st.integers(1, 3),
+       padding=st.integers(0, 3), h=st.integers(2, 9), w=st.integers(2, 9), seed=st.integers(0, 2**16))
+def test_conv_block_matches_oracle(backend, dtype, n, cin, c, k, padding, h, w, seed):
+    """Fused (cpp, at most MAX_FUSED_TAPS taps) or composed, odd sides and every padding included."""
+    if min(h, w) + 2 * padding - k + 1 < 2:
+        return
+    x, params = conv_inputs(n, cin, h, w, c, k, dtype, seed)
+    expected = value_and_param_grads(conv_block_oracle, x.double(), [p.double() for p in params], padding, seed)
+    got = value_and_param_grads(conv_instance_norm_relu_pool, x, params, padding, seed, backend=backend)
+    for e, r, name in zip(expected, got, ("out", "grad conv_weight", "grad conv_bias", "grad weight", "grad bias")):
+        assert r.dtype == dtype, name
+        tol = TOLERANCES[dtype]
+        if dtype == torch.float32 and name != "out":  # sums of up to N * H * W float32 products
+            tol = dict(rtol=1e-4, atol=1e-4 * n * h * w)
+        torch.testing.assert_close(r.double(), e, **tol, msg=name)
+
+
+def test_conv_block_gradcheck():
+    x, params = conv_inputs(2, 1, 5, 6, 3, 3)
+    assert torch.autograd.gradcheck(lambda *p: conv_instance_norm_relu_pool(x, *p, 1, backend="cpp"),
+                                    tuple(p.requires_grad_(True) for p in params))
+
+
+def test_conv_block_with_input_gradient_runs_the_composition():
+    """The fused kernel has no gradient w.r.t. x: an x that needs one takes the composition."""
+    x, params = conv_inputs(2, 1, 6, 6, 4, 3)
+    x.requires_grad_(True)
+    out = conv_instance_norm_relu_pool(x, *params, 2, backend="cpp")
+    assert out.grad_fn.name() != "_ConvNormReLUPoolBackward"
+    xr = x.detach().requires_grad_(True)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0],
+                               torch.autograd.grad(conv_block_oracle(xr, *params, 2).sum(), xr)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_conv_block_takes_the_fused_kernel_on_cpu_for_thin_convolutions():
+    x, params = conv_inputs(1, 1, 4, 4, 2, 3)
+    params = [p.requires_grad_(True) for p in params]
+    assert conv_instance_norm_relu_pool(x, *params, 1).grad_fn.name() == "_ConvNormReLUPoolBackward"
+    x, params = conv_inputs(1, 2, 4, 4, 2, 3)  # 18 taps > MAX_FUSED_TAPS
+    params = [p.requires_grad_(True) for p in params]
+    assert 2 * 9 > MAX_FUSED_TAPS
+    assert conv_instance_norm_relu_pool(x, *params, 1).grad_fn.name() != "_ConvNormReLUPoolBackward"
+
+
+def test_conv_block_backward_is_first_order_only():
+    x, params = conv_inputs(1, 1, 4, 4, 2, 3)
+    params = [p.requires_grad_(True) for p in params]
+    out = conv_instance_norm_relu_pool(x, *params, 1, backend="cpp").sum()
+    with pytest.raises(RuntimeError, match="first-order backward only"):
+        torch.autograd.grad(out, params, create_graph=True)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=torch.randn(1, 4, 4)), "x must be a non-empty"),
+    (dict(conv_weight=torch.randn(2, 3, 3, 3)), "conv_weight must be"),
+    (dict(conv_bias=torch.randn(3)), "conv_bias must be"),
+    (dict(weight=torch.randn(3)), "weight must be"),
+    (dict(bias=torch.randn(2, 1)), "bias must be"),
+    (dict(padding=-1), "padding"),
+    (dict(padding=1.5), "padding"),
+    (dict(x=torch.randn(1, 1, 3, 3), padding=0), "at least 2 x 2"),
+    (dict(eps=0.0), "eps"),
+])
+def test_conv_block_bad_inputs_are_named(bad, match):
+    args = dict(x=torch.randn(1, 1, 4, 4), conv_weight=torch.randn(2, 1, 3, 3), conv_bias=torch.zeros(2),
+                weight=torch.ones(2), bias=torch.zeros(2), padding=1, eps=1e-5)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        conv_instance_norm_relu_pool(*args.values(), backend="cpp")
 
 
 @pytest.mark.parametrize("model, fusable", [("ConvNet", True), ("ConvNetBN", False), ("ConvNetMP", False)])

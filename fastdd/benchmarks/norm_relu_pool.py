@@ -1,7 +1,9 @@
-"""instance_norm_relu_pool forward + backward against the eager GroupNorm + ReLU + AvgPool2d.
+"""instance_norm_relu_pool forward + backward against the eager GroupNorm + ReLU + AvgPool2d; and
+conv_instance_norm_relu_pool (the whole first block) against the eager Conv2d + GroupNorm + ReLU + AvgPool2d.
 
 Shapes of ConvNet-3's first two blocks on a real batch of 256 images (32 x 32 and 16 x 16 maps, width 128),
-in float32 and in bfloat16 (the ``real_precision="bfloat16"`` pass).
+in float32 and in bfloat16 (the ``real_precision="bfloat16"`` pass); the whole first block on 256
+Fashion-MNIST images (1 x 28 x 28, padding 3), whose input needs no gradient, float32.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import torch
 
 from fastdd.benchmarks.measure import Case
+import torch.nn.functional as F
+
 from fastdd.ops import instance_norm_relu_pool, naive
+from fastdd.ops.norm_relu_pool import conv_instance_norm_relu_pool
 
 SHAPES = [(256, 128, 32, 32), (256, 128, 16, 16)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -29,5 +34,23 @@ def _case(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str) -> 
                 baseline=grads_of(naive.instance_norm_relu_pool))
 
 
+def _first_block_case(device: str) -> Case:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 28, 28, generator=g).to(device)
+    params = [torch.randn(shape, generator=g).to(device).requires_grad_(True)
+              for shape in ((128, 1, 3, 3), (128,), (128,), (128,))]
+    grad_out = torch.randn(256, 128, 16, 16, generator=g).to(device)
+
+    def eager(x, conv_weight, conv_bias, weight, bias, padding):
+        return naive.instance_norm_relu_pool(F.conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias)
+
+    def grads_of(fn):
+        return lambda: torch.autograd.grad(fn(x, *params, 3), params, grad_out)
+
+    return Case(op="conv_instance_norm_relu_pool", name="[256, 1, 28, 28] -> 128, pad 3, float32",
+                baseline_name="eager conv2d, group_norm, relu, avg_pool2d", run=grads_of(conv_instance_norm_relu_pool),
+                baseline=grads_of(eager))
+
+
 def cases(device: str) -> list[Case]:
-    return [_case(shape, dtype, device) for shape in SHAPES for dtype in DTYPES]
+    return [*(_case(shape, dtype, device) for shape in SHAPES for dtype in DTYPES), _first_block_case(device)]

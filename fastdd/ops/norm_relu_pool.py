@@ -1,5 +1,5 @@
 """The tail of a ConvNet block fused: instance norm (GroupNorm with one channel per group) + ReLU + 2x2 average
-pooling, forward and backward, first order.
+pooling, forward and backward, first order; and a whole block, convolution included, for thin convolutions.
 
 ``instance_norm_relu_pool(x, weight, bias, eps)`` equals :func:`fastdd.ops.naive.instance_norm_relu_pool`. On CPU
 the C++ kernel (``csrc/norm_relu_pool.cpp``) reads each (sample, channel) plane once forward and twice backward
@@ -8,11 +8,20 @@ with a full-size output each way. The backward is not differentiable (``create_g
 passes whose gradients are not differentiated again (the real-image passes of a distiller, network training),
 and the eager modules where a graph of the gradient is needed. On CUDA the Triton kernels of
 ``kernels/norm_relu_pool.py`` do the same, one program per plane (planes of up to 128 x 128).
+
+``conv_instance_norm_relu_pool(x, conv_weight, conv_bias, weight, bias, padding, eps)`` is the whole block. On grey
+images a ConvNet's first convolution has one input channel: its FLOPs are few and its cost is writing and reading
+back the [N, C, H, W] map (134 MB for 256 Fashion-MNIST images). On CPU, when ``x`` needs no gradient (real-image
+passes, training a network on fixed images, evaluation) and the convolution has at most ``MAX_FUSED_TAPS`` taps
+per output, the C++ kernel computes each output plane of the convolution in cache, normalises and pools it, and
+recomputes it in the backward: the map is never written. Everywhere else the op is the composition of
+``F.conv2d`` and :func:`instance_norm_relu_pool`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastdd.ops import _backend, naive
@@ -20,6 +29,9 @@ from fastdd.ops import _backend, naive
 _EXTENSION = "norm_relu_pool"
 _MAX_TRITON_PLANE = 16384  # the Triton kernels hold a plane in one block
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# Most input channels x kernel positions of a convolution the fused C++ block computes itself: one channel of
+# 3 x 3 (grey images). Measured (bench/NOTES.md): at 27 taps (RGB) oneDNN's convolution is faster.
+MAX_FUSED_TAPS = 9
 
 
 def _kernels(backend: str):
@@ -92,3 +104,73 @@ def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float 
         acc = _accumulation_dtype(x.dtype)
         return naive.instance_norm_relu_pool(x.to(acc), weight.to(acc), bias.to(acc), eps).to(x.dtype)
     return _backend.apply(_NormReLUPool, x.contiguous(), weight, bias, float(eps), name)[0]
+
+
+class _ConvNormReLUPool(torch.autograd.Function):
+    """(x, conv_weight, conv_bias, weight, bias, padding, eps) -> (out, mean, rstd) on the C++ kernel; no gradient
+    w.r.t. x."""
+
+    @staticmethod
+    def forward(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, weight: Tensor, bias: Tensor, padding: int,
+                eps: float):
+        n, c, (kh, kw) = len(x), len(conv_weight), conv_weight.shape[2:]
+        h, w = x.shape[2] + 2 * padding - kh + 1, x.shape[3] + 2 * padding - kw + 1
+        out = _backend.empty((n, c, h // 2, w // 2), x.dtype, x.device)
+        mean, rstd = (_backend.empty((n, c), x.dtype, x.device) for _ in range(2))
+        _kernels("cpp").conv_forward(x, conv_weight, conv_bias, weight, bias, padding, eps, out, mean, rstd)
+        return out, mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.padding = inputs[5]
+        ctx.save_for_backward(*inputs[:5], *output[1:])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, *_):
+        if torch.is_grad_enabled():
+            raise RuntimeError("conv_instance_norm_relu_pool has a first-order backward only, and a graph of its "
+                               "gradient was asked for (create_graph=True): run this pass outside "
+                               "fastdd.models.fused_blocks()")
+        x, conv_weight, conv_bias, weight, bias, mean, rstd = ctx.saved_tensors
+        n, c = mean.shape
+        grad_conv_weight = _backend.empty((n, c, conv_weight.shape[1:].numel()), x.dtype, x.device)
+        grads = [_backend.empty((n, c), x.dtype, x.device) for _ in range(3)]
+        _kernels("cpp").conv_backward(grad_out.contiguous(), x, conv_weight, conv_bias, weight, bias, ctx.padding,
+                                      mean, rstd, grad_conv_weight, *grads)
+        return (None, grad_conv_weight.sum(0).view_as(conv_weight), *(g.sum(0) for g in grads), None, None)
+
+
+def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, weight: Tensor, bias: Tensor,
+                                 padding: int = 0, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+    """instance_norm_relu_pool(conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias, eps): a ConvNet block.
+
+    x [N, Cin, H, W]; conv_weight [C, Cin, kh, kw] (stride 1); conv_bias, weight, bias [C]; returns
+    [N, C, H' // 2, W' // 2] with H' = H + 2 padding - kh + 1 (W' alike). The fused C++ kernel runs where
+    ``backend`` resolves to ``"cpp"``, x is float32 or float64 and needs no gradient, and Cin kh kw <=
+    ``MAX_FUSED_TAPS``; otherwise the composition (with ``backend`` passed on).
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty [N, Cin, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4 or conv_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"conv_weight must be [C, Cin = {x.shape[1]}, kh, kw], got {getattr(conv_weight, 'shape', conv_weight)}")
+    if not isinstance(conv_bias, Tensor) or conv_bias.shape != conv_weight.shape[:1]:
+        raise ValueError(f"conv_bias must be [C] = [{len(conv_weight)}], got {getattr(conv_bias, 'shape', conv_bias)}")
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+    sides = [x.shape[2] + 2 * padding - conv_weight.shape[2] + 1, x.shape[3] + 2 * padding - conv_weight.shape[3] + 1]
+    if min(sides) < 2:
+        raise ValueError(f"the convolution's output must be at least 2 x 2 to pool, got {sides}")
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, Tensor) or t.shape != conv_bias.shape:
+            raise ValueError(f"{arg} must be [C] = [{len(conv_weight)}], got {getattr(t, 'shape', t)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    name = _backend.resolve_backend(backend, [x, conv_weight, conv_bias, weight, bias], _EXTENSION)
+    fused = (name == "cpp" and not x.requires_grad and x.dtype in (torch.float32, torch.float64)
+             and conv_weight.shape[1:].numel() <= MAX_FUSED_TAPS and not torch._C._are_functorch_transforms_active())
+    if not fused:
+        return instance_norm_relu_pool(F.conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias, eps,
+                                       backend=backend)
+    params = [t.to(x.dtype).contiguous() for t in (conv_weight, conv_bias, weight, bias)]
+    return _backend.apply(_ConvNormReLUPool, x.contiguous(), *params, padding, float(eps))[0]
