@@ -3,7 +3,7 @@
 from fastdd.ops.grad_match import METRICS, grad_match_distance
 from fastdd.ops.grad_norm import per_sample_grad_norm
 from fastdd.ops.masked_contrastive import masked_feature_contrastive
-from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
+from fastdd.ops.norm_relu_pool import conv_instance_norm_relu_pool, instance_norm_relu_pool
 
-__all__ = ["METRICS", "grad_match_distance", "instance_norm_relu_pool", "masked_feature_contrastive",
+__all__ = ["METRICS", "conv_instance_norm_relu_pool", "grad_match_distance", "instance_norm_relu_pool", "masked_feature_contrastive",
            "per_sample_grad_norm"]
