@@ -5,5 +5,5 @@ from fastdd.ops.grad_norm import per_sample_grad_norm
 from fastdd.ops.masked_contrastive import masked_feature_contrastive
 from fastdd.ops.norm_relu_pool import conv_instance_norm_relu_pool, instance_norm_relu_pool
 
-__all__ = ["METRICS", "conv_instance_norm_relu_pool", "grad_match_distance", "instance_norm_relu_pool", "masked_feature_contrastive",
-           "per_sample_grad_norm"]
+__all__ = ["METRICS", "conv_instance_norm_relu_pool", "grad_match_distance", "instance_norm_relu_pool",
+           "masked_feature_contrastive", "per_sample_grad_norm"]
