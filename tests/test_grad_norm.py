@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fastdd.models import get_network
+from fastdd.models import fused_blocks, get_network
 from fastdd.ops import naive, per_sample_grad_norm
 from fastdd.ops.grad_norm import _fused_sq_norms
 
@@ -236,3 +236,11 @@ def test_unused_trainable_layer_is_reported():
 
     with pytest.raises(ValueError, match="1 of the model's trainable layers got no gradient"):
         per_sample_grad_norm(TwoHeads().double(), torch.randn(2, 4, **F64), torch.tensor([0, 1]))
+
+
+def test_inside_fused_blocks_is_refused_by_name():
+    """Fused ConvNet blocks bypass the modules whose hooks the norms need: a clear error, not wrong norms."""
+    net = get_network("ConvNet", 1, 3, (8, 8), torch.Generator().manual_seed(0))
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
+    with fused_blocks(), pytest.raises(ValueError, match="fused_blocks"):
+        per_sample_grad_norm(net, x, y)

@@ -116,7 +116,8 @@ def _chunk_norms(model: nn.Module, layers: list[nn.Module], x: Tensor, y: Tensor
             h.remove()
     if len(sq_norms) != len(layers):
         raise ValueError(f"per_sample_grad_norm: {len(layers) - len(sq_norms)} of the model's trainable layers got "
-                         "no gradient from the loss (unused in the forward pass?)")
+                         "no gradient from the loss (unused in the forward pass, or called inside "
+                         "fastdd.models.fused_blocks(), whose fused ConvNet blocks bypass the modules?)")
     return torch.stack(sq_norms).sum(0).sqrt()
 
 
