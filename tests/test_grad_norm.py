@@ -238,9 +238,24 @@ def test_unused_trainable_layer_is_reported():
         per_sample_grad_norm(TwoHeads().double(), torch.randn(2, 4, **F64), torch.tensor([0, 1]))
 
 
-def test_inside_fused_blocks_is_refused_by_name():
-    """Fused ConvNet blocks bypass the modules whose hooks the norms need: a clear error, not wrong norms."""
-    net = get_network("ConvNet", 1, 3, (8, 8), torch.Generator().manual_seed(0))
-    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 2])
-    with fused_blocks(), pytest.raises(ValueError, match="fused_blocks"):
-        per_sample_grad_norm(net, x, y)
+def test_fused_blocks_path_matches_the_module_hooks_and_the_oracle():
+    """On CPU a default ConvNet's norms come from the fused block tails (per-plane sums = per-sample
+    gradients); the same values as the hook path (backend="torch") and the float64 oracle, inside or outside
+    fused_blocks(); a graph of the norms inside fused_blocks() is refused by name."""
+    net = get_network("ConvNet", 1, 3, (9, 7), torch.Generator().manual_seed(0)).double()
+    x, y = torch.randn(3, 1, 9, 7, dtype=torch.float64), torch.tensor([0, 2, 1])
+    expected = naive.per_sample_grad_norm(net, x, y)
+    torch.testing.assert_close(per_sample_grad_norm(net, x, y), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(per_sample_grad_norm(net, x, y, backend="torch"), expected, rtol=1e-10, atol=1e-12)
+    with fused_blocks():
+        torch.testing.assert_close(per_sample_grad_norm(net, x, y), expected, rtol=1e-10, atol=1e-12)
+        with pytest.raises(RuntimeError, match="fused_blocks"):
+            per_sample_grad_norm(net, x, y, create_graph=True)
+
+
+def test_fused_blocks_path_counts_only_trainable_norms():
+    net = get_network("ConvNet", 1, 3, (8, 8), torch.Generator().manual_seed(1)).double()
+    net.features[1].requires_grad_(False)  # the first block's norm affine
+    x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 0])
+    torch.testing.assert_close(per_sample_grad_norm(net, x, y), naive.per_sample_grad_norm(net, x, y),
+                               rtol=1e-10, atol=1e-12)

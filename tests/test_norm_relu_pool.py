@@ -197,3 +197,19 @@ def test_convnet_inside_fused_blocks_gives_the_same_logits_and_gradients(model, 
     for eager, fused in zip(*results):
         torch.testing.assert_close(fused, eager, rtol=1e-10, atol=1e-12)
     assert net.fusable == fusable
+
+
+def test_per_sample_sq_norms_are_each_samples_own_weight_and_bias_gradient():
+    x, weight, bias, grad_out = inputs(3, 4, 6, 5)
+    weight, bias = weight.requires_grad_(True), bias.requires_grad_(True)
+    sink = []
+    out = instance_norm_relu_pool(x, weight, bias, backend="cpp", per_sample_sq_norms=sink)
+    torch.autograd.grad(out, (weight, bias), grad_out)
+    expected = []
+    for i in range(3):
+        gw, gb = torch.autograd.grad(naive.instance_norm_relu_pool(x[i:i + 1], weight, bias), (weight, bias),
+                                     grad_out[i:i + 1])
+        expected.append(gw.pow(2).sum() + gb.pow(2).sum())
+    torch.testing.assert_close(sink[0], torch.stack(expected), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="per_sample_sq_norms needs the fused kernels"):
+        instance_norm_relu_pool(x, weight, bias, backend="torch", per_sample_sq_norms=[])

@@ -48,10 +48,12 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _NormReLUPool(torch.autograd.Function):
-    """(x, weight, bias, eps, backend) -> (out, mean, rstd); mean and rstd [N, C] are kept for the backward."""
+    """(x, weight, bias, eps, backend, sink) -> (out, mean, rstd); mean and rstd [N, C] are kept for the backward.
+    ``sink``: None, or a list the backward appends the per-sample squared norms [N] of the weight and bias
+    gradients to (of those that need a gradient)."""
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str):
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str, sink: list | None):
         (n, c, h, w), acc = x.shape, _accumulation_dtype(x.dtype)
         out = _backend.empty((n, c, h // 2, w // 2), x.dtype, x.device)
         mean, rstd = (_backend.empty((n, c), acc, x.device) for _ in range(2))
@@ -60,7 +62,7 @@ class _NormReLUPool(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, _, ctx.backend = inputs
+        x, weight, bias, _, ctx.backend, ctx.sink = inputs
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(x, weight, bias, *output[1:])
 
@@ -75,16 +77,22 @@ class _NormReLUPool(torch.autograd.Function):
         grad_gamma, grad_beta = (_backend.empty(mean.shape, acc, x.device) for _ in range(2))
         _kernels(ctx.backend).backward(grad_out.to(x.dtype).contiguous(), x, weight.to(acc).contiguous(),
                                        bias.to(acc).contiguous(), mean, rstd, grad_x, grad_gamma, grad_beta)
-        return grad_x, grad_gamma.sum(0).to(weight.dtype), grad_beta.sum(0).to(bias.dtype), None, None
+        if ctx.sink is not None:  # the per-plane sums are the per-sample gradients
+            needed = [g for g, need in zip((grad_gamma, grad_beta), ctx.needs_input_grad[1:3]) if need]
+            ctx.sink.append(sum(g.pow(2).sum(1) for g in needed))
+        return grad_x, grad_gamma.sum(0).to(weight.dtype), grad_beta.sum(0).to(bias.dtype), None, None, None
 
 
 def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, *,
-                            backend: str = "auto") -> Tensor:
+                            backend: str = "auto", per_sample_sq_norms: list[Tensor] | None = None) -> Tensor:
     """avg_pool2d(relu(group_norm(x, C, weight, bias, eps)), 2): x [N, C, H, W] -> [N, C, H // 2, W // 2].
 
     x float32, float64 or bfloat16 (statistics accumulated in float32, float64 for float64); weight, bias [C].
     Differentiable once w.r.t. x, weight and bias. ``backend``: see :mod:`fastdd.ops._backend`;
     ``"torch"`` runs the eager composition, as do planes larger than 128 x 128 on Triton.
+    ``per_sample_sq_norms``: a list to which the backward appends [N] the squared norms of each sample's
+    own weight and bias gradient (the kernels compute them per plane before summing over samples; for
+    :func:`fastdd.ops.per_sample_grad_norm`); the eager composition cannot, and raises when given one.
     """
     if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty [N, C, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
@@ -101,9 +109,12 @@ def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float 
     name = _backend.resolve_backend(backend, [x, weight, bias], _EXTENSION)
     too_large = name == "triton" and x.shape[2] * x.shape[3] > _MAX_TRITON_PLANE
     if name == "torch" or too_large or torch._C._are_functorch_transforms_active():
+        if per_sample_sq_norms is not None:
+            raise ValueError("per_sample_sq_norms needs the fused kernels, and this call runs the eager composition "
+                             f"(backend {name!r}, plane {tuple(x.shape[2:])}, or inside a torch.func transform)")
         acc = _accumulation_dtype(x.dtype)
         return naive.instance_norm_relu_pool(x.to(acc), weight.to(acc), bias.to(acc), eps).to(x.dtype)
-    return _backend.apply(_NormReLUPool, x.contiguous(), weight, bias, float(eps), name)[0]
+    return _backend.apply(_NormReLUPool, x.contiguous(), weight, bias, float(eps), name, per_sample_sq_norms)[0]
 
 
 class _ConvNormReLUPool(torch.autograd.Function):
