@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 
 namespace {
@@ -159,8 +160,9 @@ void check_dtype(const at::Tensor& t, const char* name, const at::Tensor& like) 
 
 // features [N, C, L], masks [N, L], labels [N] int64, mu [K, C]; writes h [N, C], norm [N], g [N, K],
 // inv_msum [N] and the mean loss [] (all in the features' dtype).
-void forward(const at::Tensor& features, const at::Tensor& masks, const at::Tensor& labels, const at::Tensor& mu,
-             double tau, at::Tensor& h, at::Tensor& norm, at::Tensor& g, at::Tensor& inv_msum, at::Tensor& loss) {
+void forward_outputs(const at::Tensor& features, const at::Tensor& masks, const at::Tensor& labels,
+                     const at::Tensor& mu, double tau, at::Tensor& h, at::Tensor& norm, at::Tensor& g,
+                     at::Tensor& inv_msum, at::Tensor& loss) {
   check(features, "features", 3), check(masks, "masks", 2), check(labels, "labels", 1), check(mu, "mu", 2);
   check(h, "h", 2), check(norm, "norm", 1), check(g, "g", 2), check(inv_msum, "inv_msum", 1), check(loss, "loss", 0);
   TORCH_CHECK(labels.scalar_type() == at::kLong, "labels: int64 expected");
@@ -180,8 +182,8 @@ void forward(const at::Tensor& features, const at::Tensor& masks, const at::Tens
 }
 
 // The outputs of forward, masks [N, L], mu [K, C] and coef = dloss / N / tau; writes grad_features [N, C, L].
-void backward(const at::Tensor& g, const at::Tensor& h, const at::Tensor& norm, const at::Tensor& inv_msum,
-              const at::Tensor& masks, const at::Tensor& mu, double coef, at::Tensor& grad_features) {
+void backward_features(const at::Tensor& g, const at::Tensor& h, const at::Tensor& norm, const at::Tensor& inv_msum,
+                       const at::Tensor& masks, const at::Tensor& mu, double coef, at::Tensor& grad_features) {
   check(g, "g", 2), check(h, "h", 2), check(norm, "norm", 1), check(inv_msum, "inv_msum", 1);
   check(masks, "masks", 2), check(mu, "mu", 2), check(grad_features, "grad_features", 3);
   for (auto [t, name] : {std::pair{&h, "h"}, {&norm, "norm"}, {&inv_msum, "inv_msum"}, {&masks, "masks"},
@@ -204,10 +206,66 @@ void pool_backward(const at::Tensor& masks, const at::Tensor& scale, at::Tensor&
   });
 }
 
+// The whole op as a C++ autograd node, so that neither direction runs Python: prototypes [K, C] are normalised
+// here (mu), and the backward returns the gradients of features and, when asked, of the prototypes (through
+// the normalisation). poison: fill every fresh buffer with NaN first (tests).
+struct MaskedContrastive : public torch::autograd::Function<MaskedContrastive> {
+  static at::Tensor fresh(at::IntArrayRef shape, const at::Tensor& like, bool poison) {
+    at::Tensor t = at::empty(shape, like.options());
+    return poison ? t.fill_(std::numeric_limits<double>::quiet_NaN()) : t;
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& features, const at::Tensor& masks,
+                            const at::Tensor& labels, const at::Tensor& prototypes, double tau, bool poison) {
+    const int64_t n = features.size(0), c = features.size(1), k = prototypes.size(0);
+    const at::Tensor flat = features.reshape({n, c, -1}).contiguous();
+    const at::Tensor proto_norm = at::linalg_vector_norm(prototypes, 2, {1});
+    const at::Tensor mu = prototypes / proto_norm.clamp_min(1e-12).unsqueeze(1);
+    at::Tensor h = fresh({n, c}, masks, poison), g = fresh({n, k}, masks, poison), norm = fresh({n}, masks, poison);
+    at::Tensor inv_msum = fresh({n}, masks, poison), loss = fresh({}, masks, poison);
+    forward_outputs(flat, masks, labels, mu, tau, h, norm, g, inv_msum, loss);
+    ctx->save_for_backward({masks, mu, proto_norm, h, norm, g, inv_msum});
+    ctx->saved_data["tau"] = tau;
+    ctx->saved_data["poison"] = poison;
+    ctx->saved_data["shape"] = features.sizes().vec();
+    ctx->set_materialize_grads(false);
+    return loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const at::Tensor& grad_loss = grad_outputs[0];
+    torch::autograd::variable_list grads(6);
+    if (!grad_loss.defined()) return grads;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &masks = saved[0], &mu = saved[1], &proto_norm = saved[2], &h = saved[3], &norm = saved[4],
+                     &g = saved[5], &inv_msum = saved[6];
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    const double coef = grad_loss.item<double>() / (h.size(0) * ctx->saved_data["tau"].toDouble());
+    if (ctx->needs_input_grad(0)) {
+      at::Tensor grad = fresh({h.size(0), h.size(1), masks.size(1)}, masks, ctx->saved_data["poison"].toBool());
+      backward_features(g, h, norm, inv_msum, masks, mu, coef, grad);
+      grads[0] = grad.view(shape);
+    }
+    if (ctx->needs_input_grad(3)) {  // through mu = p / max(|p|, eps), as F.normalize
+      const at::Tensor grad_mu = at::mm(g.t(), h).mul_(coef);
+      const at::Tensor radial = mu * (mu * grad_mu).sum(1, true) * (proto_norm > 1e-12).unsqueeze(1);
+      grads[3] = (grad_mu - radial) / proto_norm.clamp_min(1e-12).unsqueeze(1);
+    }
+    return grads;
+  }
+};
+
+at::Tensor loss(const at::Tensor& features, const at::Tensor& masks, const at::Tensor& labels,
+                const at::Tensor& prototypes, double tau, bool poison) {
+  return MaskedContrastive::apply(features, masks, labels, prototypes, tau, poison);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "loss [], h [N, C], norm [N], g [N, K], inv_msum [N] written from features [N, C, L]");
-  m.def("backward", &backward, "grad_features [N, C, L] written from the outputs of forward");
+  m.def("forward", &forward_outputs, "loss [], h [N, C], norm [N], g [N, K], inv_msum [N] written from features [N, C, L]");
+  m.def("backward", &backward_features, "grad_features [N, C, L] written from the outputs of forward");
+  m.def("loss", &loss, "the loss of features [N, C, H, W], flat masks [N, L], labels, prototypes [K, C], as an autograd node");
   m.def("pool_backward", &pool_backward, "grad_features [N, C, L] = masks[:, None] * scale[:, :, None]");
 }

@@ -6,9 +6,11 @@ L2 normalisation, logits against the L2-normalised class prototypes ``mu``, mean
 
 The two passes over the [N, C, H, W] feature map are kernels: the forward pools with one read of the
 features (the masked map ``features * masks`` is never formed), the backward writes
-``grad_features = masks * scale`` in one pass. On CPU each direction is one C++ call that also does the
-per-sample steps in between (norms, logits, softmax), since torch dispatch would cost more than the
-passes themselves at UDD sizes. With Triton those N x C and N x K steps are torch ops between the
+``grad_features = masks * scale`` in one pass. On CPU the op is one C++ autograd node (``loss`` in
+``csrc/masked_contrastive.cpp``): each direction is one C++ call that also does the per-sample steps in
+between (norms, logits, softmax) and the prototypes' normalisation, and no Python runs in either, since
+Python and torch dispatch would cost more than the passes themselves at UDD sizes; under torch.func
+transforms the Python Function below runs instead (it has the vmap rule). With Triton those N x C and N x K steps are torch ops between the
 kernels. The prototypes are normalised by torch autograd outside the fused part.
 """
 
@@ -193,6 +195,10 @@ def masked_feature_contrastive(features: Tensor, masks: Tensor, labels: Tensor, 
     name = _backend.resolve_backend(backend, [features, masks, labels, prototypes], _EXTENSION)
     if name == "torch":
         return naive.masked_feature_contrastive(features, masks, labels, prototypes, tau)
-    mu = torch.nn.functional.normalize(prototypes.to(_compute_dtype(features)), dim=1)
-    masks = _flat_masks(masks, mu.dtype)
+    dtype = _compute_dtype(features)
+    masks = _flat_masks(masks, dtype)
+    if name == "cpp" and not torch._C._are_functorch_transforms_active():  # no Python in either direction
+        return _backend.load_extension(_EXTENSION).loss(features, masks, labels.long(), prototypes.to(dtype),
+                                                        float(tau), _backend.POISON_OUTPUTS)
+    mu = torch.nn.functional.normalize(prototypes.to(dtype), dim=1)
     return _backend.apply(_MaskedContrastive, features, masks, labels.long(), mu, float(tau), name)[0]
