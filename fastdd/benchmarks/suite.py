@@ -7,6 +7,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 
+from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import Case, commit, machine, paired_median_seconds, peak_bytes
 
 MIN_SECONDS = 1.0  # each side is timed for at least this long: millisecond ops get hundreds of calls
@@ -26,7 +27,7 @@ def timing_row(case: Case, device: str, seconds: float, baseline_seconds: float)
         "op": case.op, "case": case.name, "baseline": case.baseline_name, "device": device,
         "seconds": seconds, "baseline_seconds": baseline_seconds, "speedup": baseline_seconds / seconds,
         "target": case.target, "peak_mib": None, "baseline_peak_mib": None,
-        "machine": machine(device), "commit": commit(),
+        "machine": machine(device) + ("" if device.startswith("cuda") else ", freed memory kept"), "commit": commit(),
     }
 
 
@@ -39,9 +40,10 @@ def _in_fresh_process(op: str, index: int, *args: str) -> list[str]:
 def timings(op: str, index: int, device: str, repeat: int) -> tuple[float, float]:
     """Median seconds of case ``index`` of ``op``: (fastdd, baseline), timed in alternation.
 
-    On CPU in a fresh process holding only this case: glibc's choice between reusing freed memory and
-    mapping fresh pages (a page fault per 4 KiB) depends on every buffer the process allocated before,
-    and shifted single cases by 2x when all cases shared one process.
+    On CPU in a fresh process holding only this case, with glibc keeping freed memory
+    (:func:`fastdd.allocator.keep_freed_memory`, as the ``fastdd`` command runs): with glibc's defaults,
+    whether a buffer is reused or mapped fresh (a page fault per 4 KiB) depends on the order of every
+    earlier allocation and free, and moved single cases by 2x in either direction, unrelated to the op.
     """
     if device.startswith("cuda"):
         case = _cases(op, device)[index]
@@ -115,6 +117,7 @@ def _main(argv: list[str]) -> str:
     op, index, what, arg = argv
     case = _cases(op, "cpu")[int(index)]
     if what == "time":
+        keep_freed_memory()
         seconds = paired_median_seconds([case.run, case.baseline], "cpu", int(arg), min_seconds=MIN_SECONDS)
         return " ".join(map(repr, seconds))
     return str(peak_bytes(getattr(case, arg), "cpu"))
