@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh needs a CUDA GPU')"
-python -m pytest -q tests/test_grad_match.py tests/test_grad_norm.py tests/test_masked_contrastive.py tests/test_matching.py
+python -m pytest -q tests/test_grad_match.py tests/test_grad_norm.py tests/test_masked_contrastive.py tests/test_matching.py \
+    tests/test_norm_relu_pool.py
 python bench/ops.py --device cuda
 cd bench
 python step.py --device cuda --cases dc-1 dc-10 dm-10 eval-10 dc100-1 dc100-10

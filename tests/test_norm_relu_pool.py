@@ -14,6 +14,8 @@ from fastdd.ops import naive
 from fastdd.ops.norm_relu_pool import MAX_FUSED_TAPS, conv_instance_norm_relu_pool, instance_norm_relu_pool
 
 BACKENDS = ["torch", "cpp", "triton"]
+# Triton runs on CUDA tensors where a GPU is present, and interpreted on CPU tensors elsewhere (conftest)
+DEVICE = {"torch": "cpu", "cpp": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 # against a float64 oracle: float32 statistics over up to H * W terms; bfloat16 keeps 8 bits of mantissa
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
               torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
@@ -42,9 +44,11 @@ def test_matches_oracle(backend, dtype, n, c, h, w, seed):
     """Odd sides included: AvgPool2d drops the last row or column, which still gets the norm's gradient."""
     x, weight, bias, grad_out = inputs(n, c, h, w, dtype, seed)
     expected = value_and_grads(naive.instance_norm_relu_pool, x.double(), weight, bias, grad_out.double())
-    got = value_and_grads(instance_norm_relu_pool, x, weight, bias, grad_out, backend=backend)
+    on_device = (t.to(DEVICE[backend]) for t in (x, weight, bias, grad_out))
+    got = value_and_grads(instance_norm_relu_pool, *on_device, backend=backend)
     for e, r, name in zip(expected, got, ("out", "grad x", "grad weight", "grad bias")):
         assert r.dtype == (dtype if name in ("out", "grad x") else torch.float64), name
+        r = r.cpu()
         tol = TOLERANCES[dtype]
         if dtype == torch.bfloat16 and name != "out":  # sums of up to N * H * W bfloat16 gradients
             tol = dict(rtol=5e-2, atol=5e-2 * n * h * w)
@@ -54,7 +58,7 @@ def test_matches_oracle(backend, dtype, n, c, h, w, seed):
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_gradcheck(backend):
     x, weight, bias, _ = inputs(2, 3, 5, 4)
-    args = tuple(t.requires_grad_(True) for t in (x, weight, bias))
+    args = tuple(t.to(DEVICE[backend]).requires_grad_(True) for t in (x, weight, bias))
     assert torch.autograd.gradcheck(lambda *a: instance_norm_relu_pool(*a, backend=backend), args)
 
 
@@ -107,7 +111,7 @@ def value_and_param_grads(fn, x, params, padding, seed, **kw):
     params = [p.clone().requires_grad_(True) for p in params]
     out = fn(x, *params, padding, **kw)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (out, *torch.autograd.grad(out, params, grad_out.to(out.dtype)))
+    return (out, *torch.autograd.grad(out, params, grad_out.to(out.device, out.dtype)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -121,9 +125,12 @@ def test_conv_block_matches_oracle(backend, dtype, n, cin, c, k, padding, h, w, 
         return
     x, params = conv_inputs(n, cin, h, w, c, k, dtype, seed)
     expected = value_and_param_grads(conv_block_oracle, x.double(), [p.double() for p in params], padding, seed)
-    got = value_and_param_grads(conv_instance_norm_relu_pool, x, params, padding, seed, backend=backend)
+    device = DEVICE[backend]
+    got = value_and_param_grads(conv_instance_norm_relu_pool, x.to(device), [p.to(device) for p in params], padding,
+                                seed, backend=backend)
     for e, r, name in zip(expected, got, ("out", "grad conv_weight", "grad conv_bias", "grad weight", "grad bias")):
         assert r.dtype == dtype, name
+        r = r.cpu()
         tol = TOLERANCES[dtype]
         if dtype == torch.float32 and name != "out":  # sums of up to N * H * W float32 products
             tol = dict(rtol=1e-4, atol=1e-4 * n * h * w)
