@@ -11,10 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastdd.benchmarks.measure import Case
-import torch.nn.functional as F
-
-from fastdd.ops import instance_norm_relu_pool, naive
-from fastdd.ops.norm_relu_pool import conv_instance_norm_relu_pool
+from fastdd.ops import conv_instance_norm_relu_pool, instance_norm_relu_pool, naive
 
 SHAPES = [(256, 128, 32, 32), (256, 128, 16, 16)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -41,15 +38,12 @@ def _first_block_case(device: str) -> Case:
               for shape in ((128, 1, 3, 3), (128,), (128,), (128,))]
     grad_out = torch.randn(256, 128, 16, 16, generator=g).to(device)
 
-    def eager(x, conv_weight, conv_bias, weight, bias, padding):
-        return naive.instance_norm_relu_pool(F.conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias)
-
     def grads_of(fn):
         return lambda: torch.autograd.grad(fn(x, *params, 3), params, grad_out)
 
     return Case(op="conv_instance_norm_relu_pool", name="[256, 1, 28, 28] -> 128, pad 3, float32",
                 baseline_name="eager conv2d, group_norm, relu, avg_pool2d", run=grads_of(conv_instance_norm_relu_pool),
-                baseline=grads_of(eager))
+                baseline=grads_of(naive.conv_instance_norm_relu_pool))
 
 
 def cases(device: str) -> list[Case]:

@@ -106,3 +106,13 @@ def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float 
     """
     normed = torch.nn.functional.group_norm(x, x.shape[1], weight, bias, eps)
     return torch.nn.functional.avg_pool2d(torch.relu(normed), 2)
+
+
+def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, weight: Tensor, bias: Tensor,
+                                 padding: int = 0, eps: float = 1e-5) -> Tensor:
+    """A ConvNet block: instance_norm_relu_pool(conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias, eps).
+
+    x [N, Cin, H, W]; conv_weight [C, Cin, kh, kw] (stride 1); conv_bias, weight, bias [C].
+    """
+    conv = torch.nn.functional.conv2d(x, conv_weight, conv_bias, padding=padding)
+    return instance_norm_relu_pool(conv, weight, bias, eps)
