@@ -159,11 +159,16 @@ class ConvNet(nn.Module):
         self.feat_dim = width * h * w
         self.classifier = nn.Linear(self.feat_dim, num_classes)
 
+    def conv_norm_pairs(self) -> list[tuple[nn.Conv2d, nn.Module]]:
+        """(convolution, norm) of each block, for a network in its default configuration (``fusable``), whose
+        blocks are conv, norm, ReLU, pooling."""
+        layers = list(self.features)
+        return list(zip(layers[0::4], layers[1::4]))
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> flattened features [B, feat_dim]."""
         if self.fusable and _FUSED_BLOCKS.get():
-            layers = list(self.features)
-            for conv, norm in zip(layers[0::4], layers[1::4]):  # blocks of conv, norm, ReLU, pooling
+            for conv, norm in self.conv_norm_pairs():
                 x = conv_instance_norm_relu_pool(x, conv.weight, conv.bias, norm.weight, norm.bias, conv.padding[0],
                                                  norm.eps)
             return x.flatten(1)

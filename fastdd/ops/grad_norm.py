@@ -115,7 +115,7 @@ def _fused_tail_forward(model: nn.Module, x: Tensor, create_graph: bool,
         return None
     if _backend.resolve_backend("auto", [x], "norm_relu_pool") != "cpp":
         return None
-    blocks = list(zip(list(model.features)[0::4], list(model.features)[1::4]))  # (conv, norm) per block
+    blocks = model.conv_norm_pairs()
     if not all(norm.weight.requires_grad == norm.bias.requires_grad for _, norm in blocks):
         return None
 

@@ -9,9 +9,9 @@ features (the masked map ``features * masks`` is never formed), the backward wri
 ``grad_features = masks * scale`` in one pass. On CPU the op is one C++ autograd node (``loss`` in
 ``csrc/masked_contrastive.cpp``): each direction is one C++ call that also does the per-sample steps in
 between (norms, logits, softmax) and the prototypes' normalisation, and no Python runs in either, since
-Python and torch dispatch would cost more than the passes themselves at UDD sizes; under torch.func
-transforms the Python Function below runs instead (it has the vmap rule). With Triton those N x C and N x K steps are torch ops between the
-kernels. The prototypes are normalised by torch autograd outside the fused part.
+Python and torch dispatch would cost more than the passes themselves at UDD sizes. Under torch.func
+transforms, and with Triton, the Python Function below runs instead (it has the vmap rule): the N x C and
+N x K steps are torch ops between the kernels, and the prototypes are normalised by torch autograd outside it.
 """
 
 from __future__ import annotations

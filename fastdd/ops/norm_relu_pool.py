@@ -164,7 +164,8 @@ def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tens
     if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
         raise ValueError(f"x must be a non-empty [N, Cin, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4 or conv_weight.shape[1] != x.shape[1]:
-        raise ValueError(f"conv_weight must be [C, Cin = {x.shape[1]}, kh, kw], got {getattr(conv_weight, 'shape', conv_weight)}")
+        got = getattr(conv_weight, "shape", conv_weight)
+        raise ValueError(f"conv_weight must be [C, Cin = {x.shape[1]}, kh, kw], got {got}")
     if not isinstance(conv_bias, Tensor) or conv_bias.shape != conv_weight.shape[:1]:
         raise ValueError(f"conv_bias must be [C] = [{len(conv_weight)}], got {getattr(conv_bias, 'shape', conv_bias)}")
     if not isinstance(padding, int) or padding < 0:
