@@ -23,8 +23,8 @@ from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.cli import add_plugin_options, plugins_from_args
 from fastdd.data import load_dataset
-from fastdd.distill import Plugin, get_distiller
-from fastdd.evaluate import default_eval_config, evaluate_with_baseline
+from fastdd.methods import Plugin, get_distiller
+from fastdd.evaluation import default_eval_config, evaluate_with_baseline
 from fastdd.run import run_distillation
 
 RESULTS = Path(__file__).parent / "results"
@@ -33,7 +33,7 @@ HEADER = (
     "| distill s | eval s | machine | commit |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
-# ConvNet, published (DESIGN section 6), by (method, data set) and IPC 1 / 10 / 50.
+# ConvNet, published (docs/design.md section 6), by (method, data set) and IPC 1 / 10 / 50.
 PUBLISHED = {
     ("dc", "fashion-mnist"): (70.5, 82.3, 83.6),
     ("dsa", "fashion-mnist"): (70.6, 84.6, 88.7),

@@ -6,7 +6,7 @@ bench/results/.
 
 What is timed: the matching distance over every class at one network (ConvNet-3, "ours") from the
 synthetic images, and its backward to the images. ``per-class``: one forward and one backward with
-graph per class, as the reference code runs (``fastdd.distill.matching.per_class_distance``);
+graph per class, as the reference code runs (``fastdd.methods.matching.per_class_distance``);
 ``class-batched``: one pass over every class with per-class weight gradients
 (``class_batched_distance``, what ``matching_distance`` picks at up to ``MAX_BATCHED_PER_CLASS`` images a class). The real gradients are the targets of both
 and are not timed (random tensors here). Cases: Fashion-MNIST shapes (10 classes of 1 x 28 x 28) and
@@ -24,7 +24,7 @@ import torch
 
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record_cases
-from fastdd.distill.matching import class_batched_distance, per_class_distance
+from fastdd.methods.matching import class_batched_distance, per_class_distance
 from fastdd.models import get_network
 from step import SHAPES
 

@@ -35,7 +35,7 @@ from torch.nn.utils import parameters_to_vector
 
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, peak_bytes, record, synchronize
-from fastdd.distill import MTT
+from fastdd.methods import MTT
 from fastdd.models import get_network
 from fastdd.trajectory import Trajectory, expert_path
 from step import fashion_mnist_shaped

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastdd.data import RealDataset, load_dataset
-from fastdd.evaluate import random_real, training_data
+from fastdd.evaluation import random_real, training_data
 from fastdd.io import atomic_write_bytes, atomic_write_json
 from fastdd.run import SYNSET
 from fastdd.sdc import gradn, require_matplotlib, save_figure, scoring_networks

@@ -40,8 +40,8 @@ from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, median_seconds, record, synchronize
 from fastdd.data import RealDataset
 from fastdd.data.idx import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from fastdd.distill import DC, DM
-from fastdd.evaluate import EvalConfig, train_and_test
+from fastdd.methods import DC, DM
+from fastdd.evaluation import EvalConfig, train_and_test
 from fastdd.models import get_network
 from fastdd.ops import naive
 

@@ -29,8 +29,8 @@ import torch
 
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record_cases
-from fastdd.distill import IDC
-from fastdd.distill.udd import UDD, default_beta
+from fastdd.methods import IDC
+from fastdd.methods.udd import UDD, default_beta
 from step import fashion_mnist_shaped
 
 RESULTS = Path(__file__).parent / "results"

@@ -15,12 +15,12 @@ from fastdd.data import DATASETS, DatasetError, RealDataset, load_dataset
 from fastdd.data.zca import REGULARIZATION, whitened
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks import suite
-from fastdd.distill import METHODS, MTT, Plugin, get_distiller
-from fastdd.distill.sdc import LAMBDA0, SDC, default_lambda
-from fastdd.distill.udd import AUTO_POLICY, BETA0, UDD, default_beta
-from fastdd.distill.udd import METHODS as UDD_METHODS
-from fastdd.distill.udd import POLICIES as UDD_POLICIES
-from fastdd.evaluate import EvalConfig, EvalReport, default_eval_config, evaluate_with_baseline, training_data
+from fastdd.methods import METHODS, MTT, Plugin, get_distiller
+from fastdd.methods.sdc import LAMBDA0, SDC, default_lambda
+from fastdd.methods.udd import AUTO_POLICY, BETA0, UDD, default_beta
+from fastdd.methods.udd import METHODS as UDD_METHODS
+from fastdd.methods.udd import POLICIES as UDD_POLICIES
+from fastdd.evaluation import EvalConfig, EvalReport, default_eval_config, evaluate_with_baseline, training_data
 from fastdd.experts import train_experts
 from fastdd.io import append_jsonl, atomic_write_json
 from fastdd.run import GRID, REPORT, SYNSET, NonFiniteError, run_distillation
@@ -50,7 +50,7 @@ def _device(name: str) -> torch.device:
 
 
 def _add_eval_options(p: argparse.ArgumentParser, models_flag: str) -> None:
-    g = p.add_argument_group("evaluation (DESIGN protocol: fresh ConvNets trained on the synthetic set)")
+    g = p.add_argument_group("evaluation (docs/design.md section 2: fresh ConvNets trained on the synthetic set)")
     g.add_argument(models_flag, type=int, default=5, metavar="N",
                    help="networks trained and tested; mean and std over them (default 5%s)"
                    % (", 0 skips evaluation" if models_flag == "--eval-models" else ""))
@@ -225,7 +225,7 @@ def add_plugin_options(parser: argparse.ArgumentParser) -> None:
                    help="image updates between minings of the regions (default 50)")
 
 
-# UDD option -> keyword argument of fastdd.distill.udd.UDD
+# UDD option -> keyword argument of fastdd.methods.udd.UDD
 UDD_OPTIONS = {"udd_tau": "tau", "udd_quantile": "quantile", "udd_every": "every"}
 
 

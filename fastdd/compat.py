@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdd.augment import DSA
-from fastdd.distill.dc import get_loops
+from fastdd.methods.dc import get_loops
 from fastdd.models import get_network as _fastdd_network
 from fastdd.ops import grad_match_distance
 

@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.data import RealDataset
 from fastdd.errors import NonFiniteError
-from fastdd.evaluate import compute_accuracy
+from fastdd.evaluation import compute_accuracy
 from fastdd.io import atomic_torch_save
 from fastdd.models import get_network
+from fastdd.progress import progress_bar
 from fastdd.data.zca import regularization_of
 from fastdd.train import train_epoch
 from fastdd.trajectory import FORMAT_VERSION, Trajectory, expert_path
@@ -214,7 +215,7 @@ def train_experts(
     out_dir.mkdir(parents=True, exist_ok=True)
     done = (num_experts - len(missing)) * epochs + sum(_partial_epochs(out_dir, i) for i in missing)
     augmenter = DSA(strategy) if strategy is not None else None
-    with tqdm(total=num_experts * epochs, initial=done, desc="experts", unit="epoch", disable=not progress) as bar:
+    with progress_bar(total=num_experts * epochs, initial=done, desc="experts", unit="epoch", disable=not progress) as bar:
         for index in missing:
             _train_expert(train, out_dir, index, meta, augmenter, bar, test)
     return [expert_path(out_dir, i) for i in range(num_experts)]

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from fastdd.progress import progress_bar
 
-from fastdd.distill.base import Distiller
+from fastdd.methods.base import Distiller
 from fastdd.errors import NonFiniteError
 from fastdd.io import append_jsonl, atomic_torch_save, atomic_write_json
 from fastdd.synset import SyntheticSet
@@ -119,7 +119,7 @@ def run_distillation(
 
     last_good = start
     began = time.perf_counter()
-    bar = tqdm(range(start, distiller.iterations), initial=start, total=distiller.iterations,
+    bar = progress_bar(range(start, distiller.iterations), initial=start, total=distiller.iterations,
                desc=f"distill {distiller.name}", disable=not progress, unit="it")
     for iteration in bar:
         metrics = distiller.step(iteration)

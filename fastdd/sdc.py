@@ -1,5 +1,5 @@
-"""GraDN, SDC's sample-difficulty measure (DESIGN section 3), the networks it is measured with, and the
-``fastdd difficulty`` report. The SDC plug-in itself is :mod:`fastdd.distill.sdc`.
+"""GraDN, SDC's sample-difficulty measure (docs/design.md section 3), the networks it is measured with, and the
+``fastdd difficulty`` report. The SDC plug-in itself is :mod:`fastdd.methods.sdc`.
 
 ``GraDN(x, y; theta) = |grad_theta CE(f_theta(x), y)|_2``: per sample, over all parameters of the
 network, computed by :func:`fastdd.ops.per_sample_grad_norm` without forming per-sample gradients;
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import vector_to_parameters
-from tqdm.auto import tqdm
+from fastdd.progress import progress_bar
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.data import RealDataset
@@ -122,7 +122,7 @@ def _trained_networks(train: RealDataset, count: int, generator: torch.Generator
                       progress: bool) -> list[nn.Module]:
     augment = DSA(dsa_strategy_for(train.name))
     nets = []
-    with tqdm(total=count * SCORE_EPOCH, desc="scoring networks", unit="epoch", disable=not progress) as bar:
+    with progress_bar(total=count * SCORE_EPOCH, desc="scoring networks", unit="epoch", disable=not progress) as bar:
         for _ in range(count):
             net = get_network(model, train.channels, train.num_classes, (train.height, train.width), generator)
             trainable_layers(net)  # refuses BatchNorm before any training
@@ -166,7 +166,7 @@ def score_dataset(models: Sequence[nn.Module], data: RealDataset, *, chunk_size:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunks = torch.arange(len(data), device=data.device).split(chunk_size)
     return torch.cat([gradn(models, data.get(idx), data.labels[idx], chunk_size=chunk_size).detach()
-                      for idx in tqdm(chunks, desc="GraDN", unit="chunk", disable=not progress)])
+                      for idx in progress_bar(chunks, desc="GraDN", unit="chunk", disable=not progress)])
 
 
 def summarize(scores: Tensor, labels: Tensor, num_classes: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ File format (safetensors, written atomically):
   hyper-parameters, seed, ...); ``lr`` is the learned learning rate of MTT-style methods;
   ``fastdd_version`` is the version that wrote the file. ``meta["factor"]`` > 1 marks a
   multi-formation (IDC) set: its images are stored encoded, and networks train on their decoding
-  (``fastdd.evaluate.training_data``).
+  (``fastdd.evaluation.training_data``).
 
 Any safetensors reader can open the tensors; ``SyntheticSet.load`` restores everything.
 """

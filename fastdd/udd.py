@@ -1,5 +1,5 @@
-"""UDD's underutilized regions and its region-masked category-wise contrastive term (DESIGN section 3; our
-definitions). The plug-in that uses them during distillation is :mod:`fastdd.distill.udd`.
+"""UDD's underutilized regions and its region-masked category-wise contrastive term (docs/design.md section 3; our
+definitions). The plug-in that uses them during distillation is :mod:`fastdd.methods.udd`.
 
 Responses. A network with a ``feature_map(x)`` method (ConvNet: its last block's activations before the
 pooling, 8 x 8 for Fashion-MNIST and CIFAR) gives every image a response map [1, h, w]: the channel mean
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.data import RealDataset
-from fastdd.distill.multiformation import patch_bounds
+from fastdd.methods.multiformation import patch_bounds
 from fastdd.io import atomic_torch_save
 from fastdd.models import get_network
 from fastdd.ops import masked_feature_contrastive

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_dataset
-from fastdd.distill import DC, DM, DSADistiller, Plugin, get_distiller, get_loops
+from fastdd.methods import DC, DM, DSADistiller, Plugin, get_distiller, get_loops
 from fastdd.models import get_network
 
 MODEL = "ConvNetW32"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastdd.data import RealDataset
-from fastdd.evaluate import (
+from fastdd.evaluation import (
     EvalConfig,
     EvalReport,
     evaluate_random_real,

@@ -1,4 +1,4 @@
-"""grad_match_distance against the definitions of DESIGN section 2, written out here."""
+"""grad_match_distance against the definitions of docs/design.md section 2, written out here."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdd.distill.matching import (class_batched_distance, class_gradients, matching_distance,
+from fastdd.methods.matching import (class_batched_distance, class_gradients, matching_distance,
                                     per_class_distance, supports_class_batching)
 from fastdd.models import ConvNet, get_network
 from fastdd.ops import METRICS
@@ -118,7 +118,7 @@ def test_class_batched_distance_equals_per_class_loop(metric, conv_weights_only)
     ("ConvNetW32", (3, 3, 3), "per_class_distance"),  # more than MAX_BATCHED_PER_CLASS images a class
 ])
 def test_matching_distance_takes_the_right_path(monkeypatch, name, sizes, path):
-    import fastdd.distill.matching as matching
+    import fastdd.methods.matching as matching
 
     net = network(name, 1, 3, 8)
     images = torch.randn(sum(sizes), 1, 8, 8, dtype=torch.float64, requires_grad=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fastdd.distill import DC, Plugin
+from fastdd.methods import DC, Plugin
 from fastdd.run import CHECKPOINT, CONFIG, GRID, METRICS, SYNSET, NonFiniteError, run_distillation
 from fastdd.synset import SyntheticSet
 

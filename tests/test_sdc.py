@@ -16,9 +16,9 @@ from torch.nn.utils import parameters_to_vector
 
 from conftest import make_dataset
 from fastdd.cli import main
-from fastdd.distill import Plugin, get_distiller
-from fastdd.distill.multiformation import decode
-from fastdd.distill.sdc import LAMBDA0, SDC, default_lambda
+from fastdd.methods import Plugin, get_distiller
+from fastdd.methods.multiformation import decode
+from fastdd.methods.sdc import LAMBDA0, SDC, default_lambda
 from fastdd.experts import train_experts
 from fastdd.models import get_network
 from fastdd.ops import naive

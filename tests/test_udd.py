@@ -16,8 +16,8 @@ from torch import nn
 
 from conftest import make_dataset
 from fastdd.cli import main
-from fastdd.distill import get_distiller
-from fastdd.distill.udd import (AUTO_POLICY, BETA0, LATEST_PICTURE, POLICIES, SHARE_PLOT, START_PICTURE, UDD,
+from fastdd.methods import get_distiller
+from fastdd.methods.udd import (AUTO_POLICY, BETA0, LATEST_PICTURE, POLICIES, SHARE_PLOT, START_PICTURE, UDD,
                                 default_beta)
 from fastdd.models import get_network
 from fastdd.run import run_distillation

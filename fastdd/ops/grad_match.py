@@ -1,6 +1,6 @@
 """Distance between two lists of gradients, as used by gradient matching (DC, DSA, IDC).
 
-The metrics are defined in :func:`fastdd.ops.naive.grad_match_distance` (DESIGN section 2). The fused
+The metrics are defined in :func:`fastdd.ops.naive.grad_match_distance` (docs/design.md section 2). The fused
 form evaluates all layers (and, with ``batched=True``, all classes) in one kernel launch:
 
 - The inputs are cut into chunks of contiguous elements, each belonging to one *row*: an ``(out)`` row

@@ -1,4 +1,4 @@
-"""Region-masked category-wise contrastive loss of UDD (DESIGN section 3), fused.
+"""Region-masked category-wise contrastive loss of UDD (docs/design.md section 3), fused.
 
 ``masked_feature_contrastive(features, masks, labels, prototypes, tau)`` is the loss defined in
 :func:`fastdd.ops.naive.masked_feature_contrastive`: masked average pooling of the feature map,

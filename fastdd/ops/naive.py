@@ -86,7 +86,7 @@ def per_sample_grad_norm(model: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor
 
 def masked_feature_contrastive(features: Tensor, masks: Tensor, labels: Tensor, prototypes: Tensor,
                                tau: float) -> Tensor:
-    """Scalar region-masked category-wise contrastive loss of UDD (DESIGN section 3).
+    """Scalar region-masked category-wise contrastive loss of UDD (docs/design.md section 3).
 
     features [N, C, H, W]; masks [N, 1, H, W] weights in [0, 1]; labels [N] in [0, K); prototypes
     [K, C]. ``h_i`` = L2-normalised masked average pool of ``features_i`` (weights ``masks_i``);

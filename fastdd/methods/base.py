@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fastdd import __version__
 from fastdd.data import RealDataset
-from fastdd.distill.matching import matching_distance
+from fastdd.methods.matching import matching_distance
 from fastdd.models import fused_blocks, get_network
 from fastdd.synset import SyntheticSet
 
@@ -183,7 +183,7 @@ class Distiller(ABC):
         differentiable w.r.t. the synthetic images.
 
         The real gradients are targets: one detached pass per class (:meth:`real_pass`). The synthetic
-        side is :func:`fastdd.distill.matching.matching_distance` (one pass over every class where the
+        side is :func:`fastdd.methods.matching.matching_distance` (one pass over every class where the
         network allows it and the classes hold at most two images each).
         """
         targets = []

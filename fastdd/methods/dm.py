@@ -1,4 +1,4 @@
-"""DM: distribution matching (DESIGN section 2).
+"""DM: distribution matching (docs/design.md section 2).
 
 Every iteration draws a fresh network and freezes it. Each class's real batch and synthetic images
 get the same random DSA augmentation; the loss is the sum over classes of the squared distance
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdd.augment import DSA, dsa_strategy_for
-from fastdd.distill.base import Distiller
+from fastdd.methods.base import Distiller
 from fastdd.models import has_batchnorm
 
 

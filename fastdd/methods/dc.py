@@ -1,4 +1,4 @@
-"""DC and DSA: dataset condensation by gradient matching (DESIGN section 2).
+"""DC and DSA: dataset condensation by gradient matching (docs/design.md section 2).
 
 Every outer iteration draws a fresh network. For ``outer_loop`` steps, each class's synthetic
 images are moved so that the gradient of the cross-entropy w.r.t. the network's parameters on them
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdd.augment import DSA, dsa_strategy_for
-from fastdd.distill.base import Distiller
+from fastdd.methods.base import Distiller
 from fastdd.models import has_batchnorm
 from fastdd.ops import METRICS
 from fastdd.train import train_epoch

@@ -1,4 +1,4 @@
-"""SDC, sample difficulty correction, as a plug-in to any distiller (DESIGN section 3; our definition).
+"""SDC, sample difficulty correction, as a plug-in to any distiller (docs/design.md section 3; our definition).
 
 At every image update the plug-in adds ``lambda * mean_s GraDN(s; theta_t)`` to the method's loss:
 ``s`` runs over the synthetic training images, ``theta_t`` is the network the method matches with at
@@ -17,7 +17,7 @@ update also lowers the synthetic images' gradient norms: it steers them toward e
   gradient at about a tenth of the method's at IPC 1 (Fashion-MNIST, ConvNet, a fresh network and
   real initial images; at lambda 1 the ratio measured 0.008 for DC and DSA, 0.005 to 0.007 for DM, 0.00028 for IDC, whose l1 loss is large;
   docs/methods.md). ``lambda = 0`` adds nothing and costs nothing.
-- MTT: the term at every unrolled student, averaged over the students (``fastdd.distill.mtt``), through
+- MTT: the term at every unrolled student, averaged over the students (``fastdd.methods.mtt``), through
   :meth:`SDC.term`'s ``params``; at lambda 1 its image gradient measured 46 to 67 times MTT's own at
   IPC 1 (MTT's loss is normalised), hence ``LAMBDA0["mtt"]`` = 0.002.
 - Cost per image update: one forward and one backward pass over the synthetic images for the norms,
@@ -32,7 +32,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fastdd.distill.base import Distiller, Plugin
+from fastdd.methods.base import Distiller, Plugin
 from fastdd.sdc import gradn
 
 LAMBDA0 = {"dc": 10.0, "dsa": 10.0, "dm": 20.0, "idc": 400.0, "mtt": 0.002}  # module docstring

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastdd.distill.base import Distiller, Plugin
-from fastdd.distill.dc import DC, DSADistiller, get_loops
-from fastdd.distill.dm import DM
-from fastdd.distill.idc import IDC
-from fastdd.distill.mtt import MTT
+from fastdd.methods.base import Distiller, Plugin
+from fastdd.methods.dc import DC, DSADistiller, get_loops
+from fastdd.methods.dm import DM
+from fastdd.methods.idc import IDC
+from fastdd.methods.mtt import MTT
 
 METHODS: dict[str, type[Distiller]] = {"dc": DC, "dsa": DSADistiller, "dm": DM, "idc": IDC, "mtt": MTT}
 

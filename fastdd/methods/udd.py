@@ -1,4 +1,4 @@
-"""UDD, mining underutilized regions, as a plug-in to the gradient-matching distillers (DESIGN section 3;
+"""UDD, mining underutilized regions, as a plug-in to the gradient-matching distillers (docs/design.md section 3;
 our definitions, the pieces in :mod:`fastdd.udd`).
 
 At every image update the plug-in adds ``beta * L_c`` to the method's matching loss. ``L_c`` is the
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastdd.distill.base import Distiller, Plugin
+from fastdd.methods.base import Distiller, Plugin
 from fastdd.sdc import require_matplotlib, save_figure
 from fastdd.udd import (class_prototypes, decoded_to_stored, default_max_shift, feature_map, jitter_masks,
                         proxy_network, region_contrastive, response_masks)

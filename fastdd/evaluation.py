@@ -1,4 +1,4 @@
-"""The standard evaluation protocol of dataset distillation (DESIGN section 2).
+"""The standard evaluation protocol of dataset distillation (docs/design.md section 2).
 
 For each of ``num_models`` models: build a fresh network (``get_network(config.model, ...)``,
 initialised from the generator), train it on the synthetic set with SGD (lr 0.01 or MTT's learned
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from fastdd.progress import progress_bar
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.data import RealDataset
-from fastdd.distill.multiformation import decode
+from fastdd.methods.multiformation import decode
 from fastdd.models import fused_blocks, get_network
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
@@ -229,7 +229,7 @@ def evaluate_synset(
     began = time.perf_counter()
     accuracies: list[float] = []
     c, h, w = train.image_shape
-    bar = tqdm(range(num_models), desc=f"eval {config.model}", unit="model", disable=not progress, leave=False)
+    bar = progress_bar(range(num_models), desc=f"eval {config.model}", unit="model", disable=not progress, leave=False)
     every = max(1, config.epochs // 20)
 
     def show_epoch(done: int, loss: float) -> None:
@@ -290,7 +290,7 @@ def default_eval_config(method: str, model: str = "ConvNet", epochs: int | None 
 
 def training_data(synset: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
     """The images [M, C, H, W] and labels [M] networks train on: the stored ones, decoded
-    (``fastdd.distill.multiformation.decode``, ``factor²`` images per stored image) when
+    (``fastdd.methods.multiformation.decode``, ``factor²`` images per stored image) when
     ``synset.meta["factor"]`` > 1 (IDC's multi-formation); sets without the key are not decoded."""
     return decode(synset.images, synset.labels, synset.meta.get("factor", 1))
 

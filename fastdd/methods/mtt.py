@@ -1,4 +1,4 @@
-"""MTT: dataset distillation by matching training trajectories (DESIGN section 2; Cazenavette et al., CVPR 2022).
+"""MTT: dataset distillation by matching training trajectories (docs/design.md section 2; Cazenavette et al., CVPR 2022).
 
 Expert trajectories (:mod:`fastdd.trajectory`, made by ``fastdd experts``) hold the parameters of
 networks trained on the real data after every epoch. One iteration: draw an expert and a start epoch
@@ -8,7 +8,7 @@ student (the run's network, evaluated with ``torch.func.functional_call`` on the
 vector) on minibatches of ``batch_syn`` synthetic images, each augmented by DSA; ``alpha`` is a
 learned learning rate (``syn_lr``). Loss ``L = |theta_N - theta*|^2 / |theta_0 - theta*|^2``; one
 SGD step (momentum 0.5) on the images (``lr_img``) and one on ``syn_lr`` (``lr_lr``). The learned
-rate is the synthetic set's ``lr``: the evaluation trains with it (``fastdd.evaluate``).
+rate is the synthetic set's ``lr``: the evaluation trains with it (``fastdd.evaluation``).
 
 Modes (``mode``):
 
@@ -76,7 +76,7 @@ original walks a shuffled buffer of experts); only the rows ``0 .. max_start_epo
 - 1`` of each expert are kept in memory; ZCA whitening (the original's ``--zca``) is a property of
 the data sets (:mod:`fastdd.data.zca`), and experts must have been made in the same space.
 
-Plug-ins: SDC only (:mod:`fastdd.distill.sdc`; the others need a network module, the students here are
+Plug-ins: SDC only (:mod:`fastdd.methods.sdc`; the others need a network module, the students here are
 parameter vectors). Its term is taken at every unrolled student ``theta_0 .. theta_{N-1}`` on all the
 synthetic images (not augmented) and averaged over the ``N`` students, so its scale does not depend on
 ``syn_steps``: ``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode it is part of the
@@ -100,8 +100,8 @@ from torch.func import functional_call
 
 from fastdd.augment import DSA, DSAParams, dsa_strategy_for
 from fastdd.data import RealDataset
-from fastdd.distill.base import Distiller, Plugin
-from fastdd.distill.sdc import SDC
+from fastdd.methods.base import Distiller, Plugin
+from fastdd.methods.sdc import SDC
 from fastdd.data.zca import regularization_of
 from fastdd.errors import NonFiniteError
 from fastdd.synset import SyntheticSet

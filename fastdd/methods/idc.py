@@ -1,6 +1,6 @@
-"""IDC: gradient matching on multi-formation images (DESIGN section 2; Kim et al., ICML 2022).
+"""IDC: gradient matching on multi-formation images (docs/design.md section 2; Kim et al., ICML 2022).
 
-Each stored image holds ``factor x factor`` patches; :func:`fastdd.distill.multiformation.decode`
+Each stored image holds ``factor x factor`` patches; :func:`fastdd.methods.multiformation.decode`
 turns the ``ipc`` stored images of a class into ``ipc * factor²`` training images. Every outer
 iteration clamps the images to the valid pixel range and draws a fresh network; then, for
 ``match_steps`` steps: for each class, the gradients of the cross-entropy w.r.t. the network's
@@ -52,8 +52,8 @@ from torch import Tensor, nn
 
 from fastdd.augment import DSA, DSAParams
 from fastdd.data import RealDataset
-from fastdd.distill.base import INITS, Distiller
-from fastdd.distill.multiformation import check_factor, decode, mix_init
+from fastdd.methods.base import INITS, Distiller
+from fastdd.methods.multiformation import check_factor, decode, mix_init
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
 
