@@ -5,14 +5,15 @@ DEMO_ARGS = --dataset digits --method dc --ipc 1 --iterations 100 --eval-models 
 
 .PHONY: install install-test data demo test
 
-# torch first, pinned, so that nothing later pulls a different build of it.
+# torch first, pinned, so that nothing later pulls a different build of it, with the build's own needs; the install
+# compiles the C++ extensions against that torch, so pip must not build in an isolated environment of its own.
 install:
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e ".[plot]"
+	$(PIP) install --quiet torch==2.13.0 "setuptools>=68" ninja
+	$(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[plot]"
 
-# The test extras add pytest, hypothesis and triton (its kernels are interpreted on CPU).
+# The test extras add pytest, hypothesis, triton (its kernels are interpreted on CPU) and ruff.
 install-test: install
-	$(PIP) install --quiet -c constraints.txt -e ".[test,plot]"
+	$(PIP) install --quiet --no-build-isolation -c constraints.txt -e ".[test,plot]"
 
 # Real data for the tests (Fashion-MNIST from Debian); skipped where apt-get is not usable.
 data:

@@ -3,7 +3,8 @@
     python bench/accuracy.py --dataset fashion-mnist --method dc --ipc 1 --iterations 60 --models 5
     python bench/accuracy.py --method idc --ipc 1 --iterations 2 --models 3 --plugin udd --udd-policy jitter
 
-Distills (same code path as ``fastdd distill``), evaluates the set and IPC random real images per
+Distills with ``fastdd.distill`` (any option of ``fastdd distill`` is taken; the data set defaults to
+Fashion-MNIST and the IPC to 1 here), evaluates the set and IPC random real images per
 class with the same protocol, and adds one row at the top of ``bench/results/accuracy.md`` (newest
 first) and one JSON line to ``bench/results/accuracy.jsonl``: method, data set, IPC, mean, std,
 random-real baseline, iterations, models, wall time, machine, commit, and the published value.
@@ -12,20 +13,16 @@ random-real baseline, iterations, models, wall time, machine, commit, and the pu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+import fastdd
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, record
-from fastdd.cli import add_plugin_options, plugins_from_args
-from fastdd.data import load_dataset
-from fastdd.methods import Plugin, get_distiller
-from fastdd.evaluation import default_eval_config, evaluate_with_baseline
-from fastdd.run import run_distillation
+from fastdd.cli import build_parser, config_from_args
+from fastdd.methods import Plugin
 
 RESULTS = Path(__file__).parent / "results"
 HEADER = (
@@ -69,56 +66,45 @@ def key_hparams(plugin: Plugin) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--method", default="dc")
-    p.add_argument("--ipc", type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every other option is an option of `fastdd distill` (its --help lists them).")
     p.add_argument("--iterations", type=int, required=True, help="the budget (the methods' defaults are 1000+)")
-    p.add_argument("--models", type=int, default=5)
-    p.add_argument("--eval-epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--real-precision", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--experts", default=None, help="expert trajectories (fastdd experts) for --method mtt")
-    p.add_argument("--out", default=None, help="run directory (default: a fresh one under runs/bench/)")
-    add_plugin_options(p)
-    args = p.parse_args()
-    plugins = plugins_from_args(args)
+    p.add_argument("--models", type=int, default=5, help="evaluation models (fastdd distill's --eval-models)")
+    args, distill_options = p.parse_known_args()
+    parsed = build_parser().parse_args(["distill", "--dataset", "fashion-mnist", "--ipc", "1", *distill_options,
+                                        "--iterations", str(args.iterations), "--eval-models", str(args.models)])
+    config = config_from_args(parsed)
+    plugins = config.build_plugins()
     keep_freed_memory()  # as the fastdd command does
     code = commit()  # the code this process runs, whatever is committed while it does
 
-    train, test = load_dataset(args.dataset, args.data_root)
-    options = {"experts": args.experts} if args.method == "mtt" else {}
-    distiller = get_distiller(args.method)(train, args.ipc, torch.Generator().manual_seed(args.seed),
-                                           iterations=args.iterations, real_precision=args.real_precision,
-                                           plugins=plugins, **options)
-    precision = "" if args.real_precision == "float32" else f"-{args.real_precision}"
-    plugged = "".join(f"-{p.name}-" + "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in key_hparams(p).values())
-                      for p in plugins)
-    out = Path(args.out or f"runs/bench/{args.dataset}-{args.method}-ipc{args.ipc}-it{args.iterations}-s{args.seed}"
-               f"{precision}{plugged}")
-    label = args.method + "".join(f" + {p.name} (" + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                                                               for k, v in key_hparams(p).items()) + ")"
-                                  for p in plugins)
-    began = time.perf_counter()
-    synset = run_distillation(distiller, out, vars(args), args.seed, resume=True)
-    distill_seconds = time.perf_counter() - began
-    config = default_eval_config(args.method, epochs=args.eval_epochs)
-    began = time.perf_counter()
-    report = evaluate_with_baseline(synset, train, test, config, args.models, args.seed)
-    record = {
+    precision = "" if config.real_precision == "float32" else f"-{config.real_precision}"
+    plugged = "".join(f"-{p.name}-" + "-".join(f"{v:g}" if isinstance(v, float) else str(v)
+                                               for v in key_hparams(p).values()) for p in plugins)
+    if config.out is None:
+        config = dataclasses.replace(config, out=f"runs/bench/{config.dataset}-{config.method}-ipc{config.ipc}"
+                                                 f"-it{config.iterations}-s{config.seed}{precision}{plugged}")
+    label = config.method + "".join(f" + {p.name} (" + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                                                 for k, v in key_hparams(p).items()) + ")"
+                                    for p in plugins)
+    result = fastdd.distill(config, resume=True)
+    evaluation = result.evaluation.report
+    eval_config = result.evaluation.eval_config
+    row = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "method": label + (f" ({args.real_precision} real)" if precision else ""), "plugins": [p.name for p in plugins],
-        "plugin_hparams": {p.name: p.hparams() for p in plugins}, "dataset": args.dataset, "ipc": args.ipc, "iterations": args.iterations,
-        "seed": args.seed, "models": args.models, "eval": f"{config.epochs} ep, aug {config.augment}",
-        "distilled": report["distilled"], "random_real": report["random_real"],
-        "published": published(args.method, args.dataset, args.ipc),
-        "distill_seconds": distill_seconds, "eval_seconds": time.perf_counter() - began,
+        "method": label + (f" ({config.real_precision} real)" if precision else ""),
+        "plugins": [p.name for p in plugins], "plugin_hparams": {p.name: p.hparams() for p in plugins},
+        "dataset": config.dataset, "ipc": config.ipc, "iterations": config.iterations, "seed": config.seed,
+        "models": config.eval_models, "eval": f"{eval_config.epochs} ep, aug {eval_config.augment}",
+        "distilled": evaluation["distilled"], "random_real": evaluation["random_real"],
+        "published": published(config.method, config.dataset, config.ipc),
+        "distill_seconds": result.seconds, "eval_seconds": result.evaluation.seconds,
         "machine": machine(), "commit": code,
     }
-    add_row(record)
-    print(json.dumps({k: record[k] for k in ("method", "dataset", "ipc", "iterations", "published")}),
-          f"distilled {100 * report['distilled']['mean']:.2f}, random real {100 * report['random_real']['mean']:.2f}")
+    add_row(row)
+    print(json.dumps({k: row[k] for k in ("method", "dataset", "ipc", "iterations", "published")}),
+          f"distilled {100 * evaluation['distilled']['mean']:.2f}, "
+          f"random real {100 * evaluation['random_real']['mean']:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ What is timed: the matching distance over every class at one network (ConvNet-3,
 synthetic images, and its backward to the images. ``per-class``: one forward and one backward with
 graph per class, as the reference code runs (``fastdd.methods.matching.per_class_distance``);
 ``class-batched``: one pass over every class with per-class weight gradients
-(``class_batched_distance``, what ``matching_distance`` picks at up to ``MAX_BATCHED_PER_CLASS`` images a class). The real gradients are the targets of both
+(``class_batched_distance``, what ``matching_distance`` picks at up to ``MAX_BATCHED_PER_CLASS`` images a
+class). The real gradients are the targets of both
 and are not timed (random tensors here). Cases: Fashion-MNIST shapes (10 classes of 1 x 28 x 28) and
 CIFAR-100 shapes (``c100``: 100 classes of 3 x 32 x 32), at the IPC in the name. Both sides share
 the network and images and are timed in turns in one process (``paired_median_seconds``).

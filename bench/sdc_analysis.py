@@ -4,7 +4,7 @@
                                  [--model NAME] [--draws 5] [--seed 0] [--device auto]
 
 Each SET is a run directory or a .safetensors synthetic set; all come from one data set. The scoring
-networks are those of ``fastdd difficulty`` (:func:`fastdd.sdc.scoring_networks`: the experts' epoch-2
+networks are those of ``fastdd difficulty`` (:func:`fastdd.difficulty.scoring_networks`: the experts' epoch-2
 rows, or networks trained here from the seed). For each set: the mean GraDN of its training images
 (decoded for IDC) and, over ``draws`` random real samples with as many images per class, the mean and
 standard deviation of theirs; "syn / real" below 1 means the set is easier than random real images.
@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from fastdd.data import RealDataset, load_dataset
+from fastdd.difficulty import scoring_networks
 from fastdd.evaluation import random_real, training_data
 from fastdd.io import atomic_write_bytes, atomic_write_json
+from fastdd.methods.sdc import gradn
+from fastdd.plots import require_matplotlib, save_figure
 from fastdd.run import SYNSET
-from fastdd.sdc import gradn, require_matplotlib, save_figure, scoring_networks
 from fastdd.synset import SyntheticSet
 
 HEADER = ("| set | method | plug-ins | IPC | training images | synthetic mean GraDN | random real mean GraDN "

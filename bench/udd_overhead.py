@@ -64,7 +64,8 @@ def measure(ipc: int, repeat: int, device: str) -> dict:
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "ipc": ipc,
             "seconds": {"idc": idc, "idc+term": term, "response_mining": mine_response, "jitter_mining": mine_jitter},
             "term_overhead": term / idc, "every": every,
-            "per_update": {"response": (term + mine_response / every) / idc, "jitter": (term + mine_jitter / every) / idc},
+            "per_update": {"response": (term + mine_response / every) / idc,
+                           "jitter": (term + mine_jitter / every) / idc},
             "machine": machine(device), "commit": commit()}
 
 

@@ -1,1 +1,2 @@
-"""C++ (CPU) sources of the fused ops, compiled on first use by fastdd.ops._backend.load_extension."""
+"""C++ (CPU) sources of the fused ops, compiled when fastdd is installed (setup.py), else on first use by
+fastdd.ops._backend.load_extension."""

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
+from fastdd.checks import nonnegative_float, positive_float, positive_int
+
 OPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
 _NO_FLIP_DATASETS = ("mnist", "svhn", "digits")
 
@@ -165,12 +167,9 @@ class DSA:
         object.__setattr__(self, "ops", ops)
         if not 0.0 <= self.prob_flip <= 1.0:
             raise ValueError(f"prob_flip must be in [0, 1], got {self.prob_flip}")
-        if not (math.isfinite(self.ratio_scale) and self.ratio_scale > 0):
-            raise ValueError(f"ratio_scale must be a positive number, got {self.ratio_scale}")
+        positive_float("ratio_scale", self.ratio_scale)
         for name in ("ratio_rotate", "ratio_crop_pad", "ratio_cutout", "brightness", "saturation", "contrast"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {value}")
+            nonnegative_float(name, getattr(self, name))
 
     def _draw(self, op: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """All parameter kinds for len(op) groups, drawn in a fixed order on the generator's device."""
@@ -199,8 +198,7 @@ class DSA:
 
         Drawn on the generator's device, returned on ``device`` (default: the generator's device).
         """
-        if not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+        positive_int("num_groups", num_groups)
         op = torch.randint(0, len(self.ops), (num_groups,), generator=generator, device=generator.device)
         params = DSAParams(self.ops, **self._draw(op, generator))
         return params if device is None else params.to(device)

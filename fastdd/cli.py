@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -11,21 +12,23 @@ from typing import Any, Sequence
 import torch
 
 from fastdd import __version__
-from fastdd.data import DATASETS, DatasetError, RealDataset, load_dataset
-from fastdd.data.zca import REGULARIZATION, whitened
 from fastdd.allocator import keep_freed_memory
+from fastdd.api import EvalResult, distill, evaluate, load_data, resolve_device
 from fastdd.benchmarks import suite
-from fastdd.methods import METHODS, MTT, Plugin, get_distiller
-from fastdd.methods.sdc import LAMBDA0, SDC, default_lambda
-from fastdd.methods.udd import AUTO_POLICY, BETA0, UDD, default_beta
+from fastdd.config import FLAGS, PLUGINS, RunConfig
+from fastdd.data import DATASETS, DatasetError, load_dataset
+from fastdd.data.zca import REGULARIZATION
+from fastdd.difficulty import HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, scoring_networks
+from fastdd.evaluation import training_data
+from fastdd.experts import train_experts
+from fastdd.io import append_jsonl
+from fastdd.methods import METHODS
+from fastdd.methods.sdc import LAMBDA0
+from fastdd.methods.udd import AUTO_POLICY, BETA0
 from fastdd.methods.udd import METHODS as UDD_METHODS
 from fastdd.methods.udd import POLICIES as UDD_POLICIES
-from fastdd.evaluation import EvalConfig, EvalReport, default_eval_config, evaluate_with_baseline, training_data
-from fastdd.experts import train_experts
-from fastdd.io import append_jsonl, atomic_write_json
-from fastdd.run import GRID, REPORT, SYNSET, NonFiniteError, run_distillation
-from fastdd.sdc import (HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, require_matplotlib,
-                        scoring_networks)
+from fastdd.plots import require_matplotlib
+from fastdd.run import SYNSET, NonFiniteError
 from fastdd.synset import SyntheticSet
 
 DESCRIPTION = """\
@@ -39,14 +42,8 @@ fastdd condenses a labelled image data set into a few synthetic images per class
                                                             GraDN histogram of the real and a synthetic set
 
 Run `fastdd COMMAND --help` for the options of a command."""
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+ZCA_HELP = (f"whiten the images with ZCA fitted on the training set (regularization {REGULARIZATION:g}), as MTT's "
+            "original code does for CIFAR; experts and MTT must agree")
 
 
 def _add_eval_options(p: argparse.ArgumentParser, models_flag: str) -> None:
@@ -90,13 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from random real images, from noise, or (idc) from grids of shrunken real "
                         "images (default real; mix for idc)")
     d.add_argument("--model", default="ConvNet", help="network to distill with (default ConvNet)")
-    d.add_argument("--zca", action="store_true", help="whiten the images with ZCA fitted on the training set (regularization 0.1), as MTT's original code does for CIFAR; experts and MTT must agree")
+    d.add_argument("--zca", action="store_true", help=ZCA_HELP)
     d.add_argument("--real-precision", choices=["float32", "bfloat16"], default="float32",
                    help="precision of the passes over real images (their gradients or embeddings are targets); "
                         "bfloat16 is faster where the hardware has it (default float32)")
     d.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
     d.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/DATASET-METHOD-ipcN)")
-    d.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    d.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint; the options that shape the synthetic "
+                        "set must be the run's (docs/api.md)")
     d.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="iterations between checkpoints")
     d.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -136,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dataset", default="digits", choices=sorted(DATASETS), help="data set (default digits)")
     x.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the data set's files")
     x.add_argument("--image-size", type=int, default=None, metavar="PX", help="resize imagefolder images to PX x PX")
-    x.add_argument("--zca", action="store_true", help="whiten the images with ZCA fitted on the training set (regularization 0.1), as MTT's original code does for CIFAR; experts and MTT must agree")
+    x.add_argument("--zca", action="store_true", help=ZCA_HELP)
     x.add_argument("--out", required=True, metavar="DIR", help="directory of the trajectories")
     x.add_argument("--num-experts", type=int, required=True, metavar="N", help="experts to train (MTT used 100)")
     x.add_argument("--epochs", type=int, default=50, metavar="E", help="training epochs per expert (default 50)")
@@ -180,33 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# distill option -> MTT keyword argument
-MTT_OPTIONS = {"experts": "experts", "mtt_mode": "mode", "syn_steps": "syn_steps", "expert_epochs": "expert_epochs",
-               "max_start_epoch": "max_start_epoch", "batch_syn": "batch_syn", "syn_lr": "syn_lr", "lr_lr": "lr_lr"}
-
-
-def _mtt_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The MTT keyword arguments the command line gives (none for another method, where they are refused)."""
-    given = {option: getattr(args, option) for option in MTT_OPTIONS if getattr(args, option) is not None}
-    if args.method != "mtt":
-        if given:
-            raise ValueError(f"--{next(iter(given)).replace('_', '-')} is an option of --method mtt only")
-        return {}
-    if "experts" not in given:
-        raise ValueError("--method mtt needs --experts DIR: expert trajectories made by `fastdd experts`")
-    return {MTT_OPTIONS[option]: value for option, value in given.items()}
-
-
-PLUGINS = ("sdc", "udd")
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of parsed ``fastdd distill`` options: ``--foo-bar`` is field ``foo_bar``, ``--plugin`` (once per
+    plug-in) is ``plugins``, ``--no-baseline`` is ``baseline=False``; ``--resume`` and ``--quiet`` are arguments of
+    :func:`fastdd.distill`."""
+    given = vars(args)
+    values = {field.name: given[field.name] for field in dataclasses.fields(RunConfig) if field.name not in FLAGS}
+    return RunConfig(**values, plugins=given["plugins"] or (), baseline=not given["no_baseline"])
 
 
 def add_plugin_options(parser: argparse.ArgumentParser) -> None:
-    """The ``--plugin`` option and the plug-ins' own options (read back by :func:`plugins_from_args`)."""
+    """The ``--plugin`` option and the plug-ins' own options (read back by :func:`config_from_args`)."""
     s = parser.add_argument_group("plug-ins (docs/methods.md)")
     s.add_argument("--plugin", dest="plugins", action="append", choices=PLUGINS, default=None,
                    help="add a plug-in's term to the method's loss: sdc (sample difficulty correction, steers the "
-                        "images toward easy samples; dc, dsa, dm, idc, mtt), udd (mines underutilized regions and makes "
-                        f"them discriminative; {', '.join(UDD_METHODS)}); may be given twice")
+                        "images toward easy samples; dc, dsa, dm, idc, mtt), udd (mines underutilized regions and "
+                        f"makes them discriminative; {', '.join(UDD_METHODS)}); may be given twice")
     s.add_argument("--sdc-lambda", type=float, default=None, metavar="X",
                    help="weight of the SDC term (default: "
                         + ", ".join(f"{v:g} / IPC for {k}" for k, v in LAMBDA0.items()) + ")")
@@ -219,46 +207,13 @@ def add_plugin_options(parser: argparse.ArgumentParser) -> None:
                         + ", ".join(f"{v:g} for {k}" for k, v in BETA0.items()) + ")")
     s.add_argument("--udd-tau", type=float, default=None, metavar="T", help="temperature of UDD's term (default 0.01)")
     s.add_argument("--udd-quantile", type=float, default=None, metavar="Q",
-                   help="cells whose response lies below this quantile of their image are underutilized "
-                        "(default 0.25)")
+                   help="cells whose response lies below this quantile of the real images' cells are "
+                        "underutilized (default 0.25)")
     s.add_argument("--udd-every", type=int, default=None, metavar="R",
                    help="image updates between minings of the regions (default 50)")
 
 
-# UDD option -> keyword argument of fastdd.methods.udd.UDD
-UDD_OPTIONS = {"udd_tau": "tau", "udd_quantile": "quantile", "udd_every": "every"}
-
-
-def plugins_from_args(args: argparse.Namespace) -> list[Plugin]:
-    """The plug-ins ``--plugin`` asks for (args of :func:`add_plugin_options` plus ``method`` and ``ipc``), their
-    defaults resolved for the method and IPC (SDC's lambda, UDD's beta and policy)."""
-    names = args.plugins or []
-    if len(set(names)) < len(names):
-        raise ValueError("--plugin: each plug-in may be given once")
-    if args.sdc_lambda is not None and "sdc" not in names:
-        raise ValueError("--sdc-lambda is an option of --plugin sdc")
-    udd_given = [k for k in ("udd_policy", "udd_beta", *UDD_OPTIONS) if getattr(args, k) is not None]
-    if udd_given and "udd" not in names:
-        raise ValueError(f"--{udd_given[0].replace('_', '-')} is an option of --plugin udd")
-    plugins: list[Plugin] = []
-    if "sdc" in names:
-        plugins.append(SDC(default_lambda(args.ipc, args.method) if args.sdc_lambda is None else args.sdc_lambda))
-    if "udd" in names:
-        if args.method not in UDD_METHODS:
-            raise ValueError(f"--plugin udd applies to --method {', '.join(UDD_METHODS)}, not {args.method}")
-        policy = AUTO_POLICY if args.udd_policy in (None, "auto") else args.udd_policy
-        beta = default_beta(args.method) if args.udd_beta is None else args.udd_beta
-        options = {kw: getattr(args, k) for k, kw in UDD_OPTIONS.items() if getattr(args, k) is not None}
-        plugins.append(UDD(policy, beta, **options))
-    return plugins
-
-
-def _eval_config(args: argparse.Namespace, method: str) -> EvalConfig:
-    return default_eval_config(method, args.eval_model, args.eval_epochs, args.eval_augment)
-
-
-def _fmt(r: EvalReport | dict[str, Any]) -> str:
-    d = r if isinstance(r, dict) else r.to_dict()
+def _fmt(d: dict[str, Any]) -> str:
     return f"{100 * d['mean']:.2f} +- {100 * d['std']:.2f} %  ({d['num_models']} models)"
 
 
@@ -269,91 +224,45 @@ def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {k.ljust(width)}  {v}")
 
 
-def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
-    rows = [("distilled accuracy", _fmt(report["distilled"]))]
+def _evaluation_rows(evaluation: EvalResult) -> list[tuple[str, str]]:
+    protocol, report = evaluation.eval_config, evaluation.report
+    rows = [("evaluation", f"{protocol.model}, {protocol.epochs} epochs, augment {protocol.augment}, "
+                           f"lr {report['distilled']['config']['lr']:.4g}"),
+            ("distilled accuracy", _fmt(report["distilled"]))]
     if "random_real" in report:
         rows += [("random real (same IPC)", _fmt(report["random_real"])),
                  ("gain", f"{100 * report['gain']:+.2f} points")]
     return rows
 
 
-def _load(dataset: str, root: str | None, device: str, image_size: int | None,
-          zca: float | None) -> tuple[RealDataset, RealDataset]:
-    """The data set's (train, test), whitened with ZCA of regularization ``zca`` when it is not None."""
-    train, test = load_dataset(dataset, root, device=device, image_size=image_size)
-    return (train, test) if zca is None else whitened(train, test, zca)
-
-
 def cmd_distill(args: argparse.Namespace) -> int:
-    options = _mtt_options(args)
-    plugins = plugins_from_args(args)
-    device = _device(args.device)
-    train, test = _load(args.dataset, args.data_root, device, args.image_size, REGULARIZATION if args.zca else None)
-    out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")
-    generator = torch.Generator().manual_seed(args.seed)
-    distiller = get_distiller(args.method)(
-        train, args.ipc, generator, model=args.model, iterations=args.iterations, lr_img=args.lr_img,
-        batch_real=args.batch_real, init=args.init, real_precision=args.real_precision, plugins=plugins, **options)
-    resolved = {"batch_real": distiller.batch_real, "init": distiller.init}  # the method's defaults filled in
-    config = {k: resolved[k] if k in resolved else getattr(args, k)
-              for k in ("dataset", "image_size", "method", "ipc", "iterations", "lr_img", "batch_real", "init",
-                        "model", "seed")}
-    if args.real_precision != "float32":  # only then, so that runs from before the option still resume
-        config["real_precision"] = args.real_precision
-    if args.zca:  # likewise
-        config["zca"] = REGULARIZATION
-    if plugins:  # likewise
-        config["plugins"] = [p.name for p in plugins]
-        config.update({f"{p.name}_{k}": v for p in plugins for k, v in p.hparams().items()})
-    if isinstance(distiller, MTT):
-        config.update({"experts": str(distiller.experts), "mtt_mode": distiller.mode,
-                       **{k: getattr(distiller, k) for k in ("syn_steps", "expert_epochs", "max_start_epoch",
-                                                             "batch_syn", "lr_lr")},
-                       "syn_lr": distiller.syn_lr_init})
-    began = time.perf_counter()
-    synset = run_distillation(distiller, out, config, args.seed, checkpoint_every=args.checkpoint_every,
-                              resume=args.resume, progress=not args.quiet)
-    seconds = time.perf_counter() - began
-    rows = [("data set", f"{args.dataset} ({len(train)} train / {len(test)} test images, {train.num_classes} classes)"),
-            ("method", f"{args.method}, IPC {args.ipc}, {distiller.iterations} iterations, seed {args.seed}"),
-            ("distillation time", f"{seconds:.1f} s on {device}")]
-    if args.eval_models > 0:
-        config_eval = _eval_config(args, args.method)
-        report = evaluate_with_baseline(synset, train, test, config_eval, args.eval_models, args.seed,
-                                        not args.no_baseline, not args.quiet)
-        report["synset"] = str(out / SYNSET)
-        atomic_write_json(out / REPORT, report)
-        rows += [("evaluation", f"{config_eval.model}, {config_eval.epochs} epochs, augment {config_eval.augment}, "
-                                f"lr {report['distilled']['config']['lr']:.4g}")]
-        rows += _summary_rows(report)
-    rows += [("synthetic set", str(out / SYNSET)), ("picture", str(out / GRID))]
+    result = distill(config_from_args(args), resume=args.resume, progress=not args.quiet)
+    config, meta = result.config, result.synset.meta
+    rows = [("data set", f"{config.dataset} ({result.train_size} train / {result.test_size} test images, "
+                         f"{meta['num_classes']} classes)"),
+            ("method", f"{config.method}, IPC {config.ipc}, {config.iterations} iterations, seed {config.seed}"),
+            ("distillation time", f"{result.seconds:.1f} s on {result.device}")]
+    if result.evaluation is not None:
+        rows += _evaluation_rows(result.evaluation)
+    rows += [("synthetic set", str(result.synset_path)), ("picture", str(result.picture_path))]
     _print_summary("fastdd distill", rows)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    path = Path(args.synset)
-    path = path / SYNSET if path.is_dir() else path
-    synset = SyntheticSet.load(path)
-    meta = synset.meta
-    device = _device(args.device)
-    train, test = _load(meta["dataset"], args.data_root, device, None, meta.get("zca"))
-    config = _eval_config(args, meta.get("method", ""))
-    report = evaluate_with_baseline(synset, train, test, config, args.models, args.seed, not args.no_baseline,
-                                    not args.quiet)
-    report["synset"] = str(path)
-    report_path = Path(args.report) if args.report else path.parent / REPORT
-    atomic_write_json(report_path, report)
-    rows = [("synthetic set", f"{path} ({meta['dataset']}, {meta.get('method')}, IPC {meta['ipc']})"),
-            ("evaluation", f"{config.model}, {config.epochs} epochs, augment {config.augment}")]
-    rows += _summary_rows(report) + [("report", str(report_path))]
+    result = evaluate(args.synset, models=args.models, model=args.eval_model, epochs=args.eval_epochs,
+                      augment=args.eval_augment, baseline=not args.no_baseline, seed=args.seed,
+                      data_root=args.data_root, device=args.device, report=args.report, progress=not args.quiet)
+    meta = result.synset.meta
+    rows = [("synthetic set", f"{result.synset_path} ({meta['dataset']}, {meta.get('method')}, IPC {meta['ipc']})")]
+    rows += _evaluation_rows(result) + [("report", str(result.report_path))]
     _print_summary("fastdd evaluate", rows)
     return 0
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
-    device = _device(args.device)
-    train, test = _load(args.dataset, args.data_root, device, args.image_size, REGULARIZATION if args.zca else None)
+    device = resolve_device(args.device)
+    train, test = load_data(args.dataset, args.data_root, device, args.image_size, REGULARIZATION if args.zca else None)
     began = time.perf_counter()
     paths = train_experts(train, args.out, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, model=args.model, seed=args.seed, test=test,
@@ -372,7 +281,7 @@ def cmd_difficulty(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         print(f"fastdd difficulty: error: {err}", file=sys.stderr)
         return 1
-    device = _device(args.device)
+    device = resolve_device(args.device)
     train, _ = load_dataset(args.dataset, args.data_root, device=device, image_size=args.image_size)
     about: dict[str, Any] = {"seed": args.seed}
     synthetic = None

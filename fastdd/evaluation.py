@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from fastdd.progress import progress_bar
 
 from fastdd.augment import DSA, dsa_strategy_for
+from fastdd.checks import nonnegative_float, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.methods.multiformation import decode
 from fastdd.models import fused_blocks, get_network
+from fastdd.progress import progress_bar
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
 
@@ -64,17 +65,11 @@ class EvalConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
         for name in ("epochs", "batch_size", "test_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EvalConfig.{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"EvalConfig.lr must be a positive number, got {self.lr!r}")
+            positive_int(f"EvalConfig.{name}", getattr(self, name))
+        positive_float("EvalConfig.lr", self.lr)
         for name in ("momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"EvalConfig.{name} must be a number >= 0, got {value!r}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"EvalConfig.augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+            nonnegative_float(f"EvalConfig.{name}", getattr(self, name))
+        one_of("EvalConfig.augment", self.augment, AUGMENTS)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"EvalConfig.model must be a network name, got {self.model!r}")
 
@@ -141,9 +136,7 @@ def train_and_test(
     """
     config.validate()
     _check_set(images, labels, test, "test")
-    base_lr = config.lr if lr is None else float(lr)
-    if not base_lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    base_lr = config.lr if lr is None else positive_float("lr", lr)
     device = images.device
     images, labels = images.detach(), labels.to(device)
     net.to(device)
@@ -212,8 +205,7 @@ def evaluate_synset(
     overrides ``config.lr`` (MTT's learned lr). ``progress`` shows a tqdm bar over models with the
     epoch as postfix.
     """
-    if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
-        raise ValueError(f"num_models must be an integer >= 1, got {num_models!r}")
+    positive_int("num_models", num_models)
     config.validate()
     _check_set(images, labels, train, "train")
     if tuple(test.image_shape) != tuple(train.image_shape) or test.num_classes != train.num_classes:
@@ -222,10 +214,7 @@ def evaluate_synset(
             f"classes {train.num_classes} vs {test.num_classes}"
         )
     if lr is not None:
-        lr = float(lr)
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
-        config = dataclasses.replace(config, lr=lr)
+        config = dataclasses.replace(config, lr=positive_float("lr", lr))
     began = time.perf_counter()
     accuracies: list[float] = []
     c, h, w = train.image_shape
@@ -250,8 +239,7 @@ def random_real(train: RealDataset, ipc: int, generator: torch.Generator) -> tup
     Returns (images float32 [sum, C, H, W] normalised, labels int64 [sum]) on ``train``'s device,
     grouped by class in ascending order.
     """
-    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
-        raise ValueError(f"ipc must be an integer >= 1, got {ipc!r}")
+    positive_int("ipc", ipc)
     images, labels = [], []
     for c in range(train.num_classes):
         x = train.sample(c, ipc, generator)

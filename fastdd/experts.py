@@ -31,18 +31,20 @@ from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from fastdd.augment import DSA, dsa_strategy_for
+from fastdd.checks import integer, nonnegative_float, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.errors import NonFiniteError
 from fastdd.evaluation import compute_accuracy
 from fastdd.io import atomic_torch_save
 from fastdd.models import get_network
 from fastdd.progress import progress_bar
-from fastdd.data.zca import regularization_of
-from fastdd.train import train_epoch
-from fastdd.trajectory import FORMAT_VERSION, Trajectory, expert_path
+from fastdd.train import train_epochs
+from fastdd.trajectory import EXPERT_FILES, FORMAT_VERSION, Trajectory, expert_path, run_setup
 
 AUGMENTS = ("dsa", "none")
 BYTES_PER_PARAM = 4  # float32
+PARTIAL_SUFFIX = ".partial.pt"  # expert_NNNN.partial.pt: the checkpoint of an expert in training
+PARTIAL_FILES = str(Path(EXPERT_FILES).with_suffix(PARTIAL_SUFFIX))
 
 
 def expert_seed(seed: int, index: int) -> int:
@@ -52,7 +54,7 @@ def expert_seed(seed: int, index: int) -> int:
 
 def partial_path(directory: str | Path, index: int) -> Path:
     """The in-progress checkpoint of expert ``index``."""
-    return Path(directory) / f"expert_{index:04d}.partial.pt"
+    return expert_path(directory, index).with_suffix(PARTIAL_SUFFIX)
 
 
 def human_bytes(n: float) -> str:
@@ -68,17 +70,12 @@ def human_bytes(n: float) -> str:
 def _validate(num_experts: int, epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
               augment: str, seed: int) -> None:
     for name, value in (("num_experts", num_experts), ("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if augment not in AUGMENTS:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+        positive_int(name, value)
+    positive_float("lr", lr)
+    nonnegative_float("momentum", momentum)
+    nonnegative_float("weight_decay", weight_decay)
+    one_of("augment", augment, AUGMENTS)
+    integer("seed", seed)
 
 
 def _stored_meta(path: Path) -> dict[str, Any]:
@@ -91,7 +88,7 @@ def _stored_meta(path: Path) -> dict[str, Any]:
 
 def _check_existing(out_dir: Path, meta: dict[str, Any]) -> None:
     """Refuse a directory holding experts (finished or partial) made with other settings."""
-    for path in sorted(out_dir.glob("expert_[0-9][0-9][0-9][0-9]*.pt")):
+    for path in sorted([*out_dir.glob(EXPERT_FILES), *out_dir.glob(PARTIAL_FILES)]):
         stored = _stored_meta(path)
         if stored != meta:
             diff = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
@@ -156,18 +153,20 @@ def _train_expert(
         generator.set_state(state["generator"])
         done = state["rows"].shape[0] - 1
         params[: done + 1] = state["rows"]
-    for epoch in range(done, epochs):
-        loss = train_epoch(net, train.images, train.labels, optimizer, generator, meta["batch_size"], augment,
-                           transform=train.normalize)
+
+    def record(epoch: int, loss: float) -> None:
         if not math.isfinite(loss):
-            raise NonFiniteError(f"expert {index}, epoch {epoch + 1}: the training loss is {loss}; try a lower --lr")
-        params[epoch + 1] = parameters_to_vector(net.parameters()).detach().cpu()
-        if epoch + 1 < epochs:
-            atomic_torch_save({"format": FORMAT_VERSION, "meta": meta, "rows": params[: epoch + 2].clone(),
+            raise NonFiniteError(f"expert {index}, epoch {epoch}: the training loss is {loss}; try a lower --lr")
+        params[epoch] = parameters_to_vector(net.parameters()).detach().cpu()
+        if epoch < epochs:
+            atomic_torch_save({"format": FORMAT_VERSION, "meta": meta, "rows": params[: epoch + 1].clone(),
                                "net": net.state_dict(), "optimizer": optimizer.state_dict(),
                                "generator": generator.get_state()}, partial)
         bar.update(1)
         bar.set_postfix(expert=index, loss=f"{loss:.4g}")
+
+    train_epochs(net, train.images, train.labels, optimizer, generator, epochs, batch_size=meta["batch_size"],
+                 augment=augment, transform=train.normalize, done=done, on_epoch=record)
     Trajectory(params, meta).save(expert_path(out_dir, index))
     partial.unlink(missing_ok=True)
     if test is not None:
@@ -201,11 +200,9 @@ def train_experts(
     _validate(num_experts, epochs, lr, momentum, weight_decay, batch_size, augment, seed)
     out_dir = Path(out_dir)
     strategy = dsa_strategy_for(train.name) if augment == "dsa" else None
-    meta = {"dataset": train.name, "model": model, "channels": train.channels, "num_classes": train.num_classes,
-            "im_size": [train.height, train.width], "train_size": len(train), "lr": float(lr),
-            "momentum": float(momentum), "weight_decay": float(weight_decay), "batch_size": batch_size,
-            "epochs": epochs, "augment": augment, "dsa_strategy": strategy, "seed": seed,
-            "zca": regularization_of(train)}
+    meta = {**run_setup(train, model), "train_size": len(train), "lr": float(lr), "momentum": float(momentum),
+            "weight_decay": float(weight_decay), "batch_size": batch_size, "epochs": epochs, "augment": augment,
+            "dsa_strategy": strategy, "seed": seed}
     num_params = sum(p.numel() for p in get_network(model, train.channels, train.num_classes,
                                                     (train.height, train.width), torch.Generator()).parameters())
     if out_dir.is_dir():
@@ -215,7 +212,8 @@ def train_experts(
     out_dir.mkdir(parents=True, exist_ok=True)
     done = (num_experts - len(missing)) * epochs + sum(_partial_epochs(out_dir, i) for i in missing)
     augmenter = DSA(strategy) if strategy is not None else None
-    with progress_bar(total=num_experts * epochs, initial=done, desc="experts", unit="epoch", disable=not progress) as bar:
+    with progress_bar(total=num_experts * epochs, initial=done, desc="experts", unit="epoch",
+                      disable=not progress) as bar:
         for index in missing:
             _train_expert(train, out_dir, index, meta, augmenter, bar, test)
     return [expert_path(out_dir, i) for i in range(num_experts)]

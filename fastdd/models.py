@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -86,8 +87,8 @@ def _im_size_pair(im_size: int | tuple[int, int] | list[int]) -> tuple[int, int]
     return pair  # type: ignore[return-value]
 
 
-def _norm_layer(norm: str, channels: int, shape: tuple[int, int, int]) -> nn.Module:
-    """Norm layer for a [B, C, H, W] map of per-sample shape ``shape`` = (C, H, W)."""
+def _norm_layer(norm: str, channels: int, shape: tuple[int, int, int]) -> nn.Module | None:
+    """Norm layer for a [B, C, H, W] map of per-sample shape ``shape`` = (C, H, W); None for ``"none"``."""
     if norm == "instancenorm":
         return nn.GroupNorm(channels, channels, affine=True)
     if norm == "batchnorm":
@@ -99,7 +100,7 @@ def _norm_layer(norm: str, channels: int, shape: tuple[int, int, int]) -> nn.Mod
             raise ValueError(f"norm='groupnorm' uses 4 groups and needs width divisible by 4, got {channels}")
         return nn.GroupNorm(4, channels, affine=True)
     _check_choice("norm", norm, NORMS)
-    return nn.Identity()
+    return None
 
 
 def _activation(act: str) -> nn.Module:
@@ -111,12 +112,47 @@ def _activation(act: str) -> nn.Module:
     return nn.LeakyReLU(negative_slope=0.01)
 
 
+class ConvBlock(NamedTuple):
+    """One ConvNet block, ``pool(act(norm(conv(x))))``: modules of ``ConvNet.features``; ``norm`` and ``pool`` are
+    None in a network without them."""
+
+    conv: nn.Conv2d
+    norm: nn.Module | None
+    act: nn.Module
+    pool: nn.Module | None
+
+    def unpooled(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Cin, H, W] -> the block's activations before its pooling, ``act(norm(conv(x)))``."""
+        x = self.conv(x)
+        return self.act(x if self.norm is None else self.norm(x))
+
+
+BlockForward = Callable[[ConvBlock, torch.Tensor], torch.Tensor]
+"""(block, x) -> the block's output: how :meth:`ConvNet.embed` runs each block."""
+
+
+def eager_block(block: ConvBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's modules in turn (so their hooks run)."""
+    x = block.unpooled(x)
+    return x if block.pool is None else block.pool(x)
+
+
+def fused_block(block: ConvBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block of a network in its default configuration as one op, :func:`conv_instance_norm_relu_pool`
+    (first-order gradients only)."""
+    conv, norm = block.conv, block.norm
+    return conv_instance_norm_relu_pool(x, conv.weight, conv.bias, norm.weight, norm.bias, conv.padding[0], norm.eps)
+
+
 class ConvNet(nn.Module):
     """The field's default ConvNet.
 
     Input [B, channels, H, W] -> logits [B, num_classes]; ``embed`` gives the flattened features
     [B, feat_dim] (feat_dim = width * H' * W', 2048 for 32x32 or 28x28 inputs at depth 3);
     ``feature_map`` the last block's activations before its pooling (UDD's response maps).
+    ``blocks`` holds each block's modules (:class:`ConvBlock`; ``features`` holds the same modules in one
+    Sequential). ``forward`` and ``embed`` run the blocks in turn, each through a ``run_block`` callback: a
+    caller that needs a block run another way (eager with hooks, fused with per-sample norms) passes its own.
     """
 
     def __init__(
@@ -136,57 +172,53 @@ class ConvNet(nn.Module):
         _check_choice("act", act, ACTIVATIONS)
         _check_choice("pooling", pooling, POOLINGS)
         h, w = _im_size_pair(im_size)
-        layers: list[nn.Module] = []
+        blocks: list[ConvBlock] = []
         in_ch = channels
         for d in range(depth):
             pad = 3 if channels == 1 and d == 0 else 1
-            layers.append(nn.Conv2d(in_ch, width, kernel_size=3, padding=pad))
+            conv = nn.Conv2d(in_ch, width, kernel_size=3, padding=pad)
             h, w = h + 2 * pad - 2, w + 2 * pad - 2
-            if norm != "none":
-                layers.append(_norm_layer(norm, width, (width, h, w)))
-            layers.append(_activation(act))
+            norm_layer = _norm_layer(norm, width, (width, h, w))
+            pool = None
             if pooling != "none":
-                layers.append(nn.AvgPool2d(2) if pooling == "avgpooling" else nn.MaxPool2d(2))
+                pool = nn.AvgPool2d(2) if pooling == "avgpooling" else nn.MaxPool2d(2)
                 h, w = h // 2, w // 2
                 if h < 1 or w < 1:
                     raise ValueError(
                         f"im_size={im_size!r} is too small for depth={depth}: "
                         f"the feature map vanishes after block {d + 1}"
                     )
+            blocks.append(ConvBlock(conv, norm_layer, _activation(act), pool))
             in_ch = width
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*(layer for block in blocks for layer in block if layer is not None))
+        self.blocks = tuple(blocks)
         self.fusable = (norm, act, pooling) == ("instancenorm", "relu", "avgpooling")
         self.feat_dim = width * h * w
         self.classifier = nn.Linear(self.feat_dim, num_classes)
 
-    def conv_norm_pairs(self) -> list[tuple[nn.Conv2d, nn.Module]]:
-        """(convolution, norm) of each block, for a network in its default configuration (``fusable``), whose
-        blocks are conv, norm, ReLU, pooling."""
-        layers = list(self.features)
-        return list(zip(layers[0::4], layers[1::4]))
+    def _through(self, x: torch.Tensor, blocks: tuple[ConvBlock, ...], run_block: BlockForward | None) -> torch.Tensor:
+        run = run_block or (fused_block if self.fusable and _FUSED_BLOCKS.get() else eager_block)
+        for block in blocks:
+            x = run(block, x)
+        return x
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> flattened features [B, feat_dim]."""
-        if self.fusable and _FUSED_BLOCKS.get():
-            for conv, norm in self.conv_norm_pairs():
-                x = conv_instance_norm_relu_pool(x, conv.weight, conv.bias, norm.weight, norm.bias, conv.padding[0],
-                                                 norm.eps)
-            return x.flatten(1)
-        return self.features(x).flatten(1)
+    def embed(self, x: torch.Tensor, run_block: BlockForward | None = None) -> torch.Tensor:
+        """[B, C, H, W] -> flattened features [B, feat_dim]: ``x = run_block(block, x)`` for each block in turn.
+
+        ``run_block`` by default: :func:`fused_block` inside :func:`fused_blocks` for a network in its default
+        configuration (``fusable``), else :func:`eager_block`.
+        """
+        return self._through(x, self.blocks, run_block).flatten(1)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> the last block's activations before its pooling [B, width, h, w]
-        (8 x 8 at depth 3 for 1 x 28 x 28 inputs, whose first convolution pads by 3, and for 3 x 32 x 32)."""
-        layers = list(self.features)
-        if isinstance(layers[-1], (nn.AvgPool2d, nn.MaxPool2d)):
-            layers = layers[:-1]
-        for layer in layers:
-            x = layer(x)
-        return x
+        (8 x 8 at depth 3 for 1 x 28 x 28 inputs, whose first convolution pads by 3, and for 3 x 32 x 32);
+        the blocks before it run as in :meth:`embed`."""
+        return self.blocks[-1].unpooled(self._through(x, self.blocks[:-1], None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> logits [B, num_classes]."""
-        return self.classifier(self.embed(x))
+    def forward(self, x: torch.Tensor, run_block: BlockForward | None = None) -> torch.Tensor:
+        """[B, C, H, W] -> logits [B, num_classes]; ``run_block`` as in :meth:`embed`."""
+        return self.classifier(self.embed(x, run_block))
 
 
 def _resnet_norm(norm: str, channels: int) -> nn.Module:

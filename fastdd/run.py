@@ -2,7 +2,7 @@
 
 Layout of a run directory::
 
-    config.json          what the run was started with (checked again on --resume)
+    config.json          the run's configuration (compared field by field on resume)
     checkpoint.pt        the distiller's full state after the last checkpointed iteration
     metrics.jsonl        one line per iteration: {"iteration", "loss", ..., "seconds"}
     synset.safetensors   the synthetic set at the last checkpoint (the final one at the end)
@@ -11,7 +11,8 @@ Layout of a run directory::
     report.json          the evaluation report, written by ``fastdd evaluate`` / ``fastdd distill``
 
 Every file is written atomically, so a run killed at any point keeps its last checkpoint, and
-``resume=True`` continues it to the same result as an uninterrupted run with the same seed.
+``resume=True`` continues it to the same result as an uninterrupted run with the same seed. A run of
+:func:`fastdd.distill` stores ``RunConfig.recorded()`` as config.json (docs/api.md says which fields).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastdd.progress import progress_bar
 
-from fastdd.methods.base import Distiller
 from fastdd.errors import NonFiniteError
 from fastdd.io import append_jsonl, atomic_torch_save, atomic_write_json
+from fastdd.methods.base import Distiller
+from fastdd.progress import progress_bar
 from fastdd.synset import SyntheticSet
 
 CONFIG = "config.json"
@@ -40,7 +41,8 @@ __all__ = ["CHECKPOINT", "CONFIG", "GRID", "METRICS", "NonFiniteError", "REPORT"
            "save_outputs"]
 
 
-def _check_finite(distiller: Distiller, iteration: int, metrics: dict[str, float], run_dir: Path, last_good: int) -> None:
+def _check_finite(distiller: Distiller, iteration: int, metrics: dict[str, float], run_dir: Path,
+                  last_good: int) -> None:
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if not bad and bool(torch.isfinite(distiller.images).all()):
         return
@@ -64,17 +66,21 @@ def _truncate_metrics(path: Path, start: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def _shown(config: dict[str, Any], key: str) -> str:
+    return repr(config[key]) if key in config else "absent"
+
+
 def _load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     path = run_dir / CHECKPOINT
     if not path.exists():
         return None
     saved = json.loads((run_dir / CONFIG).read_text())
-    if saved != config:
-        diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-        raise ValueError(
-            f"--resume: {run_dir} holds a run with a different configuration (differs in: {', '.join(diff)}); "
-            "use another --out directory or the same arguments"
-        )
+    differing = sorted(k for k in saved.keys() | config.keys()
+                       if k not in saved or k not in config or saved[k] != config[k])
+    if differing:
+        what = ", ".join(f"{k} ({_shown(config, k)} here, {_shown(saved, k)} in the run)" for k in differing)
+        raise ValueError(f"resume (--resume): {run_dir} holds a run with another configuration, differing in {what}; "
+                         "use another run directory (--out) or the run's configuration")
     return torch.load(path, weights_only=False)
 
 
@@ -99,8 +105,9 @@ def run_distillation(
 ) -> SyntheticSet:
     """Run ``distiller`` for its iterations, checkpointing into ``run_dir``; returns the final set.
 
-    ``config`` is the JSON-able description of the run (stored, and compared on resume).
-    With ``resume``, continues from ``run_dir``'s checkpoint when there is one.
+    ``config`` is the JSON-able description of the run: stored as config.json, and compared with it key by
+    key on resume (a ValueError names the keys that differ). With ``resume``, continues from ``run_dir``'s
+    checkpoint when there is one.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -112,7 +119,8 @@ def run_distillation(
         distiller.load_state_dict(checkpoint["distiller"])
         start = checkpoint["iteration"]
     elif (run_dir / CHECKPOINT).exists():
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        raise FileExistsError(f"{run_dir} already holds a run: pass resume=True (--resume) to continue it, or choose "
+                              "another run directory (--out)")
     else:
         atomic_write_json(run_dir / CONFIG, config)
     _truncate_metrics(run_dir / METRICS, start)

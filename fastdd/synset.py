@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from fastdd import __version__
+from fastdd.checks import finite
 from fastdd.io import atomic_write_bytes
 
 METADATA_KEY = "fastdd"
@@ -71,12 +72,11 @@ class SyntheticSet:
         if self.lr is not None:
             if isinstance(self.lr, torch.Tensor) and self.lr.numel() == 1:
                 self.lr = float(self.lr.detach())
-            if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr):
-                raise ValueError(f"lr must be a finite number or None, got {self.lr!r}")
-            self.lr = float(self.lr)
+            self.lr = finite("lr (a learned learning rate, or None)", self.lr)
         if self.soft_labels is not None:
             s = self.soft_labels
-            if not isinstance(s, torch.Tensor) or s.dim() != 2 or not s.is_floating_point() or len(s) != len(self.images):
+            shape_ok = isinstance(s, torch.Tensor) and s.dim() == 2 and len(s) == len(self.images)
+            if not shape_ok or not s.is_floating_point():
                 raise ValueError(
                     f"soft_labels must be a float tensor [N={len(self.images)}, K] or None, got {_describe(s)}"
                 )

@@ -1,4 +1,5 @@
-"""One epoch of plain minibatch SGD training on a tensor data set, shared by distillers and evaluation."""
+"""Plain minibatch training of a network on a tensor data set, for one epoch or several; shared by the distillers,
+the evaluation, the expert trajectories and the plug-ins' networks."""
 
 from __future__ import annotations
 
@@ -47,3 +48,29 @@ def train_epoch(
         optimizer.step()
         total += loss.item() * len(idx)
     return total / len(images)
+
+
+def train_epochs(
+    net: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    epochs: int,
+    *,
+    batch_size: int = 256,
+    augment: Augment | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    done: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> None:
+    """Train ``net`` epochs ``done + 1 .. epochs`` with :func:`train_epoch` (same arguments).
+
+    ``done``: epochs already trained, e.g. by a run being resumed (the optimizer and generator must be in
+    the state they had then). ``on_epoch(epoch, loss)``, when given, is called after every epoch with its
+    number (1-based) and its mean cross-entropy.
+    """
+    for epoch in range(done + 1, epochs + 1):
+        loss = train_epoch(net, images, labels, optimizer, generator, batch_size, augment, transform)
+        if on_epoch is not None:
+            on_epoch(epoch, loss)

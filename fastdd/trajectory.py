@@ -4,6 +4,9 @@ A trajectory directory holds one file per expert, ``expert_0000.pt``, ``expert_0
 is a :class:`Trajectory`: ``params`` [epochs + 1, P] float32, row ``e`` the flattened parameters
 (in ``net.parameters()`` order) after ``e`` epochs, row 0 the initialisation; ``meta`` says how it
 was made. Files are written atomically: a file that exists is complete.
+
+Every reader finds the files with :func:`expert_paths` and checks that they were made in its own set-up
+(:func:`run_setup`, :func:`check_setup`).
 """
 
 from __future__ import annotations
@@ -15,16 +18,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastdd.data import RealDataset
+from fastdd.data.zca import regularization_of
 from fastdd.io import atomic_torch_save
 
 FORMAT_VERSION = 1
 META_KEYS = ("dataset", "model", "channels", "num_classes", "im_size", "lr", "momentum", "weight_decay",
              "batch_size", "epochs", "augment", "seed")
+EXPERT_FILES = "expert_[0-9][0-9][0-9][0-9].pt"  # every name expert_path gives, as a glob pattern
 
 
 def expert_path(directory: str | Path, index: int) -> Path:
     """Where expert ``index`` of a trajectory directory lives."""
     return Path(directory) / f"expert_{index:04d}.pt"
+
+
+def expert_paths(directory: str | Path) -> list[Path]:
+    """The expert files of a trajectory directory, by index; FileNotFoundError, saying how to make them, when
+    there is none."""
+    directory = Path(directory)
+    paths = sorted(directory.glob(EXPERT_FILES))
+    if not paths:
+        raise FileNotFoundError(f"experts: no expert trajectories (expert_NNNN.pt) in {directory}: "
+                                f"make them with `fastdd experts --out {directory} ...`")
+    return paths
+
+
+def run_setup(train: RealDataset, model: str) -> dict[str, Any]:
+    """The set-up of a ``model`` network trained on ``train``: data set, model, channels, classes, image size
+    and ZCA regularization (None: not whitened). Expert trajectories record it in their ``meta``."""
+    return {"dataset": train.name, "model": model, "channels": train.channels, "num_classes": train.num_classes,
+            "im_size": [train.height, train.width], "zca": regularization_of(train)}
 
 
 @dataclass
@@ -42,7 +66,8 @@ class Trajectory:
         if missing:
             raise ValueError(f"meta lacks {missing}")
         if self.meta["epochs"] != self.params.shape[0] - 1:
-            raise ValueError(f"meta['epochs'] = {self.meta['epochs']} but params hold {self.params.shape[0] - 1} epochs")
+            raise ValueError(f"meta['epochs'] = {self.meta['epochs']} but params hold {self.params.shape[0] - 1} "
+                             "epochs")
 
     @property
     def epochs(self) -> int:
@@ -60,10 +85,15 @@ class Trajectory:
 
 
 def load_trajectories(directory: str | Path) -> list[Trajectory]:
-    """Every expert of a trajectory directory, by index; a clear error when there is none."""
-    directory = Path(directory)
-    paths = sorted(directory.glob("expert_[0-9][0-9][0-9][0-9].pt"))
-    if not paths:
-        raise FileNotFoundError(f"no expert trajectories (expert_NNNN.pt) in {directory}: "
-                                f"make them with `fastdd experts --out {directory} ...`")
-    return [Trajectory.load(p) for p in paths]
+    """Every expert of a trajectory directory, by index (:func:`expert_paths`)."""
+    return [Trajectory.load(p) for p in expert_paths(directory)]
+
+
+def check_setup(trajectory: Trajectory, path: str | Path, setup: dict[str, Any]) -> None:
+    """ValueError naming every key of ``setup`` (:func:`run_setup`) on which ``trajectory.meta``, read from
+    ``path``, differs; a key the file lacks counts as None."""
+    made = {k: list(trajectory.meta[k]) if k == "im_size" else trajectory.meta.get(k) for k in setup}
+    if made != setup:
+        diff = ", ".join(f"{k} {made[k]!r} (this run: {setup[k]!r})" for k in setup if made[k] != setup[k])
+        raise ValueError(f"experts: {path} was made for another set-up: {diff}; make experts for this data set "
+                         "and model with `fastdd experts`")

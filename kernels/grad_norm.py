@@ -55,7 +55,8 @@ def _conv_weight_sq_norm_kernel(
 
 def conv2d_weight_sq_norms(a: torch.Tensor, g: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
                            dilation: tuple[int, int], groups: int) -> torch.Tensor:
-    """[B * groups, tiles] partial squared sums (fp64 for fp64 inputs, else fp32); a: padded input [B, Cin, H, W], g: [B, Cout, Ho, Wo]."""
+    """[B * groups, tiles] partial squared sums (fp64 for fp64 inputs, else fp32); a: padded input
+    [B, Cin, H, W], g: [B, Cout, Ho, Wo]."""
     b, cin_total, height, width = a.shape
     cin, p = cin_total // groups, g.shape[1] // groups
     t, d = g.shape[2] * g.shape[3], cin * kernel[0] * kernel[1]

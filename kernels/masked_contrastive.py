@@ -1,9 +1,10 @@
 """Triton kernels of masked_feature_contrastive: the two passes over the [N, C, L] feature map (L = H * W).
 
 Forward: masked average pooling ``pooled[n, c] = inv_msum[n] * sum_l f[n, c, l] * m[n, l]`` with
-``inv_msum[n] = 1 / max(sum_l m[n, l], 1e-6)``, one read of the features and never the product ``f * m``. Backward: ``grad_f[n, c, l] = m[n, l] * scale[n, c]``, one
-write. Features may be float16/bfloat16/float32/float64; masks, ``inv_msum``, ``scale`` and ``pooled`` are
-in the compute dtype (float64 for float64 features, float32 otherwise), which is also the accumulator's.
+``inv_msum[n] = 1 / max(sum_l m[n, l], 1e-6)``, one read of the features and never the product ``f * m``.
+Backward: ``grad_f[n, c, l] = m[n, l] * scale[n, c]``, one write. Features may be
+float16/bfloat16/float32/float64; masks, ``inv_msum``, ``scale`` and ``pooled`` are in
+the compute dtype (float64 for float64 features, float32 otherwise), which is also the accumulator's.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdd.augment import OPS, DSA, DSAParams, dsa_strategy_for
+from fastdd.augment import DSA, OPS, DSAParams, dsa_strategy_for
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -1,6 +1,15 @@
-"""Backend choice: names, devices, and the fallback when the C++ extension cannot be built."""
+"""Backend choice: names, devices, where the C++ extensions come from, and the fallback when one cannot be built."""
 
 from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+import time
+import types
+from importlib import resources
 
 import pytest
 import torch
@@ -10,15 +19,23 @@ from fastdd.ops import _backend, grad_match_distance
 
 
 @pytest.fixture
-def no_compiler(monkeypatch):
-    """Every C++ build fails, as on a machine without a compiler; the cache is restored afterwards."""
+def no_build(monkeypatch, tmp_path):
+    """No ahead-of-time build of any extension, as in a source checkout, and an empty extensions cache; the loaded
+    extensions are forgotten before and after."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    _backend.load_extension.cache_clear()
+    monkeypatch.setattr(_backend, "_ahead_of_time", lambda name, source: None)
+    yield
+    _backend.load_extension.cache_clear()
+
+
+@pytest.fixture
+def no_compiler(no_build, monkeypatch):
+    """Every C++ build fails, as on a machine without a compiler."""
     def fail(**kwargs):
         raise RuntimeError("Error building extension\nc++: error: command not found")
 
-    _backend.load_extension.cache_clear()
     monkeypatch.setattr(cpp_extension, "load", fail)
-    yield
-    _backend.load_extension.cache_clear()
 
 
 def test_without_compiler_auto_falls_back_to_torch_and_warns_once(no_compiler):
@@ -74,3 +91,63 @@ def test_apply_equals_function_apply_with_and_without_transforms():
     torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], 2 * x)
     under_func = torch.func.grad(lambda t: _backend.apply(_Square, t).sum())(x.detach())
     torch.testing.assert_close(under_func, 2 * x.detach())
+
+
+def test_ahead_of_time_name_follows_the_source():
+    name = _backend.ahead_of_time_name("grad_match", b"int x;")
+    assert name.startswith("fastdd.csrc._grad_match_")
+    assert name == _backend.ahead_of_time_name("grad_match", b"int x;")
+    assert name != _backend.ahead_of_time_name("grad_match", b"int y;")
+
+
+def test_ahead_of_time_build_is_loaded_without_compiling(monkeypatch):
+    source = (resources.files("fastdd.csrc") / "grad_match.cpp").read_bytes()
+    built = types.ModuleType(_backend.ahead_of_time_name("grad_match", source))
+    monkeypatch.setitem(sys.modules, built.__name__, built)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("compiled despite the build"))
+    _backend.load_extension.cache_clear()
+    try:
+        assert _backend.load_extension("grad_match") is built
+    finally:
+        _backend.load_extension.cache_clear()
+
+
+def test_compile_waits_for_another_compiling_process_and_says_so(no_build, monkeypatch, tmp_path, capsys):
+    compiled = types.ModuleType("fastdd_grad_match")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: compiled)
+    (tmp_path / "fastdd_grad_match").mkdir()
+    result = []
+    with open(tmp_path / "fastdd_grad_match" / "fastdd.lock", "a") as other:  # the lock another compile holds
+        fcntl.flock(other, fcntl.LOCK_EX)
+        loader = threading.Thread(target=lambda: result.append(_backend.load_extension("grad_match")))
+        loader.start()
+        deadline = time.monotonic() + 30
+        while "waiting for another process" not in capsys.readouterr().err:
+            assert time.monotonic() < deadline, "no message while waiting for the lock"
+            time.sleep(0.05)
+        assert not result
+    loader.join(timeout=30)
+    assert result == [compiled]
+
+
+def test_compile_on_first_use_says_so_and_clears_a_stale_lock(tmp_path):
+    """A real compile, in a process of its own, after a stopped one left torch's lock file behind."""
+    build_dir = tmp_path / "fastdd_grad_norm"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    load = ("from fastdd.ops import _backend; _backend._ahead_of_time = lambda name, source: None; "
+            "assert _backend.load_extension('grad_norm').__name__ == 'fastdd_grad_norm'")
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-c", load], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)  # torch waits on a stale lock for ever
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    first = run()
+    assert f"removed {build_dir / 'lock'}" in first
+    assert "compiling the C++ extension 'grad_norm' on first use, a one-time compile" in first
+    assert not (build_dir / "lock").exists()
+    again = run()
+    assert "compiling" not in again and "removed" not in again

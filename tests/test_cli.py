@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from fastdd.cli import build_parser, main
+from fastdd.cli import build_parser, config_from_args, main
+from fastdd.config import RunConfig
 from fastdd.synset import SyntheticSet
 
 TINY = ["--dataset", "digits", "--method", "dc", "--ipc", "1", "--iterations", "2", "--batch-real", "8",
@@ -37,7 +38,17 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     assert main(args) == 0
     assert main(args) == 1
     assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume", "--lr-img", "0.05"]) == 1
+    assert "differing in lr_img (0.05 here, 0.1 in the run)" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
+
+
+def test_distill_options_parse_into_the_run_config():
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["distill"])) == RunConfig()  # the same defaults
+    args = parser.parse_args(["distill", "--plugin", "udd", "--plugin", "sdc", "--udd-beta", "2", "--no-baseline",
+                              "--lr-img", "0.5", "--resume", "--quiet"])
+    assert config_from_args(args) == RunConfig(plugins=("sdc", "udd"), udd_beta=2.0, baseline=False, lr_img=0.5)
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
@@ -62,10 +73,10 @@ def test_bench_rejects_unknown_op(capsys):
 
 
 def test_bench_row_and_table():
-    from fastdd.benchmarks.measure import Case
+    from fastdd.benchmarks.measure import Calls, Case
     from fastdd.benchmarks.suite import add_peaks, format_table, timing_row
 
-    case = Case("op", "tiny", "sum", lambda: sum(range(100)), lambda: sum(range(1000)), 2.0)
+    case = Case("op", "tiny", "sum", lambda: Calls(lambda: sum(range(100)), lambda: sum(range(1000))), 2.0)
     row = timing_row(case, "cpu", 0.5, 1.0)
     add_peaks(row, "masked_feature_contrastive", 0, "cpu")
     assert row["speedup"] == 2.0 and row["target"] == 2.0 and row["peak_mib"] is not None

@@ -7,8 +7,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastdd.compat import (DiffAugment, ParamDiffAug, TensorDataset, distance_wb, epoch, evaluate_synset, get_loops,
-                           get_network, match_loss)
+from fastdd.compat import (
+    DiffAugment,
+    ParamDiffAug,
+    TensorDataset,
+    distance_wb,
+    epoch,
+    evaluate_synset,
+    get_loops,
+    get_network,
+    match_loss,
+)
 
 
 def reference_distance_wb(gwr, gws):

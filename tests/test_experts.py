@@ -10,6 +10,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 import fastdd.experts as experts
+import fastdd.train
 from fastdd.cli import main
 from fastdd.experts import expert_seed, partial_path, train_experts
 from fastdd.models import get_network
@@ -55,7 +56,7 @@ def test_same_seed_same_trajectories_and_experts_independent_of_count(tiny, tmp_
 
 def test_resume_after_kill_gives_the_same_files(tiny, tmp_path, monkeypatch):
     run(tiny, tmp_path / "full")
-    train_epoch = experts.train_epoch
+    train_epoch = fastdd.train.train_epoch
     calls = {"n": 0}
 
     def dies_in_fifth_epoch(*args, **kwargs):
@@ -64,10 +65,10 @@ def test_resume_after_kill_gives_the_same_files(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return train_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(experts, "train_epoch", dies_in_fifth_epoch)
+    monkeypatch.setattr(fastdd.train, "train_epoch", dies_in_fifth_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(tiny, tmp_path / "killed")
-    monkeypatch.setattr(experts, "train_epoch", train_epoch)
+    monkeypatch.setattr(fastdd.train, "train_epoch", train_epoch)
     killed = tmp_path / "killed"
     assert expert_path(killed, 0).exists() and not expert_path(killed, 1).exists()
     partial = torch.load(partial_path(killed, 1), weights_only=True)

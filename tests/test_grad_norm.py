@@ -11,7 +11,7 @@ from torch import nn
 
 from fastdd.models import fused_blocks, get_network
 from fastdd.ops import naive, per_sample_grad_norm
-from fastdd.ops.grad_norm import _fused_sq_norms
+from fastdd.ops.weight_sq_norms import _fused_sq_norms
 
 BACKENDS = ["torch", "cpp", "triton"]
 F64 = dict(dtype=torch.float64)
@@ -169,7 +169,7 @@ def test_conv_layer_against_vmap_grad(b, groups, stride, padding, dilation, mode
 
 
 def test_fused_form_vmap_rule():
-    from fastdd.ops.grad_norm import _ConvSqNorms
+    from fastdd.ops.weight_sq_norms import _ConvSqNorms
 
     a, g = torch.randn(4, 2, 2, 6, 6, **F64), torch.randn(4, 2, 3, 4, 4, **F64)
     got = torch.func.vmap(lambda ai, gi: _ConvSqNorms.apply(ai, gi, (3, 3), (1, 1), (1, 1), 1, False, "cpp"))(a, g)
@@ -215,7 +215,7 @@ def test_no_trainable_parameters():
 @given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)), stride=st.tuples(st.integers(1, 3), st.integers(1, 2)),
        dilation=st.tuples(st.integers(1, 2), st.integers(1, 3)), size=st.tuples(st.integers(7, 11), st.integers(7, 11)))
 def test_unfold_and_fold_match_torch(kernel, stride, dilation, size):
-    from fastdd.ops.grad_norm import fold, unfold
+    from fastdd.ops.weight_sq_norms import fold, unfold
 
     a = torch.randn(2, 3, *size, **F64)
     out_hw = tuple((size[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2))

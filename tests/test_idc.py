@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from conftest import make_dataset
 from fastdd import evaluation as evaluate
 from fastdd.cli import main
+from fastdd.evaluation import EvalConfig, evaluate_with_baseline, training_data
 from fastdd.methods import DC, IDC, get_distiller
 from fastdd.methods.multiformation import decode, mix_images, mix_init
-from fastdd.evaluation import EvalConfig, evaluate_with_baseline, training_data
 from fastdd.synset import SyntheticSet
 
 MODEL = "ConvNetW32"

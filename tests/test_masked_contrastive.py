@@ -40,8 +40,8 @@ def loss_and_grads(fn, features, masks, labels, prototypes, tau, **kw):
        k=st.integers(1, 4), soft=st.booleans(), seed=st.integers(0, 2**16))
 def test_matches_oracle(backend, dtype, n, c, h, w, k, soft, seed):
     x = inputs(n, c, h, w, k, dtype, seed, soft)
-    expected = loss_and_grads(naive.masked_feature_contrastive, *(t.double() if t.is_floating_point() else t for t in x),
-                              tau=0.3)
+    as_double = (t.double() if t.is_floating_point() else t for t in x)
+    expected = loss_and_grads(naive.masked_feature_contrastive, *as_double, tau=0.3)
     got = loss_and_grads(masked_feature_contrastive, *x, tau=0.3, backend=backend)
     for e, r in zip(expected, got):
         assert r.dtype == dtype

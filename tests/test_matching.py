@@ -10,9 +10,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdd.methods.matching import (class_batched_distance, class_gradients, matching_distance,
-                                    per_class_distance, supports_class_batching)
-from fastdd.models import ConvNet, get_network
+from fastdd.methods.matching import (
+    class_batched_distance,
+    class_gradients,
+    matching_distance,
+    per_class_distance,
+    supports_class_batching,
+)
+from fastdd.models import ConvNet, fused_blocks, get_network
 from fastdd.ops import METRICS
 
 PER_SAMPLE_NETS = ["ConvNetW32", "ConvNetLN", "ConvNetGN", "ConvNetNN", "ConvNetMP", "ConvNetNP", "ConvNetAS",
@@ -67,6 +72,16 @@ def test_without_graph_gives_detached_gradients():
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
     got = class_gradients(net, x, 3)
     assert not any(t.requires_grad for t in got)
+    for a, b in zip(got, loop_gradients(net, x, 3)):
+        torch.testing.assert_close(a, b.detach(), **EXACT)
+
+
+def test_runs_the_eager_blocks_inside_fused_blocks():
+    """Its forward records every layer's input and output, which the fused blocks never form."""
+    net = network("ConvNet", 1, 3, 8)
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    with fused_blocks():
+        got = class_gradients(net, x, 3)
     for a, b in zip(got, loop_gradients(net, x, 3)):
         torch.testing.assert_close(a, b.detach(), **EXACT)
 

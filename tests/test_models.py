@@ -12,6 +12,8 @@ from fastdd.models import (
     NETWORK_NAMES,
     ConvNet,
     ResNet18,
+    eager_block,
+    fused_blocks,
     get_network,
     has_batchnorm,
     init_parameters,
@@ -115,6 +117,40 @@ def test_pooling_options(pooling, feat_hw):
     assert len(pools) == (0 if pooling == "none" else 3)
     assert net.feat_dim == 8 * feat_hw * feat_hw
     assert net.embed(torch.randn(2, 3, 16, 16)).shape == (2, net.feat_dim)
+
+
+@pytest.mark.parametrize("name", ["ConvNet", "ConvNetNN", "ConvNetNP", "ConvNetBN"])
+def test_blocks_are_the_features_in_order(name):
+    net = get_network(name, 1, 5, (12, 12), gen())
+    assert len(net.blocks) == 3
+    assert [m for block in net.blocks for m in block if m is not None] == list(net.features)
+    assert all((block.norm is None) == (name == "ConvNetNN") for block in net.blocks)
+    assert all((block.pool is None) == (name == "ConvNetNP") for block in net.blocks)
+
+
+def test_embed_runs_every_block_through_run_block():
+    net = get_network("ConvNet", 1, 5, (12, 12), gen()).double()
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    ran = []
+
+    def run_block(block, x):
+        ran.append(block)
+        return eager_block(block, x)
+
+    torch.testing.assert_close(net(x, run_block=run_block), net(x))
+    assert ran == list(net.blocks)
+
+
+@pytest.mark.parametrize("name", ["ConvNet", "ConvNetNP"])
+def test_feature_map_is_the_last_block_before_its_pooling_inside_fused_blocks_too(name):
+    net = get_network(name, 1, 5, (12, 12), gen()).double()
+    x = torch.randn(2, 1, 12, 12, dtype=torch.float64)
+    eager = net.feature_map(x)
+    last = net.blocks[-1]
+    pooled = eager if last.pool is None else last.pool(eager)
+    torch.testing.assert_close(pooled.flatten(1), net.embed(x))
+    with fused_blocks():
+        torch.testing.assert_close(net.feature_map(x), eager, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["ResNet18", "ResNet18BN"])

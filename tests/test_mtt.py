@@ -20,11 +20,11 @@ from fastdd.augment import DSA
 from fastdd.cli import main
 from fastdd.data import RealDataset, load_dataset
 from fastdd.data.zca import whitened
+from fastdd.errors import NonFiniteError
+from fastdd.evaluation import EvalConfig, default_eval_config, evaluate_with_baseline, random_real
 from fastdd.methods import MTT, Plugin, get_distiller
 from fastdd.methods.mtt import MAX_LR_GROWTH, Unroll
 from fastdd.methods.sdc import SDC
-from fastdd.errors import NonFiniteError
-from fastdd.evaluation import EvalConfig, default_eval_config, evaluate_with_baseline, random_real
 from fastdd.models import get_network
 from fastdd.run import run_distillation
 from fastdd.synset import SyntheticSet

@@ -73,11 +73,13 @@ def test_run_directory_is_not_overwritten_without_resume(tiny, tmp_path):
         run_distillation(distiller(tiny, iterations=1), tmp_path, CONFIG_DICT, 5, progress=False)
 
 
-def test_resume_refuses_a_different_configuration(tiny, tmp_path):
+def test_resume_refuses_a_different_configuration_naming_each_difference(tiny, tmp_path):
     run_distillation(distiller(tiny, iterations=1), tmp_path, CONFIG_DICT, 5, progress=False)
-    with pytest.raises(ValueError, match="ipc"):
-        run_distillation(distiller(tiny, iterations=1), tmp_path, {**CONFIG_DICT, "ipc": 2}, 5, resume=True,
-                         progress=False)
+    changed = {**CONFIG_DICT, "ipc": 2, "zca": False}
+    with pytest.raises(ValueError, match=r"differing in ipc \(2 here, 1 in the run\), zca \(False here, absent in "
+                                         r"the run\);"):
+        run_distillation(distiller(tiny, iterations=1), tmp_path, changed, 5, resume=True, progress=False)
+    run_distillation(distiller(tiny, iterations=1), tmp_path, dict(CONFIG_DICT), 5, resume=True, progress=False)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path):

@@ -16,13 +16,13 @@ from torch.nn.utils import parameters_to_vector
 
 from conftest import make_dataset
 from fastdd.cli import main
+from fastdd.difficulty import SCORE_EPOCH, scoring_networks
+from fastdd.experts import train_experts
 from fastdd.methods import Plugin, get_distiller
 from fastdd.methods.multiformation import decode
-from fastdd.methods.sdc import LAMBDA0, SDC, default_lambda
-from fastdd.experts import train_experts
+from fastdd.methods.sdc import LAMBDA0, SDC, default_lambda, gradn
 from fastdd.models import get_network
 from fastdd.ops import naive
-from fastdd.sdc import SCORE_EPOCH, gradn, scoring_networks
 from fastdd.synset import SyntheticSet
 from fastdd.trajectory import Trajectory, expert_path
 
@@ -156,9 +156,9 @@ def test_scoring_networks_from_experts_are_their_early_rows(tmp_path, tiny):
     assert about["model"] == MODEL and about["epoch"] == SCORE_EPOCH and about["count"] == 2
     with pytest.raises(ValueError, match="holds 2 experts"):
         scoring_networks(tiny, 3, torch.Generator(), experts=tmp_path)
-    with pytest.raises(ValueError, match="'ConvNet' was asked for"):
+    with pytest.raises(ValueError, match=rf"model '{MODEL}' \(this run: 'ConvNet'\)"):
         scoring_networks(tiny, 1, torch.Generator(), model="ConvNet", experts=tmp_path)
-    with pytest.raises(ValueError, match="another data set"):
+    with pytest.raises(ValueError, match=r"another set-up: .*num_classes 3 \(this run: 4\)"):
         scoring_networks(make_dataset(num_classes=4), 1, torch.Generator(), experts=tmp_path)
     with pytest.raises(FileNotFoundError, match="fastdd experts"):
         scoring_networks(tiny, 1, torch.Generator(), experts=tmp_path / "none")

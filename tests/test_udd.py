@@ -17,12 +17,27 @@ from torch import nn
 from conftest import make_dataset
 from fastdd.cli import main
 from fastdd.methods import get_distiller
-from fastdd.methods.udd import (AUTO_POLICY, BETA0, LATEST_PICTURE, POLICIES, SHARE_PLOT, START_PICTURE, UDD,
-                                default_beta)
+from fastdd.methods.udd import (
+    AUTO_POLICY,
+    BETA0,
+    LATEST_PICTURE,
+    POLICIES,
+    SHARE_PLOT,
+    START_PICTURE,
+    UDD,
+    class_prototypes,
+    decoded_to_stored,
+    default_beta,
+    feature_map,
+    jitter_masks,
+    proxy_network,
+    region_contrastive,
+    response_masks,
+    shift,
+    underutilized,
+)
 from fastdd.models import get_network
 from fastdd.run import run_distillation
-from fastdd.udd import (class_prototypes, decoded_to_stored, feature_map, jitter_masks, proxy_network,
-                        region_contrastive, response_masks, shift, underutilized)
 
 MODEL = "ConvNetW32"
 

@@ -8,9 +8,11 @@ keeping about three quarters of the cells.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from fastdd.benchmarks.measure import Case
+from fastdd.benchmarks.measure import Calls, Case
 from fastdd.ops import masked_feature_contrastive, naive
 
 # (N, C, H = W, K)
@@ -18,7 +20,7 @@ SHAPES = [(100, 128, 8, 10), (400, 128, 8, 100), (100, 128, 16, 10), (2000, 128,
 TAU = 0.1
 
 
-def _case(n: int, c: int, size: int, k: int, device: str) -> Case:
+def _setup(n: int, c: int, size: int, k: int, device: str) -> Calls:
     g = torch.Generator().manual_seed(0)
     features = torch.randn(n, c, size, size, generator=g).to(device).requires_grad_(True)
     masks = (torch.rand(n, 1, size, size, generator=g) < 0.75).float().to(device)
@@ -28,11 +30,11 @@ def _case(n: int, c: int, size: int, k: int, device: str) -> Case:
     def grad_of(loss_fn):
         return lambda: torch.autograd.grad(loss_fn(features, masks, labels, prototypes, TAU), features)
 
-    return Case(op="masked_feature_contrastive", name=f"N={n} C={c} H=W={size} K={k}",
-                baseline_name="eager torch (f*m, sums, normalize, matmul, cross_entropy)",
-                run=grad_of(masked_feature_contrastive), baseline=grad_of(naive.masked_feature_contrastive),
-                target=1.5)
+    return Calls(grad_of(masked_feature_contrastive), grad_of(naive.masked_feature_contrastive))
 
 
 def cases(device: str) -> list[Case]:
-    return [_case(*shape, device) for shape in SHAPES]
+    return [Case(op="masked_feature_contrastive", name=f"N={n} C={c} H=W={size} K={k}",
+                 baseline_name="eager torch (f*m, sums, normalize, matmul, cross_entropy)",
+                 setup=partial(_setup, n, c, size, k, device), target=1.5)
+            for n, c, size, k in SHAPES]

@@ -9,9 +9,11 @@ differentiates once.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from fastdd.benchmarks.measure import Case
+from fastdd.benchmarks.measure import Calls, Case
 from fastdd.models import ConvNet
 from fastdd.ops import grad_match_distance, naive
 
@@ -23,8 +25,7 @@ CASES = [
 ]
 
 
-def _case(dataset: str, channels: int, im_size: int, classes: int, metric: str, target: float | None,
-          device: str) -> Case:
+def _setup(channels: int, im_size: int, classes: int, metric: str, device: str) -> Calls:
     with torch.device("meta"):
         shapes = [p.shape for p in ConvNet(channels, classes, im_size).parameters()]
     g = torch.Generator().manual_seed(0)
@@ -40,10 +41,16 @@ def _case(dataset: str, channels: int, im_size: int, classes: int, metric: str, 
         loss = sum(naive.grad_match_distance(syn_per_class[k], [t[k] for t in real], metric) for k in range(classes))
         return torch.autograd.grad(loss, leaves, allow_unused=True)
 
-    return Case(op="grad_match_distance",
-                name=f"ConvNet-3 {dataset} ({channels}x{im_size}x{im_size}), {classes} classes, {metric}",
-                baseline_name="per-class, per-layer torch loop (DC)", run=run, baseline=baseline, target=target)
+    def stacked(grads):  # per-class leaf gradients -> [K, ...] per layer (a leaf the metric skips: zeros)
+        return tuple(torch.stack([torch.zeros_like(t[0]) if grad is None else grad for grad in grads[i::len(syn)]])
+                     for i, t in enumerate(syn))
+
+    return Calls(run, baseline, stacked)
 
 
 def cases(device: str) -> list[Case]:
-    return [_case(*spec, device) for spec in CASES]
+    return [Case(op="grad_match_distance",
+                 name=f"ConvNet-3 {dataset} ({channels}x{im_size}x{im_size}), {classes} classes, {metric}",
+                 baseline_name="per-class, per-layer torch loop (DC)",
+                 setup=partial(_setup, channels, im_size, classes, metric, device), target=target)
+            for dataset, channels, im_size, classes, metric, target in CASES]

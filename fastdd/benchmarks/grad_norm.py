@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdd.benchmarks.measure import Case
+from fastdd.benchmarks.measure import Calls, Case, unchanged
 from fastdd.models import get_network
 from fastdd.ops import per_sample_grad_norm
 
@@ -80,23 +81,30 @@ def backpack_l2(net: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
     return run
 
 
-def cases(device: str) -> list[Case]:
+def fastdd_torch(net: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    return lambda: per_sample_grad_norm(net, x, y, backend="torch")
+
+
+def _setup(device: str, baseline: Callable[[nn.Module, Tensor, Tensor], Callable[[], object]], net: str = "ConvNet",
+           expected: Callable[[object], object] | None = unchanged) -> Calls:
+    """fastdd and ``baseline`` on the same batch, each on a network of its own (equal weights)."""
     x, y = _inputs(device)
-    net = _net("ConvNet", device)
-    ours = lambda: per_sample_grad_norm(net, x, y)  # noqa: E731
+    ours = _net(net, device)
+    return Calls(lambda: per_sample_grad_norm(ours, x, y), baseline(_net(net, device), x, y), expected)
+
+
+def cases(device: str) -> list[Case]:
+    convnet = "ConvNet-3 IN, 3x32x32, B=256"
     found = [
-        Case(OP, "ConvNet-3 IN, 3x32x32, B=256", "plain forward+backward (no norms)", ours, plain_step(net, x, y), 1.0),
-        Case(OP, "ConvNet-3 IN, 3x32x32, B=256", "torch.func vmap(grad)", ours, vmap_grad(net, x, y, None)),
-        Case(OP, "ConvNet-3 IN, 3x32x32, B=256", "torch.func vmap(grad), chunk_size=32", ours,
-             vmap_grad(net, x, y, 32)),
-        Case(OP, "ConvNet-3 IN, 3x32x32, B=256", "fastdd unfold+bmm (backend=torch)", ours,
-             lambda: per_sample_grad_norm(net, x, y, backend="torch")),
+        Case(OP, convnet, "plain forward+backward (no norms)", partial(_setup, device, plain_step, expected=None), 1.0),
+        Case(OP, convnet, "torch.func vmap(grad)", partial(_setup, device, partial(vmap_grad, chunk_size=None))),
+        Case(OP, convnet, "torch.func vmap(grad), chunk_size=32",
+             partial(_setup, device, partial(vmap_grad, chunk_size=32))),
+        Case(OP, convnet, "fastdd unfold+bmm (backend=torch)", partial(_setup, device, fastdd_torch)),
     ]
     if importlib.util.find_spec("opacus"):
-        found.append(Case(OP, "ConvNet-3 IN, 3x32x32, B=256", "Opacus GradSampleModule", ours,
-                          opacus_hooks(_net("ConvNet", device), x, y)))
+        found.append(Case(OP, convnet, "Opacus GradSampleModule", partial(_setup, device, opacus_hooks)))
     if importlib.util.find_spec("backpack"):
-        plain = _net("ConvNetNN", device)
         found.append(Case(OP, "ConvNet-3 no norm, 3x32x32, B=256", "BackPACK BatchL2Grad",
-                          lambda: per_sample_grad_norm(plain, x, y), backpack_l2(_net("ConvNetNN", device), x, y)))
+                          partial(_setup, device, backpack_l2, "ConvNetNN")))
     return found

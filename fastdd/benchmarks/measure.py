@@ -1,4 +1,4 @@
-"""Timing, peak memory and provenance (machine, commit) for benchmark rows."""
+"""Benchmark cases; their timing, peak memory and provenance (machine, backend, commit)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,39 @@ from pathlib import Path
 
 import torch
 
+from fastdd.ops._backend import resolve_backend
+
+
+def unchanged(output: object) -> object:
+    """``output`` itself (a baseline that returns what fastdd returns)."""
+    return output
+
+
+@dataclass(frozen=True)
+class Calls:
+    """A case's two callables on inputs built for them: ``run`` (fastdd) and ``baseline``.
+
+    ``expected(baseline())`` is what ``run()`` returns, up to rounding; None where the baseline computes
+    something else (a plain training step, timed for its cost).
+    """
+
+    run: Callable[[], object]
+    baseline: Callable[[], object]
+    expected: Callable[[object], object] | None = unchanged
+
 
 @dataclass(frozen=True)
 class Case:
-    """One measurement: ``run`` (fastdd) against ``baseline`` (what users have today), same inputs.
+    """One measurement: fastdd against its baseline (what users have today), same inputs.
 
+    ``setup()`` builds the inputs and returns the :class:`Calls` to time; listing cases builds nothing.
     ``target`` is the speed-up (baseline time / fastdd time) the op is expected to reach here.
     """
 
     op: str
     name: str
     baseline_name: str
-    run: Callable[[], object]
-    baseline: Callable[[], object]
+    setup: Callable[[], Calls]
     target: float | None = None
 
 
@@ -101,17 +121,37 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
         return None
 
 
-def machine(device: str = "cpu") -> str:
-    """The CPU model and thread count, or the GPU name, and the torch version."""
+def processor(device: str = "cpu") -> str:
+    """The CPU model and the number of threads torch uses, or the GPU's name."""
     if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+        return torch.cuda.get_device_name()
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def machine(device: str = "cpu") -> str:
+    """:func:`processor` and the torch version."""
+    return f"{processor(device)}, torch {torch.__version__}"
+
+
+# op -> the C++ extension (csrc/<name>.cpp) of its CPU path
+EXTENSIONS = {
+    "conv_instance_norm_relu_pool": "norm_relu_pool",
+    "grad_match_distance": "grad_match",
+    "instance_norm_relu_pool": "norm_relu_pool",
+    "masked_feature_contrastive": "masked_contrastive",
+    "per_sample_grad_norm": "grad_norm",
+}
+
+
+def backend(op: str, device: str) -> str:
+    """The backend ``op`` runs on with ``backend="auto"`` on ``device``: triton, cpp or torch."""
+    return resolve_backend("auto", [torch.empty(0, device=device)], EXTENSIONS[op])
 
 
 def commit() -> str:

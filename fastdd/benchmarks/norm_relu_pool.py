@@ -8,16 +8,18 @@ Fashion-MNIST images (1 x 28 x 28, padding 3), whose input needs no gradient, fl
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
-from fastdd.benchmarks.measure import Case
+from fastdd.benchmarks.measure import Calls, Case
 from fastdd.ops import conv_instance_norm_relu_pool, instance_norm_relu_pool, naive
 
 SHAPES = [(256, 128, 32, 32), (256, 128, 16, 16)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _case(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str) -> Case:
+def _setup(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str) -> Calls:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype).requires_grad_(True)
     weight, bias = (torch.randn(shape[1], generator=g).to(device).requires_grad_(True) for _ in range(2))
@@ -26,12 +28,10 @@ def _case(shape: tuple[int, int, int, int], dtype: torch.dtype, device: str) -> 
     def grads_of(fn):
         return lambda: torch.autograd.grad(fn(x, weight, bias), (x, weight, bias), grad_out)
 
-    return Case(op="instance_norm_relu_pool", name=f"{list(shape)} {str(dtype).removeprefix('torch.')}",
-                baseline_name="eager group_norm, relu, avg_pool2d", run=grads_of(instance_norm_relu_pool),
-                baseline=grads_of(naive.instance_norm_relu_pool))
+    return Calls(grads_of(instance_norm_relu_pool), grads_of(naive.instance_norm_relu_pool))
 
 
-def _first_block_case(device: str) -> Case:
+def _first_block_setup(device: str) -> Calls:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 1, 28, 28, generator=g).to(device)
     params = [torch.randn(shape, generator=g).to(device).requires_grad_(True)
@@ -41,10 +41,13 @@ def _first_block_case(device: str) -> Case:
     def grads_of(fn):
         return lambda: torch.autograd.grad(fn(x, *params, 3), params, grad_out)
 
-    return Case(op="conv_instance_norm_relu_pool", name="[256, 1, 28, 28] -> 128, pad 3, float32",
-                baseline_name="eager conv2d, group_norm, relu, avg_pool2d", run=grads_of(conv_instance_norm_relu_pool),
-                baseline=grads_of(naive.conv_instance_norm_relu_pool))
+    return Calls(grads_of(conv_instance_norm_relu_pool), grads_of(naive.conv_instance_norm_relu_pool))
 
 
 def cases(device: str) -> list[Case]:
-    return [*(_case(shape, dtype, device) for shape in SHAPES for dtype in DTYPES), _first_block_case(device)]
+    blocks = [Case(op="instance_norm_relu_pool", name=f"{list(shape)} {str(dtype).removeprefix('torch.')}",
+                   baseline_name="eager group_norm, relu, avg_pool2d", setup=partial(_setup, shape, dtype, device))
+              for shape in SHAPES for dtype in DTYPES]
+    return [*blocks, Case(op="conv_instance_norm_relu_pool", name="[256, 1, 28, 28] -> 128, pad 3, float32",
+                          baseline_name="eager conv2d, group_norm, relu, avg_pool2d",
+                          setup=partial(_first_block_setup, device))]

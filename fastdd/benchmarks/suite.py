@@ -46,8 +46,8 @@ def timings(op: str, index: int, device: str, repeat: int) -> tuple[float, float
     earlier allocation and free, and moved single cases by 2x in either direction, unrelated to the op.
     """
     if device.startswith("cuda"):
-        case = _cases(op, device)[index]
-        seconds, baseline = paired_median_seconds([case.run, case.baseline], device, repeat, min_seconds=MIN_SECONDS)
+        calls = cases(op, device)[index].setup()
+        seconds, baseline = paired_median_seconds([calls.run, calls.baseline], device, repeat, min_seconds=MIN_SECONDS)
         return seconds, baseline
     seconds, baseline = _in_fresh_process(op, index, "time", str(repeat))
     return float(seconds), float(baseline)
@@ -61,14 +61,15 @@ def add_peaks(row: dict, op: str, index: int, device: str) -> None:
     """
     for key, which in (("peak_mib", "run"), ("baseline_peak_mib", "baseline")):
         if device.startswith("cuda"):
-            peak = peak_bytes(getattr(_cases(op, device)[index], which), device)
+            peak = peak_bytes(getattr(cases(op, device)[index].setup(), which), device)
         else:
             out = _in_fresh_process(op, index, "peak", which)[-1]
             peak = None if out == "None" else int(out)
         row[key] = None if peak is None else peak / 2**20
 
 
-def _cases(op: str, device: str) -> list[Case]:
+def cases(op: str, device: str) -> list[Case]:
+    """The cases of ``op`` on ``device`` (listed, not built: see :class:`~fastdd.benchmarks.measure.Case`)."""
     if op not in SUITES:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(SUITES)}")
     return importlib.import_module(SUITES[op]).cases(device)
@@ -76,10 +77,10 @@ def _cases(op: str, device: str) -> list[Case]:
 
 def run(ops: list[str], device: str, repeat: int = 5, progress: bool = True) -> list[dict]:
     """Rows for every case of the named ops on ``device``: all timings, then all peaks."""
-    suites = {op: _cases(op, device) for op in ops}
+    suites = {op: cases(op, device) for op in ops}
     measured = []
-    for op, cases in suites.items():
-        for index, case in enumerate(cases):
+    for op, listed in suites.items():
+        for index, case in enumerate(listed):
             seconds, baseline_seconds = timings(op, index, device, repeat)
             measured.append((op, index, timing_row(case, device, seconds, baseline_seconds)))
             if progress:
@@ -115,12 +116,12 @@ def format_table(rows: list[dict], header: bool = True) -> str:
 def _main(argv: list[str]) -> str:
     """``OP INDEX time REPEAT``: both median CPU timings; ``OP INDEX peak run|baseline``: one CPU peak in bytes."""
     op, index, what, arg = argv
-    case = _cases(op, "cpu")[int(index)]
+    calls = cases(op, "cpu")[int(index)].setup()
     if what == "time":
         keep_freed_memory()
-        seconds = paired_median_seconds([case.run, case.baseline], "cpu", int(arg), min_seconds=MIN_SECONDS)
+        seconds = paired_median_seconds([calls.run, calls.baseline], "cpu", int(arg), min_seconds=MIN_SECONDS)
         return " ".join(map(repr, seconds))
-    return str(peak_bytes(getattr(case, arg), "cpu"))
+    return str(peak_bytes(getattr(calls, arg), "cpu"))
 
 
 if __name__ == "__main__":

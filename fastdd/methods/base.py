@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd import __version__
+from fastdd.checks import one_of, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.methods.matching import matching_distance
 from fastdd.models import fused_blocks, get_network
@@ -100,29 +101,15 @@ class Distiller(ABC):
         plugins: Sequence[Plugin] = (),
         real_precision: str = "float32",
     ) -> None:
-        if not isinstance(ipc, int) or ipc < 1:
-            raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
-        init = self.default_init if init is None else init
-        if init not in self.inits:
-            raise ValueError(f"init must be one of {self.inits}, got {init!r}")
-        if real_precision not in REAL_PRECISIONS:
-            raise ValueError(f"real_precision must be one of {REAL_PRECISIONS}, got {real_precision!r}")
-        batch_real = self.default_batch_real if batch_real is None else batch_real
-        if batch_real < 1:
-            raise ValueError(f"batch_real must be >= 1, got {batch_real}")
+        self.ipc = positive_int("ipc", ipc)
+        self.init = one_of("init", self.default_init if init is None else init, self.inits)
+        self.real_precision = one_of("real_precision", real_precision, REAL_PRECISIONS)
+        self.batch_real = positive_int("batch_real", self.default_batch_real if batch_real is None else batch_real)
+        self.iterations = positive_int("iterations", self.default_iterations if iterations is None else iterations)
         self.train = train
-        self.ipc = ipc
         self.generator = generator
         self.model = model
-        self.iterations = self.default_iterations if iterations is None else iterations
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        self.lr_img = self.default_image_lr() if lr_img is None else lr_img
-        if not self.lr_img > 0:
-            raise ValueError(f"lr_img must be > 0, got {self.lr_img}")
-        self.batch_real = batch_real
-        self.init = init
-        self.real_precision = real_precision
+        self.lr_img = positive_float("lr_img", self.default_image_lr() if lr_img is None else lr_img)
         self.plugins = list(plugins)
         self.device = train.images.device
         self.num_classes = train.num_classes

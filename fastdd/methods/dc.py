@@ -19,10 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from fastdd.augment import DSA, dsa_strategy_for
+from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
 from fastdd.methods.base import Distiller
 from fastdd.models import has_batchnorm
 from fastdd.ops import METRICS
-from fastdd.train import train_epoch
+from fastdd.train import train_epochs
 
 # (outer_loop, inner_loop) of the reference implementation, by images per class.
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -36,8 +37,7 @@ def get_loops(ipc: int) -> tuple[int, int]:
     ``inner_loop = clamp(round(500 / ipc), 1, 50)``, which reproduces the table's 10, 20 and 50
     rows and keeps about 500 network epochs per outer iteration (IPC 100: (100, 5)).
     """
-    if ipc < 1:
-        raise ValueError(f"ipc must be >= 1, got {ipc}")
+    positive_int("ipc", ipc)
     if ipc in LOOPS:
         return LOOPS[ipc]
     return ipc, min(50, max(1, round(500 / ipc)))
@@ -62,16 +62,12 @@ class DC(Distiller):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.metric = one_of("metric", metric, METRICS)
         default_outer, default_inner = get_loops(self.ipc)
-        self.outer_loop = default_outer if outer_loop is None else outer_loop
-        self.inner_loop = default_inner if inner_loop is None else inner_loop
-        if self.outer_loop < 1 or self.inner_loop < 0:
-            raise ValueError(f"need outer_loop >= 1 and inner_loop >= 0, got {self.outer_loop}, {self.inner_loop}")
-        self.lr_net = lr_net
-        self.batch_train = batch_train
-        self.metric = metric
+        self.outer_loop = positive_int("outer_loop", default_outer if outer_loop is None else outer_loop)
+        self.inner_loop = nonnegative_int("inner_loop", default_inner if inner_loop is None else inner_loop)
+        self.lr_net = positive_float("lr_net", lr_net)
+        self.batch_train = positive_int("batch_train", batch_train)
         self.dsa = DSA(dsa_strategy_for(self.train.name)) if self.uses_dsa else None
 
     def hparams(self) -> dict[str, Any]:
@@ -125,9 +121,8 @@ class DC(Distiller):
             total += self.update_images(loss, net)
             if outer == self.outer_loop - 1:
                 break
-            images, labels = self.images.detach().clone(), self.labels
-            for _ in range(self.inner_loop):
-                train_epoch(net, images, labels, net_optimizer, self.generator, self.batch_train, self.dsa)
+            train_epochs(net, self.images.detach().clone(), self.labels, net_optimizer, self.generator,
+                         self.inner_loop, batch_size=self.batch_train, augment=self.dsa)
         return {"loss": total / self.outer_loop}
 
 

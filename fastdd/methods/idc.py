@@ -8,39 +8,8 @@ conv weights on a real batch and on the class's decoded images (both under the s
 augmentation) are compared with ``mse`` or ``l1``; one SGD step moves the stored images on the sum
 over classes; the network then trains one pass over ``net_images`` random real images.
 
-Defaults, from the original code (github.com/snu-mllab/Efficient-Dataset-Condensation; files named
-below), for the data sets it ran with ConvNet-3 (MNIST, Fashion-MNIST, SVHN, CIFAR-10):
-
-- ``iterations`` 2000: ``misc/reproduce.py`` sets ``niter=2000``; ``condense.py`` runs
-  ``niter * 100 // inner_loop`` outer iterations, a fresh network each (``fix_iter=-1``).
-- ``match_steps`` 100: ``argument.py`` ``inner_loop``.
-- ``metric``: ``l1`` for 1-channel sets, ``mse`` otherwise (``misc/reproduce.py``: mse for CIFAR-10
-  and SVHN, l1 for MNIST and Fashion-MNIST); only conv weights are matched (``--bias False``,
-  ``--fc False``).
-- ``lr_img``: 5e-3 (mse) or 1e-4 (l1) in [0, 1] pixel units (``misc/reproduce.py``) times
-  ``ipc / 10`` (``tune_lr_img``); fastdd's images live in the normalised space, where the same
-  steps need the rate divided by std² (the mean over channels: exact for one channel, within 2 %
-  per channel for CIFAR-10 and SVHN).
-  Momentum 0.5 (``mom_img``).
-- ``batch_real`` 64 real images per class per matching step, also the batch size of the network's
-  training (``argument.py``); ``batch_syn`` 128: at most that many decoded images per class per
-  step, a random subset when there are more (``batch_syn_max``).
-- ``net_images`` 500, 2000 for CIFAR-10 (``n_data``); network SGD lr 0.01, momentum 0.9, weight
-  decay 5e-4 (``argument.py`` ``lr``, ``momentum``, ``weight_decay``).
-- ``factor`` 2, 3 from 224 px on (``README.md``: 3 for ImageNet, 2 for the others); ``init``
-  'mix' (``argument.py`` for factor > 1; with factor 1 it equals 'real').
-- Matching augmentation: colour, crop and cutout, each drawn once per class and applied to the real
-  and the decoded batch alike (``aug_type='color_crop_cutout'`` with ``DiffAug(batch=True)``, which
-  applies colour and cutout always); colour and crop for MNIST with factor > 1
-  (``misc/reproduce.py``). Network training: colour and crop per image (``aug_rand``).
-
-Deliberate differences: one image step per matching step on the sum over classes (the original
-steps after each class; the classes' images are disjoint and the network does not change in
-between, so the gradients are the same); the network's training on real data uses no CutMix (the
-original mixes with probability 0.5) and is skipped after the last matching step, where the network
-is discarded; Fashion-MNIST's rate is not multiplied by (28/32)² (an artefact of the original's
-32 px base size); sides that ``factor`` does not divide get patches one pixel apart in size rather
-than grey padding.
+The defaults and their sources in the original code (github.com/snu-mllab/Efficient-Dataset-Condensation),
+and the deliberate differences from it, are in docs/methods.md, "IDC".
 """
 
 from __future__ import annotations
@@ -51,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdd.augment import DSA, DSAParams
+from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.methods.base import INITS, Distiller
 from fastdd.methods.multiformation import check_factor, decode, mix_init
@@ -82,7 +52,7 @@ def conv_weights(net: nn.Module) -> list[nn.Parameter]:
 
 
 class IDC(Distiller):
-    """Multi-formation gradient matching; defaults and their sources in the module docstring.
+    """Multi-formation gradient matching (module docstring; defaults and their sources in docs/methods.md).
 
     Args (besides the Distiller's):
         factor: patches per side of a stored image (default 2; 3 for images of 224 px and more).
@@ -115,19 +85,13 @@ class IDC(Distiller):
     ) -> None:
         self.factor = default_factor(train.height, train.width) if factor is None else factor
         check_factor(self.factor, train.height, train.width)
-        self.metric = ("l1" if train.channels == 1 else "mse") if metric is None else metric
-        if self.metric not in IDC_METRICS:
-            raise ValueError(f"metric must be one of {IDC_METRICS}, got {self.metric!r}")
-        self.net_images = NET_IMAGES.get(train.name, 500) if net_images is None else net_images
-        for arg, value, least in (("match_steps", match_steps, 1), ("net_images", self.net_images, 0),
-                                  ("batch_syn", batch_syn, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{arg} must be an integer >= {least}, got {value!r}")
-        if not lr_net > 0:
-            raise ValueError(f"lr_net must be > 0, got {lr_net}")
-        self.match_steps = match_steps
-        self.batch_syn = batch_syn
-        self.lr_net = lr_net
+        self.metric = one_of("metric", ("l1" if train.channels == 1 else "mse") if metric is None else metric,
+                             IDC_METRICS)
+        self.net_images = nonnegative_int("net_images",
+                                          NET_IMAGES.get(train.name, 500) if net_images is None else net_images)
+        self.match_steps = positive_int("match_steps", match_steps)
+        self.batch_syn = positive_int("batch_syn", batch_syn)
+        self.lr_net = positive_float("lr_net", lr_net)
         super().__init__(train, ipc, generator, **kwargs)
         self.match_augments = tuple(DSA(op) for op in matching_ops(self.train.name, self.factor))
         self.net_augments = tuple(DSA(op) for op in NET_OPS)

@@ -1,88 +1,38 @@
-"""MTT: dataset distillation by matching training trajectories (docs/design.md section 2; Cazenavette et al., CVPR 2022).
+"""MTT: dataset distillation by matching training trajectories (docs/design.md section 2; Cazenavette et al., CVPR
+2022). The defaults and their sources, what the lean mode drops, the guard rails and the differences from the
+original code are in docs/methods.md, "MTT".
 
 Expert trajectories (:mod:`fastdd.trajectory`, made by ``fastdd experts``) hold the parameters of
 networks trained on the real data after every epoch. One iteration: draw an expert and a start epoch
 ``s < max_start_epoch``; ``theta_0`` = the expert's row ``s``, ``theta*`` = row ``s + expert_epochs``;
 from ``theta_0``, take ``syn_steps`` plain SGD steps ``theta_{i+1} = theta_i - alpha * g_i`` of the
 student (the run's network, evaluated with ``torch.func.functional_call`` on the flat parameter
-vector) on minibatches of ``batch_syn`` synthetic images, each augmented by DSA; ``alpha`` is a
-learned learning rate (``syn_lr``). Loss ``L = |theta_N - theta*|^2 / |theta_0 - theta*|^2``; one
-SGD step (momentum 0.5) on the images (``lr_img``) and one on ``syn_lr`` (``lr_lr``). The learned
-rate is the synthetic set's ``lr``: the evaluation trains with it (``fastdd.evaluation``).
+vector) on minibatches of ``batch_syn`` synthetic images (the chunks of a random permutation, a new one
+when used up), each augmented by DSA; ``alpha`` is a learned learning rate (``syn_lr``). Loss
+``L = |theta_N - theta*|^2 / |theta_0 - theta*|^2``; one SGD step (momentum 0.5) on the images
+(``lr_img``) and one on ``syn_lr`` (``lr_lr``). The learned rate is the synthetic set's ``lr``: the
+evaluation trains with it (``fastdd.evaluation``). Only the rows ``0 .. max_start_epoch +
+expert_epochs - 1`` of each expert are kept in memory.
 
 Modes (``mode``):
 
 - ``"exact"``: the original's computation: every step's gradient is taken with ``create_graph`` and
-  ``L`` is back-propagated through the whole unrolled graph; memory grows linearly with
-  ``syn_steps`` (every step's activations and double-backward buffers are held).
+  ``L`` is back-propagated through the whole unrolled graph; memory grows linearly with ``syn_steps``.
 - ``"lean"``: TESLA's decomposition (Cui et al., ICML 2023), memory independent of ``syn_steps``.
   Pass 1 runs the unroll without any graph to get ``theta_N`` and ``G = sum_i g_i``; then
   ``lambda = dL/dtheta_N = 2 (theta_N - theta*) / |theta_0 - theta*|^2``. Pass 2 re-runs the
   unroll from ``theta_0`` with the same batches and augmentation; at step ``i`` it builds ``g_i``
   with ``create_graph`` w.r.t. the images only, back-propagates the cotangent ``-alpha * lambda``
-  into the images, and frees that step's graph. ``syn_lr``'s gradient is ``-lambda . G``.
-
-What ``"lean"`` drops. With ``X_i`` the augmented batch of step ``i`` (a function of the images
-``S``), ``J_i = dg_i/dS`` at fixed ``theta_i``, and ``H_j = dg_j/dtheta`` (the Hessian of step
-``j``'s cross-entropy at ``theta_j``), the exact gradients are::
-
-    dL/dS     = -alpha * sum_i J_i^T P_i^T lambda,     P_i = (I - alpha H_{N-1}) ... (I - alpha H_{i+1})
-    dL/dalpha = -sum_i g_i^T P_i^T lambda
-
-(``P_{N-1} = I``). ``"lean"`` takes every ``P_i = I``: it is the exact gradient of ``L`` with each
-``theta_i`` at which ``g_i`` is evaluated held constant (a stop-gradient), i.e. it ignores how the
-images of step ``i`` move the later steps' starting points. The dropped parts are
-``-alpha * sum_i J_i^T (P_i - I)^T lambda = alpha^2 * sum_i J_i^T (sum_{j>i} H_j) lambda + O(alpha^3)``
-for the images and ``alpha * sum_i g_i^T (sum_{j>i} H_j) lambda + O(alpha^2)`` for ``syn_lr``: second
-order in the step size for the images, first order for the rate. Both modes give the same loss;
-their gradients are equal for ``syn_steps = 1``, and the last step's contribution is always exact.
-Pass 1 costs one forward and backward pass per step more than the exact mode (``bench/mtt_memory.py``
-measures both modes); the exact mode stays available for the exact gradient.
-
-Defaults, from the original code (github.com/GeorgeCazenavette/mtt-distillation, ``distill.py``, and
-the per-data-set hyper-parameter table its ``readme.md`` links, the paper's Table 6), chosen for the
-MNIST-like sets fastdd targets first (the paper has no MNIST-like row):
-
-- ``iterations`` 5000: ``--Iteration``.
-- ``syn_steps`` 20: ``--syn_steps``; also the MNIST IPC-10 command of a public MTT-on-MNIST
-  replication (ECE1512 2022F project B readme: ``--syn_steps=20 --expert_epochs=2
-  --max_start_epoch=4 --lr_img=1000 --lr_lr=1e-05 --lr_teacher=0.01``) and the table's CIFAR-100
-  IPC 1 and 10 rows.
-- ``expert_epochs`` 2: every CIFAR-10 row of the table and that MNIST command (``distill.py``'s
-  default is 3).
-- ``max_start_epoch`` 2 at IPC 1 (the table's CIFAR-10 IPC-1 row), 4 otherwise (the MNIST
-  command at IPC 10). Larger sets match later parts of training in the table (CIFAR-10 IPC 50: 40);
-  raise it for IPC 50 and up. The experts must hold ``max_start_epoch + expert_epochs - 1`` epochs.
-- ``lr_img`` 1000: ``--lr_img``, the MNIST command, and the table's rows without ZCA. The original
-  without ZCA distils in the same normalised space ((x - mean) / std) as fastdd, so the rate
-  carries over unchanged.
-- ``lr_lr`` 1e-5: ``--lr_lr`` and the MNIST command. ``syn_lr`` 0.01 (the rate's initial value):
-  ``--lr_teacher``, the experts' training rate (``buffer.py``).
-- ``batch_syn``: all ``num_classes * ipc`` images per step (``distill.py`` when ``--batch_syn`` is
-  not given); minibatches are the chunks of a random permutation, a new one when used up.
-- ``init`` real (``--pix_init real``); DSA on every synthetic batch with one op per call and
-  independent parameters per image (``DiffAugment`` with ``aug_mode='S'``, unseeded), strategy
-  :func:`fastdd.augment.dsa_strategy_for` the data set (the original uses
-  ``color_crop_cutout_flip_scale_rotate`` everywhere).
-- evaluation: 1000 epochs with DSA at the learned rate (``--epoch_eval_train 1000``, ``dsa``,
-  ``args.lr_net = syn_lr.item()``).
-
-Guard rails the original lacks: a non-finite loss (checked before any update), or a learned rate
-that is not finite, not positive, or above ``MAX_LR_GROWTH`` times its initial value after the
-update, raise :class:`fastdd.errors.NonFiniteError` naming the iteration and the values.
-
-Differences: the expert and the start epoch are drawn from the run's generator each iteration (the
-original walks a shuffled buffer of experts); only the rows ``0 .. max_start_epoch + expert_epochs
-- 1`` of each expert are kept in memory; ZCA whitening (the original's ``--zca``) is a property of
-the data sets (:mod:`fastdd.data.zca`), and experts must have been made in the same space.
+  into the images, and frees that step's graph. ``syn_lr``'s gradient is ``-lambda . G``. This is the
+  exact gradient with every ``theta_i`` at which ``g_i`` is evaluated held constant (a stop-gradient):
+  the same loss, the same gradients for ``syn_steps = 1``.
 
 Plug-ins: SDC only (:mod:`fastdd.methods.sdc`; the others need a network module, the students here are
 parameter vectors). Its term is taken at every unrolled student ``theta_0 .. theta_{N-1}`` on all the
-synthetic images (not augmented) and averaged over the ``N`` students, so its scale does not depend on
-``syn_steps``: ``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode it is part of the
-unrolled graph (its gradient also reaches the images and ``syn_lr`` through ``theta_i``). In the lean mode
-each student's term is built and back-propagated during pass 2 with ``theta_i`` held constant, the same
-stop-gradient the lean matching gradient makes, so memory stays flat; ``syn_lr`` gets no gradient from it.
+synthetic images (not augmented) and averaged over the ``N`` students:
+``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode it is part of the unrolled graph;
+in the lean mode each student's term is back-propagated during pass 2 with ``theta_i`` held constant, so
+``syn_lr`` gets no gradient from it.
 """
 
 from __future__ import annotations
@@ -99,44 +49,35 @@ from torch import Tensor
 from torch.func import functional_call
 
 from fastdd.augment import DSA, DSAParams, dsa_strategy_for
+from fastdd.checks import one_of, positive_float, positive_int
 from fastdd.data import RealDataset
+from fastdd.errors import NonFiniteError
 from fastdd.methods.base import Distiller, Plugin
 from fastdd.methods.sdc import SDC
-from fastdd.data.zca import regularization_of
-from fastdd.errors import NonFiniteError
 from fastdd.synset import SyntheticSet
-from fastdd.trajectory import Trajectory
+from fastdd.trajectory import Trajectory, check_setup, expert_paths, run_setup
 
 MODES = ("exact", "lean")
 MAX_LR_GROWTH = 100.0  # the learned rate may grow to this multiple of its initial value
-EXPERT_FILES = "expert_[0-9][0-9][0-9][0-9].pt"
 
 
 def default_max_start_epoch(ipc: int) -> int:
-    """2 at IPC 1, 4 otherwise (sources in the module docstring)."""
+    """2 at IPC 1, 4 otherwise (sources in docs/methods.md)."""
     return 2 if ipc == 1 else 4
 
 
-def load_expert_rows(directory: str | Path, rows: int, expected: dict[str, Any]) -> Tensor:
+def load_expert_rows(directory: str | Path, rows: int, setup: dict[str, Any]) -> Tensor:
     """Rows ``0 .. rows - 1`` of every expert in ``directory``: float32 [experts, rows, P] on CPU.
 
-    Files are read one at a time and only these rows are kept. Each expert's ``meta`` must agree
-    with ``expected`` (data set, model, channels, classes, image size) and hold at least
-    ``rows - 1`` epochs; a ValueError says what differs.
+    Files are read one at a time and only these rows are kept. Each expert must have been made in the
+    run's ``setup`` (:func:`fastdd.trajectory.run_setup`) and hold at least ``rows - 1`` epochs; a
+    ValueError says what differs.
     """
-    directory = Path(directory)
-    paths = sorted(directory.glob(EXPERT_FILES))
-    if not paths:
-        raise FileNotFoundError(f"experts: no expert trajectories (expert_NNNN.pt) in {directory}: "
-                                f"make them with `fastdd experts --out {directory} ...`")
+    paths = expert_paths(directory)
     kept = []
     for path in paths:
         expert = Trajectory.load(path)
-        made = {k: list(expert.meta[k]) if k == "im_size" else expert.meta.get(k) for k in expected}
-        if made != expected:
-            diff = ", ".join(f"{k} {made[k]!r} (this run: {expected[k]!r})" for k in expected if made[k] != expected[k])
-            raise ValueError(f"experts: {path} was made for another set-up: {diff}; make experts for this data set "
-                             "and model with `fastdd experts`")
+        check_setup(expert, path, setup)
         if expert.params.shape[0] < rows:
             raise ValueError(f"max_start_epoch + expert_epochs - 1 = {rows - 1} epochs are needed, but {path} holds "
                              f"{expert.epochs}: lower max_start_epoch or expert_epochs, or train longer experts")
@@ -161,24 +102,14 @@ class Unroll:
     batches: tuple[tuple[Tensor, DSAParams], ...]
 
 
-def _check_int(arg: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
-
-
-def _check_rate(arg: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{arg} must be a finite number > 0, got {value!r}")
-
-
 class MTT(Distiller):
-    """Trajectory matching with a learned learning rate; modes, defaults and sources in the module docstring.
+    """Trajectory matching with a learned learning rate (module docstring; defaults and sources in docs/methods.md).
 
     Args (besides the Distiller's ``train``, ``ipc``, ``generator``, ``model``, ``iterations``,
     ``lr_img``, ``init``):
         experts: directory of expert trajectories for this data set and model (``fastdd experts``).
         mode: ``"exact"`` (the original's unrolled graph) or ``"lean"`` (memory independent of
-            ``syn_steps``; drops the terms the module docstring states).
+            ``syn_steps``; the stop-gradient the module docstring states).
         syn_steps: SGD steps of the student per iteration (20).
         expert_epochs: expert epochs between the start and the target parameters (2).
         max_start_epoch: start epochs are drawn from ``0 .. max_start_epoch - 1`` (2 at IPC 1, else 4).
@@ -214,16 +145,14 @@ class MTT(Distiller):
         plugins: Sequence[Plugin] = (),
         **kwargs: Any,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        one_of("mode", mode, MODES)
         max_start_epoch = default_max_start_epoch(ipc) if max_start_epoch is None else max_start_epoch
         for arg, value in (("syn_steps", syn_steps), ("expert_epochs", expert_epochs),
                            ("max_start_epoch", max_start_epoch)):
-            _check_int(arg, value)
+            positive_int(arg, value)
         if batch_syn is not None:
-            _check_int("batch_syn", batch_syn)
-        _check_rate("lr_lr", lr_lr)
-        _check_rate("syn_lr", syn_lr)
+            positive_int("batch_syn", batch_syn)
+        lr_lr, syn_lr = positive_float("lr_lr", lr_lr), positive_float("syn_lr", syn_lr)
         if batch_real is not None:
             raise ValueError("batch_real does not apply to MTT, which draws no real batches (see batch_syn)")
         if real_precision != "float32":
@@ -239,13 +168,11 @@ class MTT(Distiller):
         self.expert_epochs = expert_epochs
         self.max_start_epoch = max_start_epoch
         self.batch_syn = self.num_classes * ipc if batch_syn is None else batch_syn
-        self.lr_lr = float(lr_lr)
-        self.syn_lr_init = float(syn_lr)
+        self.lr_lr = lr_lr
+        self.syn_lr_init = syn_lr
         self.experts = Path(experts)
-        expected = {"dataset": train.name, "model": self.model, "channels": train.channels,
-                    "num_classes": train.num_classes, "im_size": [train.height, train.width],
-                    "zca": regularization_of(train)}
-        self.expert_rows = load_expert_rows(self.experts, max_start_epoch + expert_epochs, expected)
+        self.expert_rows = load_expert_rows(self.experts, max_start_epoch + expert_epochs,
+                                            run_setup(train, self.model))
         self.student = self.new_network().requires_grad_(False).train()
         named = list(self.student.named_parameters())
         self._names = [n for n, _ in named]
@@ -296,7 +223,7 @@ class MTT(Distiller):
     # ----------------------------------------------------------------------------- gradients
     def backward(self, unroll: Unroll) -> float:
         """Set ``images.grad`` and ``syn_lr.grad`` to the gradients of ``unroll``'s loss (``mode``'s
-        computation, see the module docstring); returns the loss."""
+        computation, module docstring); returns the loss."""
         rows = self.expert_rows[unroll.expert]
         theta0 = rows[unroll.start].to(self.device)
         target = rows[unroll.start + self.expert_epochs].to(self.device)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdd.checks import positive_int
 from fastdd.data import RealDataset
 
 __all__ = ["check_factor", "decode", "mix_images", "mix_init", "patch_bounds"]
@@ -25,8 +26,7 @@ __all__ = ["check_factor", "decode", "mix_images", "mix_init", "patch_bounds"]
 
 def check_factor(factor: int, height: int, width: int) -> None:
     """ValueError unless ``factor`` is an integer in [1, min(height, width)]."""
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor must be a positive integer, got {factor!r}")
+    positive_int("factor", factor)
     if factor > min(height, width):
         raise ValueError(f"factor must be at most the image side {min(height, width)}, got {factor}")
 
@@ -93,8 +93,7 @@ def mix_init(train: RealDataset, ipc: int, factor: int, generator: torch.Generat
     (:func:`mix_images`), ``ipc * factor²`` drawn per class from ``generator``; a class with fewer
     images reuses them in the drawn order.
     """
-    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
-        raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
+    positive_int("ipc", ipc)
     check_factor(factor, train.height, train.width)
     need = ipc * factor**2
     grids = []

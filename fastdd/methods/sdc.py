@@ -1,49 +1,81 @@
-"""SDC, sample difficulty correction, as a plug-in to any distiller (docs/design.md section 3; our definition).
+"""SDC, sample difficulty correction: the GraDN difficulty measure and the plug-in that adds it to any distiller's
+loss (docs/design.md section 3; our definition, its choices and measurements in docs/methods.md, "SDC").
 
-At every image update the plug-in adds ``lambda * mean_s GraDN(s; theta_t)`` to the method's loss:
-``s`` runs over the synthetic training images, ``theta_t`` is the network the method matches with at
-that step and GraDN is :func:`fastdd.sdc.gradn` over all of its parameters (also those DM freezes).
-The term is differentiable w.r.t. the images (per-sample gradient norms with ``create_graph``), so the
-update also lowers the synthetic images' gradient norms: it steers them toward easy samples.
+``GraDN(x, y; theta) = |grad_theta CE(f_theta(x), y)|_2``: per sample, over all parameters of the
+network, computed by :func:`fastdd.ops.per_sample_grad_norm` without forming per-sample gradients;
+:func:`gradn` averages it over networks. Units: the Euclidean norm of the gradient of one sample's
+cross-entropy (nats) w.r.t. the parameters. Values depend on the architecture and on the networks,
+so only sets scored with the same networks are compared (:mod:`fastdd.difficulty` scores data sets).
 
-- Images: ``distiller.training_images()``: the stored images for DC, DSA and DM (not augmented),
-  IDC's decoded images (all of them, also when its matching step draws a subset of ``batch_syn``).
-- ``lambda(IPC) = LAMBDA0[method] / IPC`` by default (:func:`default_lambda`): the data-pruning
-  scaling-law argument says small sets should favour easy samples and large ones should not, so the
-  correction fades as the set grows. Chosen by an accuracy sweep of DC on Fashion-MNIST
-  (docs/methods.md): ``LAMBDA0`` 10 was the best of 0 / 10 / 100 at IPC 1, and at IPC 10 a constant
-  lambda of 10 was the worst of 0 / 0.1 / 1 / 10 while ``10 / IPC`` stays within the spread of no term.
-  The other methods' values are set by pull ratio, not swept: ``LAMBDA0`` puts the term's image
-  gradient at about a tenth of the method's at IPC 1 (Fashion-MNIST, ConvNet, a fresh network and
-  real initial images; at lambda 1 the ratio measured 0.008 for DC and DSA, 0.005 to 0.007 for DM, 0.00028 for IDC, whose l1 loss is large;
-  docs/methods.md). ``lambda = 0`` adds nothing and costs nothing.
-- MTT: the term at every unrolled student, averaged over the students (``fastdd.methods.mtt``), through
-  :meth:`SDC.term`'s ``params``; at lambda 1 its image gradient measured 46 to 67 times MTT's own at
-  IPC 1 (MTT's loss is normalised), hence ``LAMBDA0["mtt"]`` = 0.002.
+The plug-in adds ``lambda * mean_s GraDN(s; theta_t)`` to the method's loss at every image update:
+``s`` runs over the synthetic training images (``distiller.training_images()``: the stored images
+for DC, DSA and DM, not augmented; all of IDC's decoded images) and ``theta_t`` is the network the
+method matches with at that step, all of its parameters counted (also those DM freezes). The term is
+differentiable w.r.t. the images (per-sample gradient norms with ``create_graph``), so the update
+also lowers the synthetic images' gradient norms: it steers them toward easy samples.
+
+- ``lambda(IPC) = LAMBDA0[method] / IPC`` by default (:func:`default_lambda`): the correction fades as
+  the set grows; ``lambda = 0`` adds nothing and costs nothing.
+- MTT: the term at every unrolled student, averaged over the students (:mod:`fastdd.methods.mtt`),
+  through :meth:`SDC.term`'s ``params``.
 - Cost per image update: one forward and one backward pass over the synthetic images for the norms,
-  and their double backward through the image update (bench/sdc_overhead.py measures it).
+  and their double backward through the image update.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fastdd.checks import nonnegative_float, one_of, positive_int
 from fastdd.methods.base import Distiller, Plugin
-from fastdd.sdc import gradn
+from fastdd.ops import per_sample_grad_norm
 
-LAMBDA0 = {"dc": 10.0, "dsa": 10.0, "dm": 20.0, "idc": 400.0, "mtt": 0.002}  # module docstring
+CHUNK_SIZE = 256  # samples per per_sample_grad_norm pass
+# lambda at IPC 1 by method: a DC sweep for DC and DSA, the term's pull on the images for the others (docs/methods.md)
+LAMBDA0 = {"dc": 10.0, "dsa": 10.0, "dm": 20.0, "idc": 400.0, "mtt": 0.002}
+
+
+@contextlib.contextmanager
+def all_parameters_trainable(models: Sequence[nn.Module]) -> Iterator[None]:
+    """Within it every parameter of ``models`` requires grad (GraDN is over all of them, also those a
+    method freezes, as DM does); the flags are restored on exit."""
+    params = [p for m in models for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def gradn(models: nn.Module | Sequence[nn.Module], x: Tensor, y: Tensor, *, chunk_size: int = CHUNK_SIZE,
+          create_graph: bool = False) -> Tensor:
+    """[B] GraDN of every sample, the mean over ``models`` of its per-sample gradient norm.
+
+    models: one network or a non-empty sequence of them (no BatchNorm: it mixes samples); x [B, C, H, W]
+    float images in the normalised space; y [B] int64 labels. Samples go through ``chunk_size`` at a
+    time. With ``create_graph`` the result is differentiable w.r.t. x (and the parameters).
+    """
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise ValueError("models must be a network or a non-empty sequence of networks")
+    with all_parameters_trainable(models):
+        norms = [per_sample_grad_norm(m, x, y, create_graph=create_graph, chunk_size=chunk_size) for m in models]
+    return torch.stack(norms).mean(0)
 
 
 def default_lambda(ipc: int, method: str) -> float:
     """The default weight of the SDC term for ``method`` at ``ipc`` images per class: ``LAMBDA0[method] / ipc``."""
-    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
-        raise ValueError(f"ipc must be a positive integer, got {ipc!r}")
-    if method not in LAMBDA0:
-        raise ValueError(f"method must be one of {sorted(LAMBDA0)} for a default SDC lambda, got {method!r}")
+    positive_int("ipc", ipc)
+    one_of("method (for a default SDC lambda)", method, LAMBDA0)
     return LAMBDA0[method] / ipc
 
 
@@ -68,9 +100,7 @@ class SDC(Plugin):
     name = "sdc"
 
     def __init__(self, lam: float) -> None:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"lam (--sdc-lambda) must be a finite number >= 0, got {lam!r}")
-        self.lam = float(lam)
+        self.lam = nonnegative_float("lam (--sdc-lambda)", lam)
 
     def term(self, net: nn.Module, x: Tensor, y: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         """Scalar ``lam * mean GraDN`` of x [N, C, H, W] (labels y [N]) at ``net``, differentiable w.r.t. x.

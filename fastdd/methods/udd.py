@@ -1,22 +1,33 @@
-"""UDD, mining underutilized regions, as a plug-in to the gradient-matching distillers (docs/design.md section 3;
-our definitions, the pieces in :mod:`fastdd.udd`).
+"""UDD, mining underutilized regions: the region masks, the region-masked category-wise contrastive term and the
+plug-in that adds it to the gradient-matching distillers (docs/design.md section 3; our definitions, their
+choices and measurements in docs/methods.md, "UDD").
 
-At every image update the plug-in adds ``beta * L_c`` to the method's matching loss. ``L_c`` is the
-region-masked category-wise contrastive loss of the synthetic training images (IDC's decoded images; the
-stored images themselves for DC and DSA, i.e. factor 1) at the method's network: their feature maps are
-average-pooled over their underutilized cells only, and classified against the class prototypes of the
-current real batches (the first ``prototype_images`` of each class's batch, same network, no gradient)
-with temperature ``tau``. The masks are mined again every ``every`` image updates (and at the first),
-against the cells of those same real images (:func:`fastdd.udd.underutilized`):
+Responses. A network with a ``feature_map(x)`` method (ConvNet: its last block's activations before the
+pooling, 8 x 8 for Fashion-MNIST and CIFAR) gives every image a response map [1, h, w]: the channel mean
+of the absolute activations. Its ``h x w`` positions are the *cells*, each covering a patch of the image.
+A cell of a synthetic image is underutilized when its response lies strictly below the ``quantile``-th
+quantile of the cells of real reference images, mapped the same way by the same network
+(:func:`underutilized`): at the first mining a set initialised from real images has about that share
+mined, and the share falls as synthesis puts information into the idle cells. Masks are float
+[N, 1, h, w], 1 on underutilized cells. Two policies:
 
-- ``"response"``: by a proxy network trained briefly on real data (:func:`fastdd.udd.proxy_network`; its
-  seed is drawn once from the run's generator, so one seed gives one proxy, cached and reused);
-- ``"jitter"``: by the method's network at that update, under ``jitters`` random shifts of up to an
-  eighth of the image side.
+- ``"response"`` (:func:`response_masks`): the responses of a proxy network trained briefly on real
+  data (:func:`proxy_network`; its seed is drawn once from the run's generator, so one seed gives one
+  proxy, cached on disk and reused).
+- ``"jitter"`` (:func:`jitter_masks`): the responses of the method's network at that update to the image
+  and to ``jitters`` copies shifted by random whole pixels (zero fill, up to an eighth of the image
+  side), each shifted back onto the image's grid at image resolution; a cell counts by its largest
+  response over these views (the reference images go through the same shifts). Cells that are low
+  only because of where they sit are not marked.
 
-Defaults (provisional, docs/methods.md): ``quantile`` 0.25 (real images' lowest quarter), ``tau`` 0.01, ``every``
-50 image updates (twice per IDC outer iteration), ``jitters`` 4, ``prototype_images`` 32, ``beta`` from
-:func:`default_beta`; the ``auto`` policy is ``AUTO_POLICY``.
+The term. At every image update the plug-in adds ``beta * L_c`` to the method's matching loss. ``L_c``
+(:func:`region_contrastive`) is ``masked_feature_contrastive`` of the synthetic training images' feature
+maps (IDC's decoded images; the stored images for DC and DSA, i.e. factor 1) at the method's network,
+average-pooled over their underutilized cells only, against class prototypes (:func:`class_prototypes`:
+the mean over a class's real images of the globally average-pooled map) of the current real batches
+(the first ``prototype_images`` of each class's batch, same network, no gradient), with temperature
+``tau``. The masks are mined again every ``every`` image updates (and at the first), against the cells
+of those same real images.
 
 Outputs beside the synthetic set (:meth:`UDD.write_outputs`): the stored images with their underutilized
 regions outlined in red at the first mining (``udd_regions_start.png``) and at the latest
@@ -26,37 +37,191 @@ regions outlined in red at the first mining (``udd_regions_start.png``) and at t
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdd.augment import DSA, dsa_strategy_for
+from fastdd.checks import nonnegative_float, one_of, open_fraction, positive_float, positive_int
+from fastdd.data import RealDataset
+from fastdd.io import atomic_torch_save
 from fastdd.methods.base import Distiller, Plugin
-from fastdd.sdc import require_matplotlib, save_figure
-from fastdd.udd import (class_prototypes, decoded_to_stored, default_max_shift, feature_map, jitter_masks,
-                        proxy_network, region_contrastive, response_masks)
+from fastdd.methods.multiformation import mix_images
+from fastdd.models import get_network
+from fastdd.ops import masked_feature_contrastive
+from fastdd.plots import plot_underutilized_share
+from fastdd.train import train_epochs
+from fastdd.trajectory import run_setup
 
 POLICIES = ("response", "jitter")
 METHODS = ("dc", "dsa", "idc")  # gradient matching; UDD is defined on IDC, and applies with factor 1
-BETA0 = {"dc": 200.0, "dsa": 200.0, "idc": 6000.0}  # provisional: see default_beta
+BETA0 = {"dc": 200.0, "dsa": 200.0, "idc": 6000.0}  # provisional: the term's pull on the images (docs/methods.md)
 # ``--udd-policy auto``: jitter beat response on Fashion-MNIST IDC at IPC 1 (docs/methods.md), and needs no proxy
 AUTO_POLICY = "jitter"
 START_PICTURE, LATEST_PICTURE, SHARE_PLOT = "udd_regions_start.png", "udd_regions_latest.png", "udd_share.png"
+PROXY_IMAGES = 10_000  # random real training images the proxy sees
+PROXY_EPOCHS = 1
+PROXY_LR, PROXY_MOMENTUM, PROXY_BATCH = 0.01, 0.9, 256
+
+
+def feature_map(net: nn.Module, x: Tensor) -> Tensor:
+    """``net.feature_map(x)``: x [N, C, H, W] -> [N, C', h, w]; ValueError for a network without one."""
+    method = getattr(net, "feature_map", None)
+    if not callable(method):
+        raise ValueError(f"UDD needs a network with a feature_map(x) method (ConvNet, ResNet18), "
+                         f"got {type(net).__name__}")
+    out = method(x)
+    if out.dim() != 4:
+        raise ValueError(f"{type(net).__name__}.feature_map must return [N, C, h, w], got shape {tuple(out.shape)}")
+    return out
+
+
+def response(net: nn.Module, x: Tensor) -> Tensor:
+    """Response maps [N, 1, h, w]: the channel mean of |feature_map(x)|."""
+    return feature_map(net, x).abs().mean(1, keepdim=True)
+
+
+def underutilized(cells: Tensor, reference: Tensor, quantile: float) -> Tensor:
+    """Float mask [N, 1, h, w]: 1 where a cell of ``cells`` [N, 1, h, w] is strictly below the ``quantile``-th
+    quantile of all the cells of ``reference`` [R, 1, h', w'] (linear interpolation, as ``torch.quantile``)."""
+    open_fraction("quantile", quantile)
+    if reference.numel() == 0:
+        raise ValueError("reference: no reference cells to take the quantile of")
+    threshold = torch.quantile(reference.flatten().float(), quantile)
+    return (cells < threshold).to(cells.dtype)
+
+
+@torch.no_grad()
+def response_masks(net: nn.Module, x: Tensor, reference: Tensor, quantile: float) -> Tensor:
+    """Underutilized cells [N, 1, h, w] of images x [N, C, H, W] by ``net``'s responses, against real
+    reference images [R, C, H, W] (response policy)."""
+    return underutilized(response(net, x), response(net, reference), quantile)
+
+
+def shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """x [..., H, W] moved by ``dy`` rows and ``dx`` columns (down and right when positive), zero fill."""
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \
+        x[..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
+    return out
+
+
+@torch.no_grad()
+def jitter_responses(net: nn.Module, x: Tensor, jitters: int, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Cells [N, 1, h, w] of x [N, C, H, W]: the largest response over the plain view and ``jitters`` shifted ones.
+
+    Each shift (dy, dx) is drawn uniformly from [-max_shift, max_shift]² (CPU ``generator``); the response
+    maps are upsampled (bilinear) to H x W and shifted back, their elementwise maximum is averaged over
+    each cell.
+    """
+    positive_int("jitters", jitters)
+    positive_int("max_shift", max_shift)
+    height, width = x.shape[-2:]
+    plain = response(net, x)
+    peak = F.interpolate(plain, size=(height, width), mode="bilinear", align_corners=False)
+    for dy, dx in torch.randint(-max_shift, max_shift + 1, (jitters, 2), generator=generator).tolist():
+        moved = response(net, shift(x, dy, dx))
+        moved = F.interpolate(moved, size=(height, width), mode="bilinear", align_corners=False)
+        peak = torch.maximum(peak, shift(moved, -dy, -dx))
+    return F.adaptive_avg_pool2d(peak, plain.shape[-2:])
+
+
+@torch.no_grad()
+def jitter_masks(net: nn.Module, x: Tensor, reference: Tensor, quantile: float, jitters: int, max_shift: int,
+                 generator: torch.Generator) -> Tensor:
+    """Underutilized cells [N, 1, h, w] of x [N, C, H, W] under random shifts (jitter policy), against real
+    reference images [R, C, H, W] under the same shifts (:func:`jitter_responses`)."""
+    cells = jitter_responses(net, torch.cat([x, reference]), jitters, max_shift, generator)
+    return underutilized(cells[: len(x)], cells[len(x) :], quantile)
+
+
+def default_max_shift(height: int, width: int) -> int:
+    """Jitter range: an eighth of the shorter side, at least 1 pixel (4 px for 28 and 32 px images)."""
+    return max(1, min(height, width) // 8)
+
+
+@torch.no_grad()
+def class_prototypes(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Class means of the average-pooled real feature maps.
+
+    features [N, C, h, w], labels [N] in [0, num_classes) -> (prototypes [num_classes, C], present
+    [num_classes] bool). A class without images has a zero row and ``present`` False.
+    """
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32  # bfloat16 real passes: float32
+    pooled = features.to(dtype).mean((2, 3))
+    sums = pooled.new_zeros(num_classes, pooled.shape[1]).index_add_(0, labels, pooled)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype), counts > 0
+
+
+def region_contrastive(features: Tensor, masks: Tensor, labels: Tensor, prototypes: Tensor, present: Tensor,
+                       tau: float) -> Tensor | None:
+    """UDD's contrastive loss of synthetic feature maps over their underutilized regions.
+
+    features [N, C, h, w] (differentiable), masks [N, 1, h, w], labels [N], prototypes [K, C] and present
+    [K] from :func:`class_prototypes`. Classes without real images are left out: their prototypes are not
+    among the logits and their synthetic images add nothing; ``None`` when no image is left. An image whose
+    mask is empty pools to zero and contributes ``log K`` with no gradient.
+    """
+    if not bool(present.all()):
+        keep = present[labels]
+        if not bool(keep.any()):
+            return None
+        new_index = torch.cumsum(present.long(), 0) - 1
+        features, masks, labels = features[keep], masks[keep], new_index[labels[keep]]
+        prototypes = prototypes[present]
+    return masked_feature_contrastive(features, masks.detach().to(features.dtype), labels,
+                                      prototypes.to(features.dtype), tau)
+
+
+def decoded_to_stored(masks: Tensor, factor: int, height: int, width: int) -> Tensor:
+    """Masks of decoded images [N * factor², 1, h, w] -> masks of the stored images [N, 1, H, W]: each
+    decoded image's mask (nearest, image resolution) shrunk into its patch, as multi-formation laid it out
+    (:func:`fastdd.methods.multiformation.mix_images`)."""
+    return mix_images(F.interpolate(masks.float(), size=(height, width), mode="nearest"), factor)
+
+
+def cache_dir() -> Path:
+    """Where proxies are kept: ``$FASTDD_CACHE``, else ``~/.cache/fastdd``."""
+    return Path(os.environ.get("FASTDD_CACHE") or Path.home() / ".cache" / "fastdd")
+
+
+def proxy_network(train: RealDataset, model: str, seed: int) -> nn.Module:
+    """The response policy's proxy: a ``model`` trained ``PROXY_EPOCHS`` epoch(s) on ``PROXY_IMAGES`` random
+    real images (SGD lr 0.01, momentum 0.9, batch 256, the data set's DSA augmentation), everything drawn
+    from ``torch.Generator().manual_seed(seed)``. Kept in :func:`cache_dir` under a name that hashes every
+    setting (data set, shapes, ZCA, model, training, seed) and reused by later runs."""
+    key = {**run_setup(train, model), "images": PROXY_IMAGES, "epochs": PROXY_EPOCHS, "lr": PROXY_LR,
+           "momentum": PROXY_MOMENTUM, "batch": PROXY_BATCH, "seed": seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "udd-proxies" / f"{train.name}-{model}-{digest}.pt"
+    generator = torch.Generator().manual_seed(seed)
+    net = get_network(model, train.channels, train.num_classes, (train.height, train.width), generator)
+    net = net.to(train.device)
+    if path.exists():
+        net.load_state_dict(torch.load(path, map_location=train.device, weights_only=True)["state"])
+    else:
+        idx = torch.randperm(len(train), generator=generator)[:PROXY_IMAGES].to(train.device)
+        images, labels = train.get(idx), train.labels[idx]
+        optimizer = torch.optim.SGD(net.parameters(), lr=PROXY_LR, momentum=PROXY_MOMENTUM)
+        train_epochs(net, images, labels, optimizer, generator, PROXY_EPOCHS, batch_size=PROXY_BATCH,
+                     augment=DSA(dsa_strategy_for(train.name)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"key": key, "state": net.state_dict()}, path)
+    return net.eval()
 
 
 def default_beta(method: str) -> float:
     """The default weight of the contrastive term for ``method`` (``BETA0``; provisional)."""
-    if method not in BETA0:
-        raise ValueError(f"method must be one of {sorted(BETA0)} for UDD, got {method!r}")
+    one_of("method (for UDD)", method, BETA0)
     return BETA0[method]
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class UDD(Plugin):
@@ -73,19 +238,13 @@ class UDD(Plugin):
 
     def __init__(self, policy: str, beta: float, *, tau: float = 0.01, quantile: float = 0.25, every: int = 50,
                  jitters: int = 4, prototype_images: int = 32) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"policy (--udd-policy) must be one of {POLICIES}, got {policy!r}")
-        for arg, value, low in (("beta (--udd-beta)", beta, 0.0), ("tau (--udd-tau)", tau, None)):
-            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            if not ok or (value < low if low is not None else value <= 0):
-                raise ValueError(f"{arg} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value!r}")
-        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 < quantile < 1:
-            raise ValueError(f"quantile (--udd-quantile) must be a number in (0, 1), got {quantile!r}")
-        self.policy = policy
-        self.beta, self.tau, self.quantile = float(beta), float(tau), float(quantile)
-        self.every = _positive_int("every (--udd-every)", every)
-        self.jitters = _positive_int("jitters", jitters)
-        self.prototype_images = _positive_int("prototype_images", prototype_images)
+        self.policy = one_of("policy (--udd-policy)", policy, POLICIES)
+        self.beta = nonnegative_float("beta (--udd-beta)", beta)
+        self.tau = positive_float("tau (--udd-tau)", tau)
+        self.quantile = open_fraction("quantile (--udd-quantile)", quantile)
+        self.every = positive_int("every (--udd-every)", every)
+        self.jitters = positive_int("jitters", jitters)
+        self.prototype_images = positive_int("prototype_images", prototype_images)
         self.updates = 0  # image updates so far
         self.masks: Tensor | None = None  # [M, 1, h, w] cells of the training images
         self.history: list[tuple[int, float]] = []  # (image update, underutilized share) at every mining
@@ -160,14 +319,8 @@ class UDD(Plugin):
         start = type(synset)(images=self.start[0], labels=synset.labels, meta=synset.meta)
         start.save_grid(run_dir / START_PICTURE, outline=self.start[1])
         synset.save_grid(run_dir / LATEST_PICTURE, outline=self.stored_masks(distiller).cpu())
-        figure = require_matplotlib()(figsize=(6, 3.5))
-        ax = figure.subplots()
-        updates, shares = zip(*self.history)
-        ax.plot(updates, [100 * s for s in shares], marker="o", label=f"{self.policy} policy, quantile {self.quantile:g}")
-        ax.set_xlabel("image update")
-        ax.set_ylabel("underutilized area (%)")
-        ax.set_ylim(bottom=0)
-        save_figure(figure, ax, "UDD: share of the synthetic images' area mined as underutilized", run_dir / SHARE_PLOT)
+        label = f"{self.policy} policy, quantile {self.quantile:g}"
+        plot_underutilized_share(self.history, run_dir / SHARE_PLOT, label)
 
     def hparams(self) -> dict[str, Any]:
         return {"policy": self.policy, "beta": self.beta, "tau": self.tau, "quantile": self.quantile,

@@ -2,10 +2,12 @@
 everywhere else or when asked for.
 
 Every op takes ``backend="auto" | "triton" | "cpp" | "torch"``. ``auto`` picks Triton for CUDA
-tensors when Triton imports, the C++ extension for CPU tensors when it builds, and the torch
-reference otherwise. The C++ sources in ``csrc/`` are compiled on first use with ninja (through
-``torch.utils.cpp_extension``) and cached by torch under ``TORCH_EXTENSIONS_DIR``; when that fails
-(no compiler) the reference runs and a warning says so once.
+tensors when Triton imports, the C++ extension for CPU tensors when it loads, and the torch
+reference otherwise. Installing fastdd compiles each ``csrc/<name>.cpp`` into the module
+:func:`ahead_of_time_name` names; where that module is missing (a source checkout without a build, an
+edited source) the source is compiled on first use with ninja (through ``torch.utils.cpp_extension``),
+cached by torch under ``TORCH_EXTENSIONS_DIR``, and a line on stderr says so; when that fails (no
+compiler) the reference runs and a warning says so once.
 
 Launchers allocate their outputs with :func:`empty`; tests switch :data:`POISON_OUTPUTS` on so
 that every fresh output starts as NaN and an element a kernel forgot to write fails the test.
@@ -13,11 +15,18 @@ that every fresh output starts as NaN and an element a kernel forgot to write fa
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
+import importlib
 import importlib.util
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -25,6 +34,8 @@ from torch import Tensor
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 POISON_OUTPUTS = False
+CFLAGS = ("-O3", "-march=native", "-fopenmp")  # the C++ extensions' flags, ahead of time (setup.py) and on first use
+LDFLAGS = ("-fopenmp",)
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> Tensor:
@@ -45,26 +56,85 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def ahead_of_time_name(name: str, source: bytes) -> str:
+    """The module that installing fastdd compiles ``csrc/<name>.cpp`` with content ``source`` into.
+
+    The name holds a hash of the source, so a build of an older version of the source is never imported.
+    """
+    return f"fastdd.csrc._{name}_{hashlib.sha256(source).hexdigest()[:16]}"
+
+
 @functools.cache
 def load_extension(name: str) -> ModuleType | None:
-    """Build (once, cached) and import the C++ extension ``csrc/<name>.cpp``; None when it cannot be built."""
-    from torch.utils import cpp_extension
+    """The C++ extension ``csrc/<name>.cpp``: its ahead-of-time build, else compiled now; None when it cannot be built.
 
+    A compile on first use happens once per source (torch caches it) and says so on stderr; a failed one warns once.
+    """
     source = resources.files("fastdd.csrc") / f"{name}.cpp"
+    module = _ahead_of_time(name, source.read_bytes())
+    if module is not None:
+        return module
     try:
-        return cpp_extension.load(
-            name=f"fastdd_{name}",
-            sources=[str(source)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return _compile(name, str(source))
     except Exception as err:  # noqa: BLE001 - any build failure means: fall back, say so once
         lines = str(err).strip().splitlines() or [type(err).__name__]
         reason = next((line.strip() for line in lines if "error:" in line), lines[0])  # the compiler's own message
         warnings.warn(f"fastdd: the C++ extension {name!r} could not be built ({reason}); "
                       "the plain torch reference runs instead", RuntimeWarning, stacklevel=3)
         return None
+
+
+def _ahead_of_time(name: str, source: bytes) -> ModuleType | None:
+    """The installed build of ``source``, or None when there is none or it does not load (built for another torch)."""
+    try:
+        return importlib.import_module(ahead_of_time_name(name, source))
+    except ModuleNotFoundError:
+        return None
+    except ImportError as err:
+        _say(f"fastdd: the installed build of the C++ extension {name!r} does not load ({err})")
+        return None
+
+
+def _compile(name: str, source: str) -> ModuleType:
+    """Compile ``source`` into torch's extension cache (unless it is there already) and import it.
+
+    torch guards a build with a ``lock`` file in the build directory and waits for it to go away, for ever when a
+    stopped compile (Ctrl-C, a timeout) left it behind. Every fastdd compile holds an flock on ``fastdd.lock``
+    there, which the system drops when its process ends: while this process holds it, a torch ``lock`` file can
+    only be stale, and it is removed with a line saying so.
+    """
+    from torch.utils import cpp_extension
+
+    module = f"fastdd_{name}"
+    build_dir = Path(cpp_extension._get_build_directory(module, verbose=False))
+    with _exclusive(build_dir / "fastdd.lock", f"compiling the C++ extension {name!r}"):
+        stale = build_dir / "lock"
+        if stale.exists():
+            stale.unlink()
+            _say(f"fastdd: removed {stale}, left by a stopped compile of the C++ extension {name!r}")
+        library = build_dir / f"{module}.so"
+        if not library.exists() or library.stat().st_mtime < os.path.getmtime(source):
+            _say(f"fastdd: compiling the C++ extension {name!r} on first use, a one-time compile of about half a "
+                 f"minute (cached in {build_dir})")
+        return cpp_extension.load(name=module, sources=[source], extra_cflags=list(CFLAGS),
+                                  extra_ldflags=list(LDFLAGS), build_directory=str(build_dir), verbose=False)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``path``; while another process holds it, say that this one waits for it."""
+    with open(path, "a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"fastdd: waiting for another process {what} (it holds {path})")
+            fcntl.flock(file, fcntl.LOCK_EX)
+        yield
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr at once, before the wait or compile it announces."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def apply(function: type[torch.autograd.Function], *args: object) -> object:

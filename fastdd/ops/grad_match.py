@@ -72,7 +72,8 @@ def _validate(g_syn: Sequence[Tensor], g_real: Sequence[Tensor], metric: str, ba
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if len(g_syn) != len(g_real) or len(g_syn) == 0:
-        raise ValueError(f"g_syn and g_real must be non-empty lists of equal length, got {len(g_syn)} and {len(g_real)}")
+        raise ValueError("g_syn and g_real must be non-empty lists of equal length, "
+                         f"got {len(g_syn)} and {len(g_real)}")
     first = g_syn[0]
     for i, (s, r) in enumerate(zip(g_syn, g_real)):
         for name, t in (("g_syn", s), ("g_real", r)):
@@ -89,7 +90,8 @@ def _validate(g_syn: Sequence[Tensor], g_real: Sequence[Tensor], metric: str, ba
                 raise ValueError(f"batched=True: {name}[{i}] must have the leading class dimension K "
                                  f"of g_syn[0] (shape {tuple(first.shape)}), got shape {tuple(t.shape)}")
         if s.shape != r.shape:
-            raise ValueError(f"gradient {i}: g_syn[{i}] has shape {tuple(s.shape)} but g_real[{i}] has {tuple(r.shape)}")
+            raise ValueError(f"gradient {i}: g_syn[{i}] has shape {tuple(s.shape)} "
+                             f"but g_real[{i}] has {tuple(r.shape)}")
 
 
 @dataclass(frozen=True)

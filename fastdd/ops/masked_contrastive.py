@@ -52,7 +52,8 @@ def _validate(features: Tensor, masks: Tensor, labels: Tensor, prototypes: Tenso
         raise ValueError("masks requires grad, but masked_feature_contrastive gives masks no gradient; "
                          "pass masks.detach()")
     if labels.shape != (n,) or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor of shape [N] = [{n}], got {labels.dtype} {list(labels.shape)}")
+        raise ValueError(f"labels must be an integer tensor of shape [N] = [{n}], "
+                         f"got {labels.dtype} {list(labels.shape)}")
     if prototypes.dim() != 2 or prototypes.shape[0] == 0 or prototypes.shape[1] != c:
         raise ValueError(f"prototypes must have shape [K, C] with K >= 1 and C = {c}, got {list(prototypes.shape)}")
     if not prototypes.dtype.is_floating_point:
@@ -116,8 +117,8 @@ class _Unpool(torch.autograd.Function):
 
 
 class _MaskedContrastive(torch.autograd.Function):
-    """Loss of (features, flat masks [N, L], labels, mu = normalised prototypes); outputs (loss, h, norm, g, inv_msum), all but the loss
-    saved for the backward: h [N, C] the normalised pooled features, norm [N] the pooled norms,
+    """Loss of (features, flat masks [N, L], labels, mu = normalised prototypes); outputs (loss, h, norm, g, inv_msum),
+    all but the loss saved for the backward: h [N, C] the normalised pooled features, norm [N] the pooled norms,
     g [N, K] = softmax(logits) - onehot(labels), inv_msum [N] = 1 / max(mask sums, 1e-6)."""
 
     @staticmethod

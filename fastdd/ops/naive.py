@@ -43,7 +43,8 @@ def grad_match_distance(g_syn: Sequence[Tensor], g_real: Sequence[Tensor], metri
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if len(g_syn) != len(g_real) or len(g_syn) == 0:
-        raise ValueError(f"g_syn and g_real must be non-empty lists of equal length, got {len(g_syn)} and {len(g_real)}")
+        raise ValueError("g_syn and g_real must be non-empty lists of equal length, "
+                         f"got {len(g_syn)} and {len(g_real)}")
     for i, (s, r) in enumerate(zip(g_syn, g_real)):
         if s.shape != r.shape:
             raise ValueError(f"gradient {i}: g_syn has shape {tuple(s.shape)} but g_real has {tuple(r.shape)}")

@@ -1,0 +1,189 @@
+"""The library's two entry points, also behind ``fastdd distill`` and ``fastdd evaluate`` (docs/api.md).
+
+:func:`distill` runs a :class:`fastdd.config.RunConfig`: it loads the data, builds the distiller,
+distils into the run directory (checkpointed, resumable: :mod:`fastdd.run`), and evaluates the
+result by the standard protocol unless ``eval_models`` is 0. :func:`evaluate` evaluates a synthetic
+set, in memory or on disk, by the same protocol. Both check every argument before any work.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdd.checks import nonnegative_int, one_of, positive_int
+from fastdd.config import RunConfig, boolean, device_name, path
+from fastdd.data import RealDataset, load_dataset
+from fastdd.data.zca import REGULARIZATION, whitened
+from fastdd.evaluation import AUGMENTS, EvalConfig, default_eval_config, evaluate_with_baseline
+from fastdd.io import atomic_write_json
+from fastdd.models import NETWORK_NAMES
+from fastdd.run import GRID, REPORT, SYNSET, run_distillation
+from fastdd.synset import SyntheticSet
+
+__all__ = ["DistillResult", "EvalResult", "distill", "evaluate", "load_data", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What :func:`evaluate` (and the evaluation of :func:`distill`) produced.
+
+    synset: the set evaluated. synset_path: its file, or None for a set given in memory.
+    report: the JSON report: ``distilled`` (``accuracies``, ``mean``, ``std``: fractions in [0, 1], over
+    ``num_models`` networks; ``config``: the protocol with the lr used), and with the baseline
+    ``random_real`` (the same for IPC random real images per class) and ``gain`` (difference of the
+    means); ``synset``: the set's path when it has one.
+    eval_config: the protocol the networks were trained by (before a learned lr overrides its ``lr``).
+    report_path: where ``report`` was written, or None. seconds: wall time of the evaluation.
+    """
+
+    synset: SyntheticSet
+    synset_path: Path | None
+    report: dict[str, Any]
+    eval_config: EvalConfig
+    report_path: Path | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What :func:`distill` produced.
+
+    synset: the final synthetic set (images float32 [num_classes * ipc, C, H, W] in the normalised space,
+    on CPU; ``synset.meta`` says how it was made). config: the run's configuration with every default
+    filled in (:meth:`fastdd.config.RunConfig.resolved`). run_dir: the run directory (docs/api.md lists
+    its files). device: where the run ran. train_size, test_size: images in the real training and
+    test sets. seconds: wall time of this call's distillation (for a resumed run, of the part it ran).
+    evaluation: the evaluation, None when ``config.eval_models`` is 0.
+    """
+
+    synset: SyntheticSet
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    train_size: int
+    test_size: int
+    seconds: float
+    evaluation: EvalResult | None
+
+    @property
+    def synset_path(self) -> Path:
+        """The synthetic set's file in the run directory."""
+        return self.run_dir / SYNSET
+
+    @property
+    def picture_path(self) -> Path:
+        """The PNG of the synthetic set (one row per class) in the run directory."""
+        return self.run_dir / GRID
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``name``: ``"auto"`` is CUDA when torch sees a CUDA device, else the CPU. A CUDA device
+    asked for where torch sees none is a ValueError."""
+    device_name("device (--device)", name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device (--device) {name!r} was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_data(dataset: str, data_root: str | None, device: torch.device, image_size: int | None = None,
+              zca: float | None = None) -> tuple[RealDataset, RealDataset]:
+    """The data set's (train, test) on ``device`` (``fastdd.data.load_dataset``), whitened with ZCA of
+    regularization ``zca`` fitted on the training set when it is not None."""
+    train, test = load_dataset(dataset, data_root, device=device, image_size=image_size)
+    return (train, test) if zca is None else whitened(train, test, zca)
+
+
+def distill(config: RunConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:
+    """Distil by ``config`` into its run directory, then evaluate unless ``config.eval_models`` is 0.
+
+    The run directory (``config.run_dir()``) gets config.json (``config.resolved(...).recorded()``),
+    checkpoints, metrics, the synthetic set and its picture, and report.json when evaluated. A directory
+    holding a run is refused unless ``resume``; with ``resume`` the run continues from its last
+    checkpoint, to the same set as an uninterrupted run, provided its config.json equals this run's
+    field by field (a ValueError names the fields that differ). ``progress``: show progress bars.
+    """
+    if not isinstance(config, RunConfig):
+        raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
+    boolean("resume (--resume)", resume)
+    boolean("progress (--quiet)", progress)
+    device = resolve_device(config.device)
+    train, test = load_data(config.dataset, config.data_root, device, config.image_size,
+                            REGULARIZATION if config.zca else None)
+    distiller = config.build_distiller(train)
+    resolved = config.resolved(distiller)
+    run_dir = config.run_dir()
+    began = time.perf_counter()
+    synset = run_distillation(distiller, run_dir, resolved.recorded(), config.seed,
+                              checkpoint_every=config.checkpoint_every, resume=resume, progress=progress)
+    seconds = time.perf_counter() - began
+    evaluation = None
+    if config.eval_models > 0:
+        evaluation = _evaluate_on(synset, run_dir / SYNSET, train, test, resolved.eval_config(), config.eval_models,
+                                  config.baseline, config.seed, run_dir / REPORT, progress)
+    return DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, evaluation)
+
+
+def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, model: str = "ConvNet",
+             epochs: int | None = None, augment: str | None = None, baseline: bool = True, seed: int = 0,
+             data_root: str | os.PathLike[str] | None = None, device: str = "auto",
+             report: str | os.PathLike[str] | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate ``synset`` by the standard protocol (docs/design.md section 2) on its data set's real test set.
+
+    ``synset``: a SyntheticSet, a .safetensors file, or a run directory (its synset.safetensors). Trains
+    ``models`` fresh ``model`` networks on it for ``epochs`` epochs with augmentation ``augment`` ("none",
+    "dsa"; both default to the protocol of the method that made the set, ``synset.meta["method"]``), at
+    its learned lr when it has one; with ``baseline`` also IPC random real images per class. The real
+    data set (``meta["dataset"]``, from ``data_root``) is whitened as the set was (``meta["zca"]``).
+    Randomness comes from ``seed``. The report goes to ``report``, by default report.json beside a set
+    read from disk; a set given in memory without ``report`` is not written.
+    """
+    positive_int("models (--models)", models)
+    one_of("model (--eval-model)", model, NETWORK_NAMES)
+    if epochs is not None:
+        positive_int("epochs (--eval-epochs)", epochs)
+    if augment is not None:
+        one_of("augment (--eval-augment)", augment, AUGMENTS)
+    boolean("baseline (--no-baseline)", baseline)
+    nonnegative_int("seed (--seed)", seed)
+    data_root = None if data_root is None else path("data_root (--data-root)", data_root)
+    boolean("progress (--quiet)", progress)
+    device = resolve_device(device)
+    synset_path = None
+    if not isinstance(synset, SyntheticSet):
+        synset_path = Path(path("synset", synset))
+        synset_path = synset_path / SYNSET if synset_path.is_dir() else synset_path
+        synset = SyntheticSet.load(synset_path)
+    if report is not None:
+        report_path = Path(path("report (--report)", report))
+    else:
+        report_path = None if synset_path is None else synset_path.parent / REPORT
+    meta = synset.meta
+    missing = [key for key in (("dataset", "ipc") if baseline else ("dataset",)) if key not in meta]
+    if missing:
+        raise ValueError(f"synset: its meta lacks {', '.join(missing)}, needed to evaluate it (sets fastdd makes have "
+                         "them)")
+    eval_config = default_eval_config(meta.get("method", ""), model, epochs, augment)
+    train, test = load_data(meta["dataset"], data_root, device, None, meta.get("zca"))
+    return _evaluate_on(synset, synset_path, train, test, eval_config, models, baseline, seed, report_path, progress)
+
+
+def _evaluate_on(synset: SyntheticSet, synset_path: Path | None, train: RealDataset, test: RealDataset,
+                 eval_config: EvalConfig, models: int, baseline: bool, seed: int, report_path: Path | None,
+                 progress: bool) -> EvalResult:
+    """Evaluate ``synset`` against the loaded ``train`` / ``test`` sets; write the report to ``report_path``."""
+    began = time.perf_counter()
+    report = evaluate_with_baseline(synset, train, test, eval_config, models, seed, baseline, progress)
+    seconds = time.perf_counter() - began
+    if synset_path is not None:
+        report["synset"] = str(synset_path)
+    if report_path is not None:
+        atomic_write_json(report_path, report)
+    return EvalResult(synset, synset_path, report, eval_config, report_path, seconds)

@@ -1,0 +1,79 @@
+"""Argument checks: each returns the value it accepts and otherwise raises a one-line ValueError that names the
+argument, what it must be and what it got.
+
+``name`` is the argument as the caller knows it, with its command-line option where there is one
+(``"lam (--sdc-lambda)"``). Booleans are refused where a number is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(name: str, value: Any) -> int:
+    """``value`` if it is an integer."""
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` if it is an integer >= 1."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def nonnegative_int(name: str, value: Any) -> int:
+    """``value`` if it is an integer >= 0."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def finite(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number."""
+    if not _is_finite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def positive_float(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number > 0."""
+    if not _is_finite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def nonnegative_float(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite number >= 0."""
+    if not _is_finite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def open_fraction(name: str, value: Any) -> float:
+    """``value`` as a float if it is a number strictly between 0 and 1."""
+    if not _is_finite(value) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def one_of(name: str, value: T, choices: Iterable[Any]) -> T:
+    """``value`` if it is one of ``choices`` (listed in the error in their order)."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

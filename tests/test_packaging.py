@@ -1,0 +1,44 @@
+"""The build: every package shipped, each C++ source compiled into the module ``load_extension`` imports, and no
+torch of its own fetched for building."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from fastdd.ops import _backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup_py(monkeypatch) -> dict:
+    """setup.py's functions, read from the tree without building anything."""
+    monkeypatch.chdir(ROOT)
+    return runpy.run_path("setup.py")
+
+
+def test_every_folder_of_modules_is_a_shipped_package(setup_py):
+    packages = set(setup_py["packages"]())
+    folders = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "fastdd").rglob("*.py")}
+    assert folders <= packages
+    assert {"fastdd.kernels", "fastdd.csrc"} <= packages
+
+
+def test_each_cpp_source_is_built_as_the_module_load_extension_imports(setup_py):
+    sources = sorted((ROOT / "csrc").glob("*.cpp"))
+    extensions = setup_py["extensions"]()
+    assert [ext.name for ext in extensions] == [_backend.ahead_of_time_name(s.stem, s.read_bytes()) for s in sources]
+    for ext in extensions:
+        assert ext.extra_compile_args[:len(_backend.CFLAGS)] == list(_backend.CFLAGS)
+        assert ext.extra_link_args == list(_backend.LDFLAGS)
+    for source in sources:  # the build defines TORCH_EXTENSION_NAME as the last part of the extension's name
+        assert "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)" in source.read_text(), source.name
+
+
+def test_the_build_does_not_fetch_torch():
+    tomllib = pytest.importorskip("tomllib")
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert not [r for r in requires if r.startswith("torch")]
