@@ -1,7 +1,9 @@
 """Plain-torch oracles of the fused ops: the definitions, written for clarity, not speed.
 
-Every fused op in ``fastdd.ops`` is tested against the function of the same name here (in float64),
-and runs it as its ``backend="torch"`` path.
+Every fused op in ``fastdd.ops`` is tested against the function of the same name here (in float64).
+All but ``per_sample_grad_norm`` run it as their ``backend="torch"`` path; that op's torch path is its
+per-layer rules (``fastdd.ops.layer_rules``) in plain torch, while the oracle here forms every
+per-sample gradient.
 """
 
 from __future__ import annotations
