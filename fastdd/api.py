@@ -3,7 +3,9 @@
 :func:`distill` runs a :class:`fastdd.config.RunConfig`: it loads the data, builds the distiller,
 distils into the run directory (checkpointed, resumable: :mod:`fastdd.run`), and evaluates the
 result by the standard protocol unless ``eval_models`` is 0. :func:`evaluate` evaluates a synthetic
-set, in memory or on disk, by the same protocol. Both check every argument before any work.
+set, in memory or on disk, by the same protocol. Both check every argument, and that no file would be
+replaced unasked, before any work. A result whose report cannot be written is not lost: the
+:class:`fastdd.errors.UnsavedResultError` raised carries it.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from typing import Any
 
 import torch
 
-from fastdd.checks import nonnegative_int, one_of, positive_int
-from fastdd.config import RunConfig, boolean, device_name, path
+from fastdd.checks import boolean, nonnegative_int, one_of, positive_int
+from fastdd.config import RunConfig, device_name, path
 from fastdd.data import RealDataset, load_dataset
 from fastdd.data.zca import REGULARIZATION, whitened
-from fastdd.evaluation import AUGMENTS, EvalConfig, default_eval_config, evaluate_with_baseline
+from fastdd.errors import UnsavedResultError, WriteError
+from fastdd.evaluation import AUGMENTS, EvalConfig, check_baseline, default_eval_config, evaluate_with_baseline
 from fastdd.io import atomic_write_json
 from fastdd.models import NETWORK_NAMES
-from fastdd.run import GRID, REPORT, SYNSET, run_distillation
+from fastdd.run import GRID, REPORT, SYNSET, check_run_dir, run_distillation
 from fastdd.synset import SyntheticSet
 
 __all__ = ["DistillResult", "EvalResult", "distill", "evaluate", "load_data", "resolve_device"]
@@ -101,40 +104,52 @@ def load_data(dataset: str, data_root: str | None, device: torch.device, image_s
     return (train, test) if zca is None else whitened(train, test, zca)
 
 
-def distill(config: RunConfig, *, resume: bool = False, progress: bool = True) -> DistillResult:
+def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> DistillResult:
     """Distil by ``config`` into its run directory, then evaluate unless ``config.eval_models`` is 0.
 
     The run directory (``config.run_dir()``) gets config.json (``config.resolved(...).recorded()``),
-    checkpoints, metrics, the synthetic set and its picture, and report.json when evaluated. A directory
-    holding a run is refused unless ``resume``; with ``resume`` the run continues from its last
-    checkpoint, to the same set as an uninterrupted run, provided its config.json equals this run's
-    field by field (a ValueError names the fields that differ). ``progress``: show progress bars.
+    checkpoints, metrics, the synthetic set and its picture, and report.json when evaluated. It must be
+    missing or empty, unless ``overwrite`` (the files a run writes there are replaced, others kept) or
+    ``resume``: the run in it continues from its last checkpoint, to the same set as an uninterrupted
+    run, provided its config.json equals this run's field by field (a ValueError names the fields that
+    differ). ``progress``: show progress bars.
     """
     if not isinstance(config, RunConfig):
         raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
     boolean("resume (--resume)", resume)
+    boolean("overwrite (--overwrite)", overwrite)
     boolean("progress (--quiet)", progress)
     device = resolve_device(config.device)
+    check_run_dir(config.run_dir(), resume=resume, overwrite=overwrite)
     train, test = load_data(config.dataset, config.data_root, device, config.image_size,
                             REGULARIZATION if config.zca else None)
     distiller = config.build_distiller(train)
+    if config.eval_models > 0 and config.baseline:
+        check_baseline(train, config.ipc)
     resolved = config.resolved(distiller)
     run_dir = config.run_dir()
     began = time.perf_counter()
     synset = run_distillation(distiller, run_dir, resolved.recorded(), config.seed,
-                              checkpoint_every=config.checkpoint_every, resume=resume, progress=progress)
+                              checkpoint_every=config.checkpoint_every, resume=resume, overwrite=overwrite,
+                              progress=progress)
     seconds = time.perf_counter() - began
-    evaluation = None
-    if config.eval_models > 0:
+    if config.eval_models == 0:
+        return DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, None)
+    try:
         evaluation = _evaluate_on(synset, run_dir / SYNSET, train, test, resolved.eval_config(), config.eval_models,
                                   config.baseline, config.seed, run_dir / REPORT, progress)
+    except UnsavedResultError as err:
+        result = DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, err.result)
+        raise UnsavedResultError(str(err), result) from err
     return DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, evaluation)
 
 
 def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, model: str = "ConvNet",
              epochs: int | None = None, augment: str | None = None, baseline: bool = True, seed: int = 0,
              data_root: str | os.PathLike[str] | None = None, device: str = "auto",
-             report: str | os.PathLike[str] | None = None, progress: bool = True) -> EvalResult:
+             report: str | os.PathLike[str] | None = None, overwrite: bool = False,
+             progress: bool = True) -> EvalResult:
     """Evaluate ``synset`` by the standard protocol (docs/design.md section 2) on its data set's real test set.
 
     ``synset``: a SyntheticSet, a .safetensors file, or a run directory (its synset.safetensors). Trains
@@ -143,7 +158,8 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     its learned lr when it has one; with ``baseline`` also IPC random real images per class. The real
     data set (``meta["dataset"]``, from ``data_root``) is whitened as the set was (``meta["zca"]``).
     Randomness comes from ``seed``. The report goes to ``report``, by default report.json beside a set
-    read from disk; a set given in memory without ``report`` is not written.
+    read from disk; a set given in memory without ``report`` is not written. An existing report file is
+    refused (FileExistsError) unless ``overwrite``.
     """
     positive_int("models (--models)", models)
     one_of("model (--eval-model)", model, NETWORK_NAMES)
@@ -154,6 +170,7 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     boolean("baseline (--no-baseline)", baseline)
     nonnegative_int("seed (--seed)", seed)
     data_root = None if data_root is None else path("data_root (--data-root)", data_root)
+    boolean("overwrite (--overwrite)", overwrite)
     boolean("progress (--quiet)", progress)
     device = resolve_device(device)
     synset_path = None
@@ -165,6 +182,9 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
         report_path = Path(path("report (--report)", report))
     else:
         report_path = None if synset_path is None else synset_path.parent / REPORT
+    if report_path is not None and report_path.exists() and not overwrite:
+        raise FileExistsError(f"report (--report): {report_path} exists; pass --overwrite to replace it, or "
+                              "--report FILE to write the report elsewhere")
     meta = synset.meta
     missing = [key for key in (("dataset", "ipc") if baseline else ("dataset",)) if key not in meta]
     if missing:
@@ -172,6 +192,8 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
                          "them)")
     eval_config = default_eval_config(meta.get("method", ""), model, epochs, augment)
     train, test = load_data(meta["dataset"], data_root, device, None, meta.get("zca"))
+    if baseline:
+        check_baseline(train, meta["ipc"])
     return _evaluate_on(synset, synset_path, train, test, eval_config, models, baseline, seed, report_path, progress)
 
 
@@ -184,6 +206,10 @@ def _evaluate_on(synset: SyntheticSet, synset_path: Path | None, train: RealData
     seconds = time.perf_counter() - began
     if synset_path is not None:
         report["synset"] = str(synset_path)
+    result = EvalResult(synset, synset_path, report, eval_config, report_path, seconds)
     if report_path is not None:
-        atomic_write_json(report_path, report)
-    return EvalResult(synset, synset_path, report, eval_config, report_path, seconds)
+        try:
+            atomic_write_json(report_path, report)
+        except WriteError as err:
+            raise UnsavedResultError(f"{err}; the evaluation's result is shown, not saved", result) from err
+    return result

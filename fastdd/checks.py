@@ -14,6 +14,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` on one line of at most 80 characters (an array or tensor as its dtype and shape)."""
+    if type(value).__name__ in ("Tensor", "ndarray"):
+        return f"a {value.dtype} {type(value).__name__} of shape {tuple(value.shape)}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -22,52 +30,59 @@ def _is_finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def boolean(name: str, value: Any) -> bool:
+    """``value`` if it is True or False (not an int standing for one)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {shown(value)}")
+    return value
+
+
 def integer(name: str, value: Any) -> int:
     """``value`` if it is an integer."""
     if not _is_int(value):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {shown(value)}")
     return value
 
 
 def positive_int(name: str, value: Any) -> int:
     """``value`` if it is an integer >= 1."""
     if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {shown(value)}")
     return value
 
 
 def nonnegative_int(name: str, value: Any) -> int:
     """``value`` if it is an integer >= 0."""
     if not _is_int(value) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 0, got {shown(value)}")
     return value
 
 
 def finite(name: str, value: Any) -> float:
     """``value`` as a float if it is a finite number."""
     if not _is_finite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     return float(value)
 
 
 def positive_float(name: str, value: Any) -> float:
     """``value`` as a float if it is a finite number > 0."""
     if not _is_finite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {shown(value)}")
     return float(value)
 
 
 def nonnegative_float(name: str, value: Any) -> float:
     """``value`` as a float if it is a finite number >= 0."""
     if not _is_finite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {shown(value)}")
     return float(value)
 
 
 def open_fraction(name: str, value: Any) -> float:
     """``value`` as a float if it is a number strictly between 0 and 1."""
     if not _is_finite(value) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+        raise ValueError(f"{name} must be a number in (0, 1), got {shown(value)}")
     return float(value)
 
 
@@ -75,5 +90,5 @@ def one_of(name: str, value: T, choices: Iterable[Any]) -> T:
     """``value`` if it is one of ``choices`` (listed in the error in their order)."""
     choices = list(choices)
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
     return value

@@ -7,18 +7,20 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 
 from fastdd import __version__
 from fastdd.allocator import keep_freed_memory
-from fastdd.api import EvalResult, distill, evaluate, load_data, resolve_device
+from fastdd.api import DistillResult, EvalResult, distill, evaluate, load_data, resolve_device
 from fastdd.benchmarks import suite
+from fastdd.checks import positive_int
 from fastdd.config import FLAGS, PLUGINS, RunConfig
 from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.data.zca import REGULARIZATION
 from fastdd.difficulty import HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, scoring_networks
+from fastdd.errors import NonFiniteError, UnsavedResultError
 from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
 from fastdd.io import append_jsonl
@@ -28,7 +30,7 @@ from fastdd.methods.udd import AUTO_POLICY, BETA0
 from fastdd.methods.udd import METHODS as UDD_METHODS
 from fastdd.methods.udd import POLICIES as UDD_POLICIES
 from fastdd.plots import require_matplotlib
-from fastdd.run import SYNSET, NonFiniteError
+from fastdd.run import SYNSET
 from fastdd.synset import SyntheticSet
 
 DESCRIPTION = """\
@@ -46,6 +48,13 @@ ZCA_HELP = (f"whiten the images with ZCA fitted on the training set (regularizat
             "original code does for CIFAR; experts and MTT must agree")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, naming the command and pointing to its --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_eval_options(p: argparse.ArgumentParser, models_flag: str) -> None:
     g = p.add_argument_group("evaluation (docs/design.md section 2: fresh ConvNets trained on the synthetic set)")
     g.add_argument(models_flag, type=int, default=5, metavar="N",
@@ -61,10 +70,9 @@ def _add_eval_options(p: argparse.ArgumentParser, models_flag: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdd", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="fastdd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fastdd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrors)
 
     d = sub.add_parser("distill", help="distill a data set into IPC synthetic images per class, then evaluate",
                        description="Distill a data set, write the run directory, evaluate the result.")
@@ -96,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint; the options that shape the synthetic "
                         "set must be the run's (docs/api.md)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that is not empty, replacing the files a run writes there")
     d.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="iterations between checkpoints")
     d.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -124,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     e.add_argument("--report", default=None, metavar="FILE",
                    help="where to write the JSON report (default: report.json beside the set)")
+    e.add_argument("--overwrite", action="store_true", help="replace the report file if it exists")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_eval_options(e, "--models")
 
@@ -163,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model", default=None,
                    help="network architecture (default: the experts', else ConvNet; no BatchNorm)")
     f.add_argument("--out", required=True, metavar="DIR", help="directory of the scores, summary and histogram")
+    f.add_argument("--overwrite", action="store_true", help="replace the scores, summary and histogram in --out")
     f.add_argument("--seed", type=int, default=0, help="seed of the scoring networks (default 0)")
     f.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -236,7 +248,12 @@ def _evaluation_rows(evaluation: EvalResult) -> list[tuple[str, str]]:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    result = distill(config_from_args(args), resume=args.resume, progress=not args.quiet)
+    show_distill(distill(config_from_args(args), resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.quiet))
+    return 0
+
+
+def show_distill(result: DistillResult) -> None:
     config, meta = result.config, result.synset.meta
     rows = [("data set", f"{config.dataset} ({result.train_size} train / {result.test_size} test images, "
                          f"{meta['num_classes']} classes)"),
@@ -246,18 +263,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
         rows += _evaluation_rows(result.evaluation)
     rows += [("synthetic set", str(result.synset_path)), ("picture", str(result.picture_path))]
     _print_summary("fastdd distill", rows)
-    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    result = evaluate(args.synset, models=args.models, model=args.eval_model, epochs=args.eval_epochs,
-                      augment=args.eval_augment, baseline=not args.no_baseline, seed=args.seed,
-                      data_root=args.data_root, device=args.device, report=args.report, progress=not args.quiet)
+    show_evaluate(evaluate(args.synset, models=args.models, model=args.eval_model, epochs=args.eval_epochs,
+                           augment=args.eval_augment, baseline=not args.no_baseline, seed=args.seed,
+                           data_root=args.data_root, device=args.device, report=args.report,
+                           overwrite=args.overwrite, progress=not args.quiet))
+    return 0
+
+
+def show_evaluate(result: EvalResult) -> None:
     meta = result.synset.meta
     rows = [("synthetic set", f"{result.synset_path} ({meta['dataset']}, {meta.get('method')}, IPC {meta['ipc']})")]
     rows += _evaluation_rows(result) + [("report", str(result.report_path))]
     _print_summary("fastdd evaluate", rows)
-    return 0
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
@@ -281,6 +301,11 @@ def cmd_difficulty(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         print(f"fastdd difficulty: error: {err}", file=sys.stderr)
         return 1
+    out = Path(args.out)
+    present = [name for name in (SCORES, SUMMARY, HISTOGRAM) if (out / name).exists()]
+    if present and not args.overwrite:
+        raise FileExistsError(f"out (--out): {out} holds {', '.join(present)} already; pass --overwrite to replace "
+                              "them, or choose another --out")
     device = resolve_device(args.device)
     train, _ = load_dataset(args.dataset, args.data_root, device=device, image_size=args.image_size)
     about: dict[str, Any] = {"seed": args.seed}
@@ -297,7 +322,6 @@ def cmd_difficulty(args: argparse.Namespace) -> int:
     nets, about["networks"] = scoring_networks(train, args.networks, torch.Generator().manual_seed(args.seed),
                                                model=args.model, experts=args.experts, progress=not args.quiet)
     report = difficulty_report(nets, train, args.out, synthetic, about=about, progress=not args.quiet)
-    out = Path(args.out)
     rows = [("data set", f"{train.name} ({len(train)} train images)"),
             ("scoring networks", f"{args.networks} x {about['networks']['model']}, {about['networks']['source']}")]
     rows += [(f"GraDN {name}", f"mean {report[name]['mean']:.4g}, median {report[name]['quantiles']['0.5']:.4g} "
@@ -309,7 +333,8 @@ def cmd_difficulty(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    positive_int("repeat (--repeat)", args.repeat)
+    device = str(resolve_device(args.device))
     rows = suite.run(args.ops or list(suite.SUITES), device, args.repeat)
     if args.json:
         for row in rows:
@@ -326,9 +351,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_memory()
     try:
         return command(args)
-    except (DatasetError, NonFiniteError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except UnsavedResultError as err:
+        SHOW[args.command](err.result)
         print(f"fastdd {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except (DatasetError, NonFiniteError, torch.OutOfMemoryError, MemoryError, ImportError, OSError,
+            ValueError) as err:
+        print(f"fastdd {args.command}: error: {one_line(err)}", file=sys.stderr)
+    return 1
+
+
+def one_line(err: Exception) -> str:
+    """The first line of ``err``'s message (the whole of fastdd's own), its type when it has none."""
+    message = str(err).strip()
+    return message.splitlines()[0] if message else type(err).__name__
+
+
+SHOW = {"distill": show_distill, "evaluate": show_evaluate}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ from typing import Any
 
 import torch
 
-from fastdd.checks import nonnegative_float, nonnegative_int, one_of, open_fraction, positive_float, positive_int
+from fastdd.checks import (
+    boolean,
+    nonnegative_float,
+    nonnegative_int,
+    one_of,
+    open_fraction,
+    positive_float,
+    positive_int,
+)
 from fastdd.data import DATASETS, RealDataset
 from fastdd.evaluation import AUGMENTS, EvalConfig, default_eval_config
 from fastdd.methods import METHODS, Distiller, Plugin, get_distiller
@@ -63,13 +71,6 @@ FLAGS = {"plugins": "--plugin", "baseline": "--no-baseline"}  # fields whose opt
 def flag(field: str) -> str:
     """The ``fastdd distill`` option of RunConfig field ``field``: ``--foo-bar`` for ``foo_bar``."""
     return FLAGS.get(field, "--" + field.replace("_", "-"))
-
-
-def boolean(name: str, value: Any) -> bool:
-    """``value`` if it is True or False."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 def path(name: str, value: Any) -> str:

@@ -93,6 +93,8 @@ def _check_set(images: torch.Tensor, labels: torch.Tensor, data: RealDataset, wh
         raise ValueError(f"labels has {len(labels)} entries but images has {len(images)}")
     if len(images) == 0:
         raise ValueError("images is empty: nothing to train on")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images hold NaN or infinite values: networks cannot be trained on them")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= data.num_classes:
         raise ValueError(f"labels must lie in [0, {data.num_classes}) for the {which} set, got range [{lo}, {hi}]")
@@ -233,13 +235,24 @@ def evaluate_synset(
     return EvalReport.from_accuracies(accuracies, config, time.perf_counter() - began)
 
 
-def random_real(train: RealDataset, ipc: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` random distinct real images of every class (all of a smaller class).
-
-    Returns (images float32 [sum, C, H, W] normalised, labels int64 [sum]) on ``train``'s device,
-    grouped by class in ascending order.
-    """
+def check_baseline(train: RealDataset, ipc: int) -> None:
+    """ValueError unless every class of ``train`` holds ``ipc`` images for the random-real baseline."""
     positive_int("ipc", ipc)
+    sizes = [len(members) for members in train.class_indices]
+    if min(sizes) < ipc:
+        c = sizes.index(min(sizes))
+        raise ValueError(f"baseline: class {c} ({train.class_names[c]!r}) of {train.name} holds {sizes[c]} training "
+                         f"image(s), fewer than the IPC of {ipc} random real images per class; pass --no-baseline")
+
+
+def random_real(train: RealDataset, ipc: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` random distinct real images of every class; a class holding fewer is a ValueError (the
+    baseline would not be IPC images per class).
+
+    Returns (images float32 [num_classes * ipc, C, H, W] normalised, labels int64 [num_classes * ipc]) on
+    ``train``'s device, grouped by class in ascending order.
+    """
+    check_baseline(train, ipc)
     images, labels = [], []
     for c in range(train.num_classes):
         x = train.sample(c, ipc, generator)
@@ -273,7 +286,8 @@ def default_eval_config(method: str, model: str = "ConvNet", epochs: int | None 
     """The protocol ``method``'s results are reported with (300 epochs without augmentation when
     unknown); ``epochs`` and ``augment`` override it."""
     default_augment, default_epochs = METHOD_PROTOCOLS.get(method, ("none", 300))
-    return EvalConfig(model=model, epochs=epochs or default_epochs, augment=augment or default_augment)
+    return EvalConfig(model=model, epochs=default_epochs if epochs is None else epochs,
+                      augment=default_augment if augment is None else augment)
 
 
 def training_data(synset: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:

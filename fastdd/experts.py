@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import integer, nonnegative_float, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
-from fastdd.errors import NonFiniteError
+from fastdd.errors import DamagedFileError, NonFiniteError
 from fastdd.evaluation import compute_accuracy
-from fastdd.io import atomic_torch_save
+from fastdd.io import atomic_torch_save, load_torch_file
 from fastdd.models import get_network
 from fastdd.progress import progress_bar
 from fastdd.train import train_epochs
@@ -80,9 +80,9 @@ def _validate(num_experts: int, epochs: int, lr: float, momentum: float, weight_
 
 def _stored_meta(path: Path) -> dict[str, Any]:
     """The ``meta`` of an expert or partial file, read without loading its parameters (mmap)."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(state, dict) or "meta" not in state:
-        raise ValueError(f"{path}: not a fastdd expert trajectory or checkpoint")
+    state = load_torch_file(path, "expert file", verify=False)
+    if not isinstance(state, dict) or not isinstance(state.get("meta"), dict):
+        raise DamagedFileError(f"{path}: not a fastdd expert trajectory or checkpoint")
     return state["meta"]
 
 
@@ -123,7 +123,17 @@ def _partial_epochs(out_dir: Path, index: int) -> int:
     path = partial_path(out_dir, index)
     if not path.exists():
         return 0
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rows"].shape[0] - 1
+    return _partial_state(path, verify=False)["rows"].shape[0] - 1
+
+
+def _partial_state(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The in-progress checkpoint in ``path``; DamagedFileError when it is not one."""
+    state = load_torch_file(path, "expert checkpoint", verify=verify)
+    keys = {"rows", "net", "optimizer", "generator"}
+    if not isinstance(state, dict) or not keys <= set(state) or not isinstance(state["rows"], torch.Tensor):
+        raise DamagedFileError(f"{path}: damaged expert checkpoint, expected {', '.join(sorted(keys))}; remove it to "
+                               "train that expert from the start")
+    return state
 
 
 def _train_expert(
@@ -147,7 +157,7 @@ def _train_expert(
     done = 0
     partial = partial_path(out_dir, index)
     if partial.exists():
-        state = torch.load(partial, map_location="cpu", weights_only=True)
+        state = _partial_state(partial)
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])

@@ -3,7 +3,13 @@
 Every ``atomic_*`` writer puts the data in a temporary file in the destination's directory, flushes
 and fsyncs it, then ``os.replace``-s it over the destination: a reader sees either the old file or
 the complete new one, never a torn write. On any failure the temporary file is removed and the old
-file (if any) is left untouched. Missing parent directories are created.
+file (if any) is left untouched, and an operating-system failure (read-only folder, full disk) is a
+:class:`fastdd.errors.WriteError` naming the path and the cause. Missing parent directories are created.
+
+The readers (:func:`load_torch_file`, :func:`read_json_file`) turn a damaged file into a
+:class:`fastdd.errors.DamagedFileError` naming the file and what it should hold, never a traceback. A
+torch file is a zip archive whose every record carries a CRC-32; it is checked before loading, so a
+truncated file or a flipped byte is reported instead of loaded as plausible numbers.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from fastdd.errors import DamagedFileError, WriteError
 
 # Process umask, read once (os.umask can only be read by setting it): mkstemp creates 0600 files,
 # and the final file should get the permissions an ordinary open() would give it.
@@ -40,8 +49,11 @@ def _fsync_dir(directory: Path) -> None:
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(file)`` on a temp file beside ``path``, then atomically move it to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"could not write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # POSIX
@@ -50,11 +62,13 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"could not write {path}: {e.strerror or e}; its previous version is kept") from e
         raise
     _fsync_dir(path.parent)
 
@@ -89,8 +103,48 @@ def append_jsonl(path: str | os.PathLike[str], record: Any) -> None:
     """
     line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "ab") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteError(f"could not write {path}: {e.strerror or e}") from e
+
+
+def load_torch_file(path: str | os.PathLike[str], what: str, *, map_location: Any = "cpu", verify: bool = True) -> Any:
+    """The object ``torch.save`` wrote to ``path`` (``weights_only`` loading: tensors, numbers, strings and
+    containers), ``what`` naming it in errors ("checkpoint", "expert trajectory").
+
+    With ``verify`` every record's CRC-32 is checked first (one read of the file); without it the file is
+    memory-mapped and only its structure is checked (for reading a small part of a large file). Raises
+    FileNotFoundError when the file is absent and DamagedFileError when it cannot be read back whole.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        if verify:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise DamagedFileError(f"{path}: damaged {what}: its record {bad} fails its checksum")
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=not verify)
+    except DamagedFileError:
+        raise
+    except Exception as e:  # zipfile, pickle and torch each raise their own types for a damaged file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedFileError(f"{path}: damaged {what}, not a complete file written by torch.save ({reason})") from e
+
+
+def read_json_file(path: str | os.PathLike[str], what: str) -> Any:
+    """The JSON value in ``path`` (UTF-8), ``what`` naming it in errors. FileNotFoundError when absent,
+    DamagedFileError when it is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DamagedFileError(f"{path}: damaged {what}, expected JSON ({e})") from e

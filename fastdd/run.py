@@ -13,20 +13,35 @@ Layout of a run directory::
 Every file is written atomically, so a run killed at any point keeps its last checkpoint, and
 ``resume=True`` continues it to the same result as an uninterrupted run with the same seed. A run of
 :func:`fastdd.distill` stores ``RunConfig.recorded()`` as config.json (docs/api.md says which fields).
+
+A directory is used only as asked (:func:`check_run_dir`, before any work): a fresh run needs a
+missing or empty directory unless ``overwrite``, which first removes the files a run writes (the list
+above and the plug-ins' outputs; other files stay); ``resume`` needs a run (its config.json) and
+continues from its checkpoint, or from the start when it was killed before its first one. A damaged
+config, checkpoint or metrics file is reported by name (:class:`fastdd.errors.DamagedFileError`); a
+checkpoint holding NaN or inf is refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastdd.errors import NonFiniteError
-from fastdd.io import append_jsonl, atomic_torch_save, atomic_write_json
+from fastdd.errors import DamagedFileError, NonFiniteError, WriteError
+from fastdd.io import (
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_torch_file,
+    read_json_file,
+)
 from fastdd.methods.base import Distiller
 from fastdd.progress import progress_bar
 from fastdd.synset import SyntheticSet
@@ -37,8 +52,9 @@ METRICS = "metrics.jsonl"
 SYNSET = "synset.safetensors"
 GRID = "synset.png"
 REPORT = "report.json"
-__all__ = ["CHECKPOINT", "CONFIG", "GRID", "METRICS", "NonFiniteError", "REPORT", "SYNSET", "run_distillation",
-           "save_outputs"]
+RUN_FILES = (CONFIG, CHECKPOINT, METRICS, SYNSET, GRID, REPORT)  # besides the plug-ins' outputs
+__all__ = ["CHECKPOINT", "CONFIG", "GRID", "METRICS", "NonFiniteError", "REPORT", "RUN_FILES", "SYNSET",
+           "check_run_dir", "run_distillation", "save_outputs"]
 
 
 def _check_finite(distiller: Distiller, iteration: int, metrics: dict[str, float], run_dir: Path,
@@ -58,30 +74,99 @@ def _check_finite(distiller: Distiller, iteration: int, metrics: dict[str, float
     )
 
 
-def _truncate_metrics(path: Path, start: int) -> None:
-    """Keep only the metric lines of iterations before ``start`` (a resumed run rewrites the rest)."""
+def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """``run_dir`` as a Path if a run may use it as asked; changes nothing. Without ``resume`` or ``overwrite``
+    it must be missing or empty; with ``resume`` it must hold a run (config.json); the two together are
+    refused; it (or, while missing, its nearest existing parent) must be a writable folder. Raises
+    FileExistsError, FileNotFoundError, ValueError or WriteError, naming the directory and the option
+    that would fit."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise ValueError("resume (--resume) and overwrite (--overwrite) exclude each other: continue the run in "
+                         f"{run_dir} or replace it")
+    if resume and not (run_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"resume (--resume): {run_dir} holds no run to resume (no {CONFIG}); drop --resume "
+                                "to start one")
+    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if held and not (resume or overwrite):
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        hint = "pass --resume to continue its run, " if CONFIG in held else ""
+        raise FileExistsError(f"out (--out): {run_dir} is not empty (it holds {shown}); {hint}pass --overwrite to "
+                              "replace the files a run writes there, or choose another --out")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise WriteError(f"out (--out): cannot write {run_dir}: {existing} is not a writable folder")
+    return run_dir
+
+
+def _read_metrics(path: Path, start: int) -> list[str]:
+    """The metric lines of iterations before ``start``. A last line torn by a kill is dropped; any other
+    line that is not a metrics record is a DamagedFileError."""
     if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < start]
-    path.write_text("".join(line + "\n" for line in kept))
+        return []
+    lines = [line for line in path.read_bytes().decode("utf-8", errors="replace").split("\n") if line]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            iteration = json.loads(line)["iteration"]
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break
+            raise DamagedFileError(f"{path}: damaged metrics file, line {number} is not a JSON record with an "
+                                   "'iteration'") from None
+        if iteration < start:
+            kept.append(line)
+    return kept
 
 
 def _shown(config: dict[str, Any], key: str) -> str:
     return repr(config[key]) if key in config else "absent"
 
 
-def _load_checkpoint(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    path = run_dir / CHECKPOINT
-    if not path.exists():
-        return None
-    saved = json.loads((run_dir / CONFIG).read_text())
+def _compare_config(run_dir: Path, config: dict[str, Any]) -> None:
+    saved = read_json_file(run_dir / CONFIG, "run configuration")
+    if not isinstance(saved, dict):
+        raise DamagedFileError(f"{run_dir / CONFIG}: damaged run configuration, expected a JSON object")
     differing = sorted(k for k in saved.keys() | config.keys()
                        if k not in saved or k not in config or saved[k] != config[k])
     if differing:
         what = ", ".join(f"{k} ({_shown(config, k)} here, {_shown(saved, k)} in the run)" for k in differing)
         raise ValueError(f"resume (--resume): {run_dir} holds a run with another configuration, differing in {what}; "
                          "use another run directory (--out) or the run's configuration")
-    return torch.load(path, weights_only=False)
+
+
+def _nonfinite_entries(state: Any, where: str = "") -> list[str]:
+    """Keys (as paths) of the floating tensors in a nested state holding NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        return [where or "state"] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, dict):
+        return [bad for k, v in state.items() for bad in _nonfinite_entries(v, f"{where}/{k}" if where else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [bad for i, v in enumerate(state) for bad in _nonfinite_entries(v, f"{where}/{i}")]
+    return []
+
+
+def _load_checkpoint(distiller: Distiller, run_dir: Path) -> int:
+    """Restore ``distiller`` from ``run_dir``'s checkpoint; returns its iteration (0 without a checkpoint)."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return 0
+    checkpoint = load_torch_file(path, "checkpoint")
+    iteration = checkpoint.get("iteration") if isinstance(checkpoint, dict) else None
+    if not isinstance(iteration, int) or not 0 < iteration <= distiller.iterations or "distiller" not in checkpoint:
+        raise DamagedFileError(f"{path}: not a checkpoint of this run (expected an iteration in [1, "
+                               f"{distiller.iterations}] and the distiller's state)")
+    bad = _nonfinite_entries(checkpoint["distiller"])
+    if bad:
+        raise DamagedFileError(f"{path}: the checkpoint holds NaN or inf in {', '.join(bad[:3])}; it cannot be resumed")
+    try:
+        distiller.load_state_dict(checkpoint["distiller"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedFileError(f"{path}: the checkpoint does not fit this run's distiller ({reason})") from e
+    return iteration
 
 
 def save_outputs(distiller: Distiller, seed: int, run_dir: Path) -> None:
@@ -101,40 +186,42 @@ def run_distillation(
     *,
     checkpoint_every: int = 50,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> SyntheticSet:
     """Run ``distiller`` for its iterations, checkpointing into ``run_dir``; returns the final set.
 
     ``config`` is the JSON-able description of the run: stored as config.json, and compared with it key by
-    key on resume (a ValueError names the keys that differ). With ``resume``, continues from ``run_dir``'s
-    checkpoint when there is one.
+    key on resume (a ValueError names the keys that differ). ``resume`` and ``overwrite``: how an existing
+    directory is used (module docstring, :func:`check_run_dir`).
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    run_dir = Path(run_dir)
+    run_dir = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
-    start = 0
-    checkpoint = _load_checkpoint(run_dir, config) if resume else None
-    if checkpoint is not None:
-        distiller.load_state_dict(checkpoint["distiller"])
-        start = checkpoint["iteration"]
-    elif (run_dir / CHECKPOINT).exists():
-        raise FileExistsError(f"{run_dir} already holds a run: pass resume=True (--resume) to continue it, or choose "
-                              "another run directory (--out)")
+    if resume:
+        _compare_config(run_dir, config)
+        start = _load_checkpoint(distiller, run_dir)
+        metrics = _read_metrics(run_dir / METRICS, start)
     else:
+        start, metrics = 0, []
+        for name in (*RUN_FILES, *(output for plugin in distiller.plugins for output in plugin.outputs)):
+            (run_dir / name).unlink(missing_ok=True)
         atomic_write_json(run_dir / CONFIG, config)
-    _truncate_metrics(run_dir / METRICS, start)
+    if metrics or (run_dir / METRICS).exists():
+        atomic_write_bytes(run_dir / METRICS, "".join(line + "\n" for line in metrics).encode("utf-8"))
 
     last_good = start
     began = time.perf_counter()
     bar = progress_bar(range(start, distiller.iterations), initial=start, total=distiller.iterations,
                desc=f"distill {distiller.name}", disable=not progress, unit="it")
     for iteration in bar:
-        metrics = distiller.step(iteration)
-        _check_finite(distiller, iteration, metrics, run_dir, last_good)
+        metrics_row = distiller.step(iteration)
+        _check_finite(distiller, iteration, metrics_row, run_dir, last_good)
         distiller.after_step(iteration)
-        append_jsonl(run_dir / METRICS, {"iteration": iteration, **metrics, "seconds": time.perf_counter() - began})
-        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+        append_jsonl(run_dir / METRICS, {"iteration": iteration, **metrics_row,
+                                         "seconds": time.perf_counter() - began})
+        bar.set_postfix(loss=f"{metrics_row['loss']:.4g}")
         done = iteration + 1
         if done % checkpoint_every == 0 or done == distiller.iterations:
             atomic_torch_save({"iteration": done, "distiller": distiller.state_dict()}, run_dir / CHECKPOINT)

@@ -5,17 +5,21 @@ File format (safetensors, written atomically):
 * tensors ``images`` float32 [N, C, H, W] (normalised space), ``labels`` int64 [N], and
   ``soft_labels`` float32 [N, K] when present;
 * header metadata key ``"fastdd"``: a JSON string ``{"format": 1, "fastdd_version": ..., "lr": float
-  | null, "meta": {...}}``. ``meta`` is the caller's dict (data set, mean, std, ipc, method, plugins,
-  hyper-parameters, seed, ...); ``lr`` is the learned learning rate of MTT-style methods;
-  ``fastdd_version`` is the version that wrote the file. ``meta["factor"]`` > 1 marks a
+  | null, "meta": {...}, "sha256": ...}``. ``meta`` is the caller's dict (data set, mean, std, ipc,
+  method, plugins, hyper-parameters, seed, ...); ``lr`` is the learned learning rate of MTT-style
+  methods; ``fastdd_version`` is the version that wrote the file; ``sha256`` the digest of the tensors'
+  bytes (in the order images, labels, soft_labels), checked on load so that an altered file is
+  reported, not evaluated. ``meta["factor"]`` > 1 marks a
   multi-formation (IDC) set: its images are stored encoded, and networks train on their decoding
   (``fastdd.evaluation.training_data``).
 
-Any safetensors reader can open the tensors; ``SyntheticSet.load`` restores everything.
+Any safetensors reader can open the tensors; ``SyntheticSet.load`` restores everything. A set holds
+finite numbers only: images or soft labels with NaN or inf are refused when the set is made or read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -32,6 +36,7 @@ from safetensors.torch import save as safetensors_save
 
 from fastdd import __version__
 from fastdd.checks import finite
+from fastdd.errors import DamagedFileError
 from fastdd.io import atomic_write_bytes
 
 METADATA_KEY = "fastdd"
@@ -67,6 +72,7 @@ class SyntheticSet:
             raise ValueError(f"labels has {len(self.labels)} entries but images has {len(self.images)} images")
         if len(self.labels) and int(self.labels.min()) < 0:
             raise ValueError(f"labels must be non-negative class indices, got min {int(self.labels.min())}")
+        _check_finite("images", self.images)
         if not isinstance(self.meta, dict):
             raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
         if self.lr is not None:
@@ -80,6 +86,7 @@ class SyntheticSet:
                 raise ValueError(
                     f"soft_labels must be a float tensor [N={len(self.images)}, K] or None, got {_describe(s)}"
                 )
+            _check_finite("soft_labels", s)
 
     @property
     def images_per_class(self) -> int:
@@ -90,25 +97,27 @@ class SyntheticSet:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the set to ``path`` (safetensors, atomic). Tensors are stored float32/int64 on CPU."""
-        header = {"format": FORMAT_VERSION, "fastdd_version": __version__, "lr": self.lr, "meta": self.meta}
-        try:
-            header_json = json.dumps(header, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"meta must be JSON-serialisable (finite numbers, str, list, dict): {e}") from e
         tensors = {
             "images": self.images.detach().to("cpu", torch.float32).contiguous(),
             "labels": self.labels.detach().cpu().contiguous(),
         }
         if self.soft_labels is not None:
             tensors["soft_labels"] = self.soft_labels.detach().to("cpu", torch.float32).contiguous()
+        header = {"format": FORMAT_VERSION, "fastdd_version": __version__, "lr": self.lr, "meta": self.meta,
+                  "sha256": _digest(tensors)}
+        try:
+            header_json = json.dumps(header, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"meta must be JSON-serialisable (finite numbers, str, list, dict): {e}") from e
         atomic_write_bytes(path, safetensors_save(tensors, metadata={METADATA_KEY: header_json}))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SyntheticSet:
         """Read a set written by :meth:`save` (tensors on CPU).
 
-        Raises FileNotFoundError when ``path`` does not exist and ValueError when it is not a fastdd
-        synthetic set (not safetensors, no ``fastdd`` metadata, missing or malformed tensors).
+        Raises FileNotFoundError when ``path`` does not exist and DamagedFileError (a ValueError) when it
+        is not a whole fastdd synthetic set (not safetensors, no ``fastdd`` metadata, missing or malformed
+        tensors, tensors that do not match the stored digest, NaN or inf).
         """
         path = Path(path)
         if not path.is_file():
@@ -118,21 +127,25 @@ class SyntheticSet:
                 metadata = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as e:  # safetensors raises its own error type for a corrupt header
-            raise ValueError(f"{path} is not a safetensors file: {e}") from e
+            raise DamagedFileError(f"{path}: damaged synthetic set, not a safetensors file ({e})") from e
         if METADATA_KEY not in metadata:
-            raise ValueError(f"{path} is not a fastdd synthetic set: its header has no {METADATA_KEY!r} metadata")
+            raise DamagedFileError(f"{path} is not a fastdd synthetic set: its header has no {METADATA_KEY!r} metadata")
         try:
             header = json.loads(metadata[METADATA_KEY])
-            meta, lr = header["meta"], header["lr"]
+            meta, lr, digest = header["meta"], header["lr"], header.get("sha256")
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: malformed {METADATA_KEY!r} metadata ({e!r})") from e
+            raise DamagedFileError(f"{path}: damaged synthetic set, malformed {METADATA_KEY!r} metadata ({e!r})") from e
         missing = [key for key in ("images", "labels") if key not in tensors]
         if missing:
-            raise ValueError(f"{path} is not a complete fastdd synthetic set: missing tensor(s) {', '.join(missing)}")
+            raise DamagedFileError(f"{path} is not a complete fastdd synthetic set: missing tensor(s) "
+                                   f"{', '.join(missing)}")
+        if digest is not None and digest != _digest(tensors):
+            raise DamagedFileError(f"{path}: damaged synthetic set, its tensors do not match the digest stored with "
+                                   "them")
         try:
             return cls(tensors["images"], tensors["labels"], meta, lr, tensors.get("soft_labels"))
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise DamagedFileError(f"{path}: {e}") from e
 
     def save_grid(self, path: str | os.PathLike[str], outline: torch.Tensor | None = None) -> None:
         """Write a PNG grid of the images to ``path`` (atomic).
@@ -196,6 +209,22 @@ def _channel_stats(meta: dict[str, Any], key: str, channels: int) -> torch.Tenso
     if not ok:
         raise ValueError(f"save_grid needs meta[{key!r}] as a list of {channels} per-channel numbers, got {value!r}")
     return torch.tensor([float(v) for v in value])
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' bytes, in the order images, labels, soft_labels."""
+    h = hashlib.sha256()
+    for key in ("images", "labels", "soft_labels"):
+        if key in tensors:
+            h.update(key.encode())
+            h.update(tensors[key].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(x.detach())).sum())
+    if bad:
+        raise ValueError(f"{name} hold {bad} NaN or infinite value(s); a synthetic set must be finite")
 
 
 def _describe(x: object) -> str:

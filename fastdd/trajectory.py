@@ -20,7 +20,8 @@ from torch import Tensor
 
 from fastdd.data import RealDataset
 from fastdd.data.zca import regularization_of
-from fastdd.io import atomic_torch_save
+from fastdd.errors import DamagedFileError
+from fastdd.io import atomic_torch_save, load_torch_file
 
 FORMAT_VERSION = 1
 META_KEYS = ("dataset", "model", "channels", "num_classes", "im_size", "lr", "momentum", "weight_decay",
@@ -78,10 +79,18 @@ class Trajectory:
 
     @classmethod
     def load(cls, path: str | Path) -> Trajectory:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: not a fastdd expert trajectory (format {FORMAT_VERSION})")
-        return cls(state["params"], state["meta"])
+        """The trajectory in ``path``; DamagedFileError when the file is damaged, not a trajectory of format
+        ``FORMAT_VERSION``, or holds NaN or inf."""
+        state = load_torch_file(path, "expert trajectory")
+        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or not {"params", "meta"} <= set(state):
+            raise DamagedFileError(f"{path}: not a fastdd expert trajectory (format {FORMAT_VERSION})")
+        try:
+            trajectory = cls(state["params"], state["meta"])
+        except (TypeError, ValueError, AttributeError) as e:
+            raise DamagedFileError(f"{path}: damaged expert trajectory ({e})") from e
+        if not bool(torch.isfinite(trajectory.params).all()):
+            raise DamagedFileError(f"{path}: the expert trajectory holds NaN or inf")
+        return trajectory
 
 
 def load_trajectories(directory: str | Path) -> list[Trajectory]:

@@ -91,7 +91,7 @@ def test_resume_compares_the_recorded_fields_only(tmp_path):
     fastdd.distill(config, progress=False)
     with pytest.raises(ValueError, match=r"differing in lr_img \(0\.05 here, 0\.1 in the run\);"):
         fastdd.distill(dataclasses.replace(config, lr_img=0.05), resume=True, progress=False)
-    with pytest.raises(FileExistsError, match="resume=True"):
+    with pytest.raises(FileExistsError, match="--resume"):
         fastdd.distill(config, progress=False)
     # a default given explicitly, and fields that do not shape the set, resume the run (here: to evaluate it)
     evaluated = dataclasses.replace(config, init="real", checkpoint_every=1, device="cpu", eval_models=1,

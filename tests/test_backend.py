@@ -57,7 +57,7 @@ def test_without_compiler_explicit_cpp_raises(no_compiler):
 @pytest.mark.parametrize("backend, tensors, error, match", [
     ("gpu", [torch.zeros(1)], ValueError, "backend must be one of"),
     ("auto", [torch.zeros(1), torch.zeros(1, device="meta")], ValueError, "one device"),
-    ("cpp", [torch.zeros(1, device="meta")], RuntimeError, "needs CPU tensors"),
+    ("cpp", [torch.zeros(1, device="meta")], ValueError, "needs CPU tensors"),
 ])
 def test_bad_choices(backend, tensors, error, match):
     with pytest.raises(error, match=match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -413,6 +414,134 @@ def test_imagefolder_bad_input(tmp_path: Path, case: str) -> None:
         name = "test"
     with pytest.raises(DatasetError, match=name.replace(".", r"\.")):
         load_dataset("imagefolder", tmp_path)
+
+
+# ----------------------------------------------------------------------------- image modes and bit depths
+
+MODE_SHAPE = (6, 8)  # H, W
+
+
+def grey3(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[:, :, None], 3, axis=2).astype(np.uint8)
+
+
+def palette_image(indices: np.ndarray, palette: np.ndarray, alpha: np.ndarray | None = None) -> Image.Image:
+    """Mode P (or PA with ``alpha``) image of palette ``indices``."""
+    mode, bands = ("P", indices) if alpha is None else ("PA", np.stack([indices, alpha], axis=2))
+    image = Image.frombytes(mode, indices.shape[::-1], bands.tobytes())
+    image.putpalette(palette.tobytes())
+    return image
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def save_png_16bit_rgb(path: Path, samples: np.ndarray) -> None:
+    """A 16-bit RGB PNG of uint16 [H, W, 3] (Pillow cannot write one)."""
+    h, w, _ = samples.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    chunks = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def srgb_of_lightness(lightness: np.ndarray) -> np.ndarray:
+    """sRGB value (0..255) of the neutral CIE L* = ``lightness`` (0..100)."""
+    y = np.where(lightness > 8, ((lightness + 16) / 116) ** 3, lightness * 27 / 24389)
+    return np.round(255 * np.where(y > 0.0031308, 1.055 * y ** (1 / 2.4) - 0.055, 12.92 * y))
+
+
+def write_mode_images(folder: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """One image per Pillow mode and bit depth, written from known pixels; returns file name -> (expected uint8
+    [H, W, 3], tolerance). The tolerance is 0 except for JPEG and Pillow's fixed-point YCbCr and LAB conversions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    r = rng(300)
+    size = MODE_SHAPE[::-1]
+    rgb = r.integers(0, 256, (*MODE_SHAPE, 3), dtype=np.uint8)
+    grey, alpha = r.integers(0, 256, (2, *MODE_SHAPE), dtype=np.uint8)
+    indices = r.integers(0, 16, MODE_SHAPE, dtype=np.uint8)
+    palette = r.integers(0, 256, (16, 3), dtype=np.uint8)
+    cmyk = r.integers(0, 256, (*MODE_SHAPE, 4), dtype=np.uint8)
+    wide = r.integers(0, 65536, MODE_SHAPE).astype(np.uint16)
+    wide.flat[:8] = [0, 128, 129, 257, 32767, 32895, 65534, 65535]  # round(v / 257): 0 0 1 1 127 128 255 255
+    wide_rgb = r.integers(0, 65536, (*MODE_SHAPE, 3)).astype(np.uint16)
+    lab = np.zeros((*MODE_SHAPE, 3), np.uint8)
+    lab[..., 0] = np.linspace(0, 255, grey.size).round().reshape(MODE_SHAPE)  # neutral greys: a* = b* = 0
+    y, cb, cr = (rgb[..., i].astype(float) - (0, 128, 128)[i] for i in range(3))  # JFIF YCbCr -> RGB
+    ycbcr_rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=2)
+    flat_cmyk = np.broadcast_to(np.array([30, 100, 200, 40], np.uint8), cmyk.shape)
+
+    def cmyk_rgb(c: np.ndarray) -> np.ndarray:
+        return np.round((255 - c[..., :3].astype(float)) * (255 - c[..., 3:].astype(float)) / 255).astype(np.uint8)
+
+    expected = {}
+
+    def save(name: str, image: Image.Image, mode: str | set[str], pixels: np.ndarray, atol: int = 0, **options) -> None:
+        image.save(folder / name, **options)
+        with Image.open(folder / name) as opened:
+            assert opened.mode in ({mode} if isinstance(mode, str) else mode), (name, opened.mode)
+        expected[name] = (np.clip(pixels, 0, 255).astype(np.uint8), atol)
+
+    save("00_bilevel.png", Image.fromarray(grey > 127), "1", grey3(np.where(grey > 127, 255, 0)))
+    save("01_grey.png", Image.fromarray(grey), "L", grey3(grey))
+    save("02_palette.png", palette_image(indices, palette), "P", palette[indices])
+    alphas = bytes(range(0, 256, 16))  # per-entry alpha (tRNS): dropped
+    save("03_palette_transparent.png", palette_image(indices, palette), "P", palette[indices], transparency=alphas)
+    save("04_palette_alpha.tif", palette_image(indices, palette, alpha), "PA", palette[indices])
+    save("05_grey_alpha.png", Image.fromarray(np.stack([grey, alpha], axis=2)), "LA", grey3(grey))
+    save("06_rgb.png", Image.fromarray(rgb), "RGB", rgb)
+    save("07_rgba.png", Image.fromarray(np.dstack([rgb, alpha])), "RGBA", rgb)
+    save("08_cmyk.tif", Image.frombytes("CMYK", size, cmyk.tobytes()), "CMYK", cmyk_rgb(cmyk))
+    flat = Image.frombytes("CMYK", size, flat_cmyk.tobytes())
+    save("09_cmyk.jpg", flat, "CMYK", cmyk_rgb(flat_cmyk), atol=2, quality=100)  # Adobe's inverted CMYK
+    save("10_ycbcr.tif", Image.frombytes("YCbCr", size, rgb.tobytes()), "YCbCr", ycbcr_rgb, atol=1)
+    lightness = srgb_of_lightness(lab[..., 0] / 255 * 100)
+    save("11_lab.tif", Image.frombytes("LAB", size, lab.tobytes()), "LAB", grey3(lightness), atol=2)
+    scaled = grey3(np.round(wide / 257))
+    save("12_grey16.png", Image.fromarray(wide), {"I;16", "I"}, scaled)  # older Pillow opens 16-bit PNG as I
+    save("13_grey16.tif", Image.fromarray(wide), "I;16", scaled)
+    save("14_grey16_big_endian.tif", Image.frombytes("I;16B", size, wide.astype(">u2").tobytes()), "I;16B", scaled)
+    save("15_int32.tif", Image.fromarray(wide.astype(np.int32)), "I", scaled)  # I within 0..65535: 16-bit
+    save_png_16bit_rgb(folder / "16_rgb16.png", wide_rgb)
+    expected["16_rgb16.png"] = ((wide_rgb >> 8).astype(np.uint8), 0)  # Pillow keeps the high byte
+    frames = {"save_all": True, "append_images": [palette_image((indices + 1) % 16, palette)]}
+    save("17_frames.gif", palette_image(indices, palette), "P", palette[indices], transparency=3, **frames)
+    frames = {"save_all": True, "append_images": [Image.fromarray(255 - rgb)]}
+    save("18_frames.tif", Image.fromarray(rgb), "RGB", rgb, **frames)  # the first frame
+    return expected
+
+
+def test_imagefolder_modes_and_bit_depths(tmp_path: Path) -> None:
+    root, reference = tmp_path / "modes", tmp_path / "reference"
+    expected = write_mode_images(root / "train" / "mixed")
+    write_mode_images(root / "val" / "mixed")
+    train, test = load_dataset("imagefolder", root)
+    assert train.image_shape == (3, *MODE_SHAPE) and len(train) == len(expected)
+    assert torch.equal(train.images, test.images)
+    for image, (name, (pixels, atol)) in zip(train.images, sorted(expected.items())):
+        got = image.permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(got - pixels).max() <= atol, name
+    # resizing acts on the decoded uint8 RGB image: the same as resizing an RGB PNG of the decoded pixels
+    for split in ("train", "val"):
+        for image, name in zip(train.images, sorted(expected)):
+            save_png(reference / split / "mixed" / f"{Path(name).stem}.png", image.permute(1, 2, 0).numpy())
+    for image_size in (3, (4, 5)):
+        resized, resized_test = load_dataset("imagefolder", root, image_size=image_size)
+        plain, _ = load_dataset("imagefolder", reference, image_size=image_size)
+        assert torch.equal(resized.images, plain.images) and torch.equal(resized_test.images, plain.images)
+
+
+@pytest.mark.parametrize("case", ["float", "int32_range"])
+def test_imagefolder_refuses_undefined_range(tmp_path: Path, case: str) -> None:
+    make_imagefolder(tmp_path)
+    path = tmp_path / "val" / "bee" / f"bee_{case}.tif"
+    pixels = np.zeros((6, 5), np.float32 if case == "float" else np.int32)
+    pixels[0, 0] = 0.5 if case == "float" else 70000
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(DatasetError, match=rf"bee_{case}\.tif.*'{'F' if case == 'float' else 'I'}'") as caught:
+        load_dataset("imagefolder", tmp_path)
+    assert "\n" not in str(caught.value)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -293,7 +293,7 @@ def test_reduced_precision_on_cpu_runs_the_reference():
     ([torch.ones(3, 2), torch.ones(2)], [torch.ones(3, 2), torch.ones(2)], dict(batched=True), ValueError,
      r"g_syn\[1\] must have the leading class dimension K"),
     ([torch.ones(())], [torch.ones(())], dict(batched=True), ValueError, "leading class dimension"),
-    ([torch.ones(2, 2)], [[1.0, 2.0]], {}, TypeError, r"g_real\[0\] must be a tensor"),
+    ([torch.ones(2, 2)], [[1.0, 2.0]], {}, ValueError, r"g_real\[0\] must be a tensor"),
     ([torch.ones(2, 2)], [torch.ones(2, 2)], dict(backend="cuda"), ValueError, "backend must be one of"),
 ])
 def test_bad_input_names_the_argument(a, b, kwargs, error, match):

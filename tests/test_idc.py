@@ -267,4 +267,4 @@ def test_cli_distills_and_evaluates_with_idc(tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert report["distilled"]["config"]["augment"] == "dsa"
     assert main(["evaluate", str(out), "--models", "1", "--eval-epochs", "1", "--eval-model", MODEL,
-                 "--no-baseline", "--quiet"]) == 0
+                 "--no-baseline", "--quiet", "--overwrite"]) == 0

@@ -129,8 +129,11 @@ def test_conv_block_matches_oracle(backend, dtype, n, cin, c, k, padding, h, w, 
         assert r.dtype == dtype, name
         r = r.cpu()
         tol = TOLERANCES[dtype]
-        if dtype == torch.float32 and name != "out":  # sums of up to N * H * W float32 products
-            tol = dict(rtol=1e-4, atol=1e-4 * n * h * w)
+        if dtype == torch.float32 and name != "out":
+            # sums of up to N * H * W float32 products as large as the weight gradient's entries: the conv bias's
+            # cancel to 0 (the norm removes every channel's mean), leaving their rounding, which plain torch in
+            # float32 shows as well (about 1.5e-3 on a 2x2 map whose weight gradient reaches 40)
+            tol = dict(rtol=1e-4, atol=1e-4 * n * h * w * max(1.0, float(expected[1].abs().max())))
         torch.testing.assert_close(r.double(), e, **tol, msg=name)
 
 

@@ -9,19 +9,27 @@ Layout in the data root::
                                       file name, class folder name, box)
 
 Classes are the train class folders, sorted by name; their names are the folder names (WordNet ids
-for Tiny ImageNet). A test split may lack classes, but may not have classes train lacks. Images are
-converted to RGB (grey images get three equal channels). Image files: .png .jpg .jpeg .bmp .gif
-.webp .ppm .tif .tiff (any case).
+for Tiny ImageNet). A test split may lack classes, but may not have classes train lacks. Image files:
+.png .jpg .jpeg .bmp .gif .webp .ppm .tif .tiff (any case); a multi-frame file (GIF, TIFF, WebP, APNG)
+gives its first frame.
 
-``image_size`` (int S for S x S, or (H, W)): each image is scaled (bilinear, antialiased) so it
-covers H x W while keeping its aspect ratio, then centre-cropped to H x W (for an int, the usual
-"resize the short side, centre crop"). Without it, every image must already have the same size.
-Normalisation: the ImageNet mean / std.
+Pixels become uint8 RGB by Pillow mode: the 8-bit modes (1 L P LA PA RGB RGBA RGBX CMYK YCbCr LAB HSV)
+through Pillow's ``convert("RGB")`` (grey: three equal channels; CMYK: R = (255 - C)(255 - K) / 255, G
+and B alike; alpha and palette transparency dropped, not composited), 16-bit greyscale (I;16, I;16B,
+I;16L, I;16N, or I holding 0..65535) as round(v / 257) in all three channels; float (F), I outside
+0..65535 and any other mode are refused. Pillow itself cuts 16-bit colour to its high byte; embedded
+colour profiles and EXIF orientation are not applied.
+
+``image_size`` (int S for S x S, or (H, W)): each image, once uint8 RGB, is scaled (bilinear,
+antialiased) so it covers H x W while keeping its aspect ratio, then centre-cropped to H x W (for an
+int, the usual "resize the short side, centre crop"). Without it, every image must already have the
+same size. Normalisation: the ImageNet mean / std.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -115,11 +123,45 @@ def _target_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+def _convert(image: Image.Image, path: Path) -> Image.Image:
+    """8-bit modes: Pillow's RGB conversion. Alpha (or a transparent palette entry / colour key) goes through
+    RGBA first, which gives the same colours without Pillow's warning about palette transparency."""
+    if image.mode in ("LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _scale_16bit(image: Image.Image, path: Path) -> Image.Image:
+    """16-bit greyscale: 0..65535 onto 0..255 (round(v / 257); 257 is odd, so there are no ties)."""
+    grey = np.asarray(image).astype(np.int64)
+    low, high = (int(grey.min()), int(grey.max())) if grey.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise DatasetError(
+            f"{path}: integer pixels (Pillow mode {image.mode!r}) span {low}..{high}, which has no defined mapping "
+            "onto 0..255; expected 16-bit greyscale values 0..65535 or an 8-bit image"
+        )
+    return Image.fromarray(np.repeat(((grey + 128) // 257).astype(np.uint8)[:, :, None], 3, axis=2))
+
+
+def _refuse(image: Image.Image, path: Path) -> Image.Image:
+    raise DatasetError(
+        f"{path}: Pillow mode {image.mode!r} has no defined mapping onto 0..255 RGB; expected one of the modes "
+        f"{' '.join(_DECODERS)} (save the image as 8-bit, or 16-bit greyscale, PNG)"
+    )
+
+
+# Pillow mode -> decoder to an RGB image; modes not listed are refused.
+_DECODERS: dict[str, Callable[[Image.Image, Path], Image.Image]] = {
+    **dict.fromkeys(("1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"), _convert),
+    **dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I"), _scale_16bit),
+}
+
+
 def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
-    """uint8 [H, W, 3] of ``path``; resized and centre-cropped to ``size`` = (H, W) when given."""
+    """uint8 [H, W, 3] of ``path`` (its first frame); resized and centre-cropped to ``size`` = (H, W) when given."""
     try:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            image = _DECODERS.get(opened.mode, _refuse)(opened, path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     if size is not None and image.size != (size[1], size[0]):

@@ -10,6 +10,7 @@ continue a run bit for bit, the generator state included.
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,39 @@ from fastdd.synset import SyntheticSet
 
 INITS = ("real", "noise")
 REAL_PRECISIONS = ("float32", "bfloat16")
+# Copies of the synthetic images a run holds at once: the images, their gradient, the optimiser's momentum
+# and the copy a checkpoint takes.
+IMAGE_COPIES = 4
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of ``device``: the GPU's total, or the host's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_training_set(train: RealDataset, ipc: int, init: str) -> None:
+    """ValueError unless every class of ``train`` holds the real images a run draws from it: at least one
+    (real batches are drawn every step), and ``ipc`` distinct ones to start from with ``init="real"``;
+    and unless ``ipc`` images per class fit in the memory of ``train``'s device."""
+    if not isinstance(train, RealDataset):
+        raise ValueError(f"train must be a fastdd.data.RealDataset, got {type(train).__name__}")
+    need = ipc if init == "real" else 1
+    sizes = [len(members) for members in train.class_indices]
+    short = [c for c, size in enumerate(sizes) if size < need]
+    if short:
+        c = short[0]
+        shown = f"class {c} ({train.class_names[c]!r}) of {train.name} holds {sizes[c]} training image(s)"
+        if sizes[c] == 0:
+            raise ValueError(f"train: {shown}; every class needs training images ({len(short)} class(es) lack them)")
+        raise ValueError(f"ipc (--ipc) {ipc}: {shown}, and init 'real' starts from {ipc} distinct real images per "
+                         f"class; lower --ipc to at most {min(sizes)} or use --init noise")
+    need_bytes = IMAGE_COPIES * train.num_classes * ipc * train.channels * train.height * train.width * 4
+    if need_bytes > device_memory(train.device):
+        raise ValueError(f"ipc (--ipc) {ipc}: {train.num_classes} classes x {ipc} images need about "
+                         f"{need_bytes / 2**30:.1f} GiB, more than the {train.device.type} memory of "
+                         f"{device_memory(train.device) / 2**30:.1f} GiB; lower --ipc")
 
 
 class Plugin:
@@ -37,10 +71,12 @@ class Plugin:
     result (a scalar, or ``None`` for nothing) is added to the method's loss before the image
     update. ``after_step`` is called after every outer iteration and may change
     ``distiller.images`` in place (under ``torch.no_grad``). ``write_outputs`` is called whenever the
-    run writes its synthetic set, with the run's directory, for the plug-in's own pictures.
+    run writes its synthetic set, with the run's directory, for the plug-in's own pictures, whose file
+    names ``outputs`` lists.
     """
 
     name = "plugin"
+    outputs: tuple[str, ...] = ()
 
     def loss(self, distiller: "Distiller", net: nn.Module) -> Tensor | None:
         return None
@@ -103,6 +139,9 @@ class Distiller(ABC):
     ) -> None:
         self.ipc = positive_int("ipc", ipc)
         self.init = one_of("init", self.default_init if init is None else init, self.inits)
+        check_training_set(train, ipc, self.init)
+        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
         self.real_precision = one_of("real_precision", real_precision, REAL_PRECISIONS)
         self.batch_real = positive_int("batch_real", self.default_batch_real if batch_real is None else batch_real)
         self.iterations = positive_int("iterations", self.default_iterations if iterations is None else iterations)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ from torch import Tensor, nn
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_float, one_of, open_fraction, positive_float, positive_int
 from fastdd.data import RealDataset
-from fastdd.io import atomic_torch_save
+from fastdd.errors import DamagedFileError
+from fastdd.io import atomic_torch_save, load_torch_file
 from fastdd.methods.base import Distiller, Plugin
 from fastdd.methods.multiformation import mix_images
 from fastdd.models import get_network
@@ -205,8 +207,9 @@ def proxy_network(train: RealDataset, model: str, seed: int) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     net = get_network(model, train.channels, train.num_classes, (train.height, train.width), generator)
     net = net.to(train.device)
-    if path.exists():
-        net.load_state_dict(torch.load(path, map_location=train.device, weights_only=True)["state"])
+    state = _cached_proxy(path)
+    if state is not None:
+        net.load_state_dict(state)
     else:
         idx = torch.randperm(len(train), generator=generator)[:PROXY_IMAGES].to(train.device)
         images, labels = train.get(idx), train.labels[idx]
@@ -216,6 +219,23 @@ def proxy_network(train: RealDataset, model: str, seed: int) -> nn.Module:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"key": key, "state": net.state_dict()}, path)
     return net.eval()
+
+
+def _cached_proxy(path: Path) -> dict[str, Tensor] | None:
+    """The proxy's state in the cache file ``path``; None when absent, or when damaged (said on stderr, then
+    rebuilt by the caller)."""
+    if not path.exists():
+        return None
+    try:
+        cached = load_torch_file(path, "UDD proxy cache")
+        state = cached.get("state") if isinstance(cached, dict) else None
+        if not isinstance(state, dict) or not all(isinstance(t, Tensor) and bool(torch.isfinite(t).all())
+                                                  for t in state.values()):
+            raise DamagedFileError(f"{path}: damaged UDD proxy cache, expected a network's finite tensors")
+    except DamagedFileError as e:
+        print(f"fastdd: {e}; rebuilding it", file=sys.stderr)
+        return None
+    return state
 
 
 def default_beta(method: str) -> float:
@@ -235,6 +255,7 @@ class UDD(Plugin):
     """
 
     name = "udd"
+    outputs = (START_PICTURE, LATEST_PICTURE, SHARE_PLOT)
 
     def __init__(self, policy: str, beta: float, *, tau: float = 0.01, quantile: float = 0.25, every: int = 50,
                  jitters: int = 4, prototype_images: int = 32) -> None:

@@ -2,12 +2,14 @@
 everywhere else or when asked for.
 
 Every op takes ``backend="auto" | "triton" | "cpp" | "torch"``. ``auto`` picks Triton for CUDA
-tensors when Triton imports, the C++ extension for CPU tensors when it loads, and the torch
-reference otherwise. Installing fastdd compiles each ``csrc/<name>.cpp`` into the module
-:func:`ahead_of_time_name` names; where that module is missing (a source checkout without a build, an
-edited source) the source is compiled on first use with ninja (through ``torch.utils.cpp_extension``),
-cached by torch under ``TORCH_EXTENSIONS_DIR``, and a line on stderr says so; when that fails (no
-compiler) the reference runs and a warning says so once.
+tensors when Triton imports, the C++ extension for CPU tensors when it loads and takes their dtype, and the
+torch reference otherwise. ``"triton"`` needs CUDA tensors (or ``TRITON_INTERPRET=1``), ``"cpp"`` CPU tensors of
+a dtype its kernels take; either asked for elsewhere is a ValueError.
+
+Installing fastdd compiles each ``csrc/<name>.cpp`` into the module :func:`ahead_of_time_name` names; where that
+module is missing (a source checkout without a build, an edited source) the source is compiled on first use with
+ninja (through ``torch.utils.cpp_extension``), cached by torch under ``TORCH_EXTENSIONS_DIR``, and a line on stderr
+says so; when that fails (no compiler) the reference runs and a warning says so once.
 
 Launchers allocate their outputs with :func:`empty`; tests switch :data:`POISON_OUTPUTS` on so
 that every fresh output starts as NaN and an element a kernel forgot to write fails the test.
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
+CPP_FLOATS = (torch.float32, torch.float64)  # the dtypes of the C++ kernels of grad_norm and grad_match
 POISON_OUTPUTS = False
 CFLAGS = ("-O3", "-march=native", "-fopenmp")  # the C++ extensions' flags, ahead of time (setup.py) and on first use
 LDFLAGS = ("-fopenmp",)
@@ -148,32 +151,43 @@ def apply(function: type[torch.autograd.Function], *args: object) -> object:
     return super(torch.autograd.Function, function).apply(*args)
 
 
-def resolve_backend(backend: str, tensors: list[Tensor], extension: str) -> str:
+def resolve_backend(backend: str, tensors: list[Tensor], extension: str,
+                    cpp_dtypes: tuple[torch.dtype, ...] | None = None) -> str:
     """The backend an op runs on, for ``tensors`` (all on one device) and the C++ ``extension``.
 
-    Raises ValueError for an unknown name and RuntimeError when an explicitly asked backend cannot run.
+    ``cpp_dtypes``: where given, the dtypes the C++ kernels take; the floating tensors must then share one of
+    them for ``"cpp"``: ``"auto"`` runs the torch reference otherwise, and an explicit ``"cpp"`` is refused.
+    Raises ValueError for an unknown name, tensors on several devices, ``"cpp"`` off the CPU or on other dtypes and
+    ``"triton"`` off CUDA without the interpreter; RuntimeError when the asked backend is not installed (Triton) or
+    its C++ extension cannot be built.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     devices = {t.device.type for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(devices)}")
     device = devices.pop()
+    floating = {t.dtype for t in tensors if t.dtype.is_floating_point}
+    cpp_dtype = cpp_dtypes is None or (len(floating) == 1 and floating <= set(cpp_dtypes))
     if backend == "auto":
         if device == "cuda" and triton_available():
             return "triton"
-        if device == "cpu" and load_extension(extension) is not None:
+        if device == "cpu" and cpp_dtype and load_extension(extension) is not None:
             return "cpp"
         return "torch"
     if backend == "triton":
+        if device != "cuda" and not triton_interpreted():
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before fastdd is "
+                             f"imported, to interpret the kernels), got {device} tensors")
         if not triton_available():
             raise RuntimeError("backend='triton' was asked for but triton is not installed (pip install triton)")
-        if device != "cuda" and not triton_interpreted():
-            raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                               f"fastdd is imported to interpret the kernels on {device}")
     if backend == "cpp":
         if device != "cpu":
-            raise RuntimeError(f"backend='cpp' needs CPU tensors, got {device} tensors")
+            raise ValueError(f"backend='cpp' needs CPU tensors, got {device} tensors")
+        if not cpp_dtype:
+            names = " or ".join(str(d).removeprefix("torch.") for d in cpp_dtypes)
+            got = ", ".join(sorted(str(d).removeprefix("torch.") for d in floating))
+            raise ValueError(f"backend='cpp' takes {names} tensors (all of one dtype), got {got}")
         if load_extension(extension) is None:
             raise RuntimeError(f"backend='cpp' was asked for but the C++ extension {extension!r} could not be built")
     return backend

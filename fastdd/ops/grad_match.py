@@ -28,7 +28,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from fastdd.checks import boolean, one_of
 from fastdd.ops import _backend, naive
+from fastdd.ops import _checks as checks
 from fastdd.ops.naive import METRICS
 
 __all__ = ["METRICS", "grad_match_distance"]
@@ -43,23 +45,22 @@ def grad_match_distance(g_syn: Sequence[Tensor], g_real: Sequence[Tensor], metri
                         batched: bool = False, backend: str = "auto") -> Tensor:
     """Scalar distance between two equally shaped lists of gradients (one tensor per parameter).
 
-    ``batched=True``: every tensor has a leading class dimension K (the same K for all); the result is
+    g_syn, g_real: non-empty lists (or tuples) of the same length of non-empty floating tensors, all of one dtype
+    and on one device, ``g_syn[i]`` shaped as ``g_real[i]``. ``metric``: one of :data:`METRICS`.
+    ``batched=True`` (a bool): every tensor has a leading class dimension K (the same K for all); the result is
     the sum over classes of the unbatched distance, computed in one launch.
 
-    dtypes: float32 and float64 everywhere, float16 and bfloat16 on CUDA (Triton; on CPU they run on
-    the torch reference). Sums accumulate in fp32 (fp64 for fp64); the result has the input dtype for
-    float32 / float64 and is float32 for float16 / bfloat16 (a sum over many rows overflows fp16).
+    dtypes: float32 and float64 everywhere, float16 and bfloat16 on CUDA (Triton) and on the torch reference:
+    on CPU ``"auto"`` runs those on the reference and ``"cpp"`` refuses them. Sums accumulate in fp32 (fp64 for
+    fp64); the result has the input dtype for float32 / float64 and is float32 for float16 / bfloat16 (a sum over
+    many rows overflows fp16).
 
     Differentiable once, w.r.t. both lists (what gradient matching needs: the image gradient flows
     through ``g_syn``); differentiating the op's backward again raises an error.
     """
     _validate(g_syn, g_real, metric, batched)
-    name = _backend.resolve_backend(backend, [*g_syn, *g_real], "grad_match")
+    name = _backend.resolve_backend(backend, [*g_syn, *g_real], "grad_match", _backend.CPP_FLOATS)
     dtype = g_syn[0].dtype
-    if name == "cpp" and dtype not in (torch.float32, torch.float64):
-        if backend == "cpp":
-            raise ValueError(f"backend='cpp' takes float32 or float64 gradients, got {dtype}")
-        name = "torch"
     if name == "torch":
         distance = naive.grad_match_distance(g_syn, g_real, metric, batched=batched)
         return distance if dtype in (torch.float32, torch.float64) else distance.float()
@@ -69,16 +70,18 @@ def grad_match_distance(g_syn: Sequence[Tensor], g_real: Sequence[Tensor], metri
 
 
 def _validate(g_syn: Sequence[Tensor], g_real: Sequence[Tensor], metric: str, batched: bool) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    """Raise ValueError naming the first argument that is not as documented."""
+    one_of("metric", metric, METRICS)
+    boolean("batched", batched)
+    checks.tensor_list("g_syn", g_syn)
+    checks.tensor_list("g_real", g_real)
     if len(g_syn) != len(g_real) or len(g_syn) == 0:
         raise ValueError("g_syn and g_real must be non-empty lists of equal length, "
                          f"got {len(g_syn)} and {len(g_real)}")
     first = g_syn[0]
     for i, (s, r) in enumerate(zip(g_syn, g_real)):
         for name, t in (("g_syn", s), ("g_real", r)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+            checks.tensor(f"{name}[{i}]", t)
             if not t.dtype.is_floating_point:
                 raise ValueError(f"{name}[{i}] must be a floating-point tensor, got {t.dtype}")
             if t.dtype != first.dtype or t.device != first.device:

@@ -10,9 +10,9 @@ never formed) hands each hook ``g = dL/dz``, and the layer's per-sample squared 
 padding mode, stride, dilation and groups, GroupNorm, affine InstanceNorm, LayerNorm), so ``g`` is freed as
 in a plain backward.
 
-A layer without a rule (BatchNorm: it mixes samples), a module used twice in one forward, and a model
-without trainable parameters are refused with a clear error. With ``create_graph=True`` the norms are
-differentiable w.r.t. ``x`` (SDC backpropagates through them).
+A layer without a rule (BatchNorm: it mixes samples), a frozen BatchNorm that normalises with batch statistics,
+a module used twice in one forward, and a model without trainable parameters are refused with a clear error.
+With ``create_graph=True`` the norms are differentiable w.r.t. ``x`` (SDC backpropagates through them).
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastdd.ops import _backend
+from fastdd.checks import boolean, positive_int
+from fastdd.ops import _backend, norm_relu_pool
+from fastdd.ops import _checks as checks
 from fastdd.ops.layer_rules import Rule, rule_for
 from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
 
@@ -33,16 +36,22 @@ if TYPE_CHECKING:
 
 
 def trainable_layers(model: nn.Module) -> dict[nn.Module, Rule]:
-    """The modules whose own parameters require grad, each with its rule; raises for any that has none."""
+    """The modules whose own parameters require grad, each with its rule; raises for any that has none, and for a
+    frozen BatchNorm that normalises with batch statistics (it mixes the samples of a batch all the same)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = {}
     for name, module in model.named_modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             try:
                 layers[module] = rule_for(module)
             except ValueError as err:
-                raise ValueError(f"per_sample_grad_norm: module {name!r}: {err}") from None
+                raise ValueError(f"model: module {name!r}: {err}") from None
+        elif isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats):
+            raise ValueError(f"model: module {name!r}: {type(module).__name__} normalises with batch statistics, "
+                             "which mixes the samples of a batch; call model.eval() or use instance or group norm")
     if not layers:
-        raise ValueError("per_sample_grad_norm: model has no parameters that require grad")
+        raise ValueError("model has no parameters that require grad")
     return layers
 
 
@@ -63,7 +72,7 @@ def _record(layers: dict[nn.Module, Rule], create_graph: bool, backend: str) -> 
 
     def hook(rule: Rule, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if module in called:
-            raise ValueError(f"per_sample_grad_norm: {type(module).__name__} is called more than once per forward "
+            raise ValueError(f"model: {type(module).__name__} is called more than once per forward "
                              "(shared weights); its per-sample gradient does not split by layer")
         called.add(module)
         a = inputs[0] if create_graph else inputs[0].detach()
@@ -77,21 +86,42 @@ def per_sample_grad_norm(model: nn.Module, x: Tensor, y: Tensor, *, create_graph
                          chunk_size: int = 256, backend: str = "auto") -> Tensor:
     """[B] per-sample norms of the CE gradient over ``model``'s trainable parameters.
 
-    x: [B, ...] inputs; y: [B] int64 labels. Samples are processed ``chunk_size`` at a time, so a whole
-    data set can be scored in one call. ``create_graph=True`` keeps the graph: the result is then
-    differentiable w.r.t. ``x`` (and the parameters). ``backend`` picks the kernel of the direct
-    Conv2d form (see :func:`fastdd.ops.weight_sq_norms.conv2d_weight_sq_norms`); everything else is torch.
+    model: a module whose trainable layers all have a rule (:mod:`fastdd.ops.layer_rules`), with no BatchNorm
+    normalising by batch statistics, mapping x to logits [B, K]. x: [B, ...] non-empty floating inputs, of the
+    dtype and on the device of every parameter of ``model``; y: [B] int64 labels in [0, K). Samples are processed
+    ``chunk_size`` (an int >= 1) at a time, so a whole data set can be scored in one call. ``create_graph=True``
+    keeps the graph: the result is then differentiable w.r.t. ``x`` (and the parameters). ``backend`` picks the
+    kernel of the direct Conv2d form (see :func:`fastdd.ops.weight_sq_norms.conv2d_weight_sq_norms`); everything
+    else is torch. dtypes: float32 and float64 everywhere; float16 and bfloat16 on CUDA and on the torch rules:
+    on CPU ``"auto"`` runs those in torch (the C++ kernels of the per-sample norms take float32 and float64 only)
+    and ``"cpp"`` refuses them.
     """
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batch [B, ...], got shape {tuple(x.shape)}")
-    if y.shape != x.shape[:1] or y.dtype != torch.int64:
-        raise ValueError(f"y must be int64 labels of shape [{x.shape[0]}], got {y.dtype} {tuple(y.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    layers = trainable_layers(model)
-    _backend.resolve_backend(backend, [x], "grad_norm")  # validates the name early
+    layers = _validate(model, x, y, create_graph, chunk_size, backend)
     return torch.cat([_chunk_norms(model, layers, xs, ys, create_graph, backend)
                       for xs, ys in zip(x.split(chunk_size), y.split(chunk_size))])
+
+
+def _validate(model: nn.Module, x: Tensor, y: Tensor, create_graph: bool, chunk_size: int,
+              backend: str) -> dict[nn.Module, Rule]:
+    """Raise ValueError naming the first argument that is not as documented; otherwise the trainable layers."""
+    layers = trainable_layers(model)
+    checks.tensor("x", x)
+    if x.dim() < 2 or x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty batch [B, ...], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+    checks.tensor("y", y)
+    if y.shape != x.shape[:1] or y.dtype != torch.int64:
+        raise ValueError(f"y must be int64 labels of shape [{x.shape[0]}], got {y.dtype} {tuple(y.shape)}")
+    checks.one_device({"x": x, "y": y})
+    for name, p in model.named_parameters():
+        if p.device != x.device or (p.dtype.is_floating_point and p.dtype != x.dtype):
+            raise ValueError(f"model parameter {name!r} is {p.dtype} on {p.device}, but x is {x.dtype} on {x.device}: "
+                             "model and x must share one dtype and device")
+    boolean("create_graph", create_graph)
+    positive_int("chunk_size", chunk_size)
+    _backend.resolve_backend(backend, [x], "grad_norm", _backend.CPP_FLOATS)  # "cpp" on other dtypes is refused
+    return layers
 
 
 def _fused_tails(model: nn.Module, x: Tensor, create_graph: bool, backend: str,
@@ -104,7 +134,7 @@ def _fused_tails(model: nn.Module, x: Tensor, create_graph: bool, backend: str,
 
     if create_graph or backend == "torch" or not isinstance(model, ConvNet) or not model.fusable:
         return None
-    if _backend.resolve_backend("auto", [x], "norm_relu_pool") != "cpp":
+    if _backend.resolve_backend("auto", [x], "norm_relu_pool", norm_relu_pool.DTYPES) != "cpp":
         return None
     if not all(block.norm.weight.requires_grad == block.norm.bias.requires_grad for block in model.blocks):
         return None
@@ -131,6 +161,10 @@ def _chunk_norms(model: nn.Module, layers: dict[nn.Module, Rule], x: Tensor, y: 
     try:
         with torch.enable_grad():
             logits = model(x) if run_block is None else model(x, run_block=run_block)
+            if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(x):
+                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"model must map x [B, ...] to logits [B, K] = [{len(x)}, K], got {got}")
+            checks.labels_in_range("y", y, logits.shape[1])
             torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x, create_graph=create_graph)
     finally:
         for h in handles:

@@ -198,7 +198,7 @@ def _group_norm_affine_grads(a: Tensor, g: Tensor, groups: int, eps: float, back
     b, c = a.shape[:2]
     a, g = a.reshape(b, c, -1), g.reshape(b, c, -1)
     keep_graph = torch.is_grad_enabled() and (a.requires_grad or g.requires_grad)
-    if keep_graph or _backend.resolve_backend(backend, [a, g], "grad_norm") != "cpp":
+    if keep_graph or _backend.resolve_backend(backend, [a, g], "grad_norm", _backend.CPP_FLOATS) != "cpp":
         return (F.group_norm(a, groups, eps=eps) * g).sum(2), g.sum(2)
     sums = _backend.empty((b * c, 4), torch.float64, a.device)
     _backend.load_extension("grad_norm").row_sums(a.contiguous().view(b * c, -1), g.contiguous().view(b * c, -1), sums)

@@ -16,12 +16,12 @@ N x K steps are torch ops between the kernels, and the prototypes are normalised
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from fastdd.checks import positive_float
 from fastdd.ops import _backend, naive
+from fastdd.ops import _checks as checks
 
 _EXTENSION = "masked_contrastive"
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -30,14 +30,11 @@ _NORM_EPS = 1e-12  # as F.normalize
 
 
 def _validate(features: Tensor, masks: Tensor, labels: Tensor, prototypes: Tensor, tau: float) -> None:
-    """Raise ValueError naming the first argument that is not as documented."""
+    """Raise ValueError naming the first argument whose type, shape, dtype or device is not as documented."""
     tensors = {"features": features, "masks": masks, "labels": labels, "prototypes": prototypes}
     for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"all tensors must be on one device, got {devices}")
+        checks.tensor(name, t)
+    checks.one_device(tensors)
     if features.dim() != 4 or features.numel() == 0:
         raise ValueError(f"features must be a non-empty [N, C, H, W] tensor, got shape {tuple(features.shape)}")
     allowed = _CUDA_DTYPES if features.is_cuda else _CPU_DTYPES
@@ -58,12 +55,17 @@ def _validate(features: Tensor, masks: Tensor, labels: Tensor, prototypes: Tenso
         raise ValueError(f"prototypes must have shape [K, C] with K >= 1 and C = {c}, got {list(prototypes.shape)}")
     if not prototypes.dtype.is_floating_point:
         raise ValueError(f"prototypes must be a floating tensor, got {prototypes.dtype}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    k = prototypes.shape[0]
-    low, high = (int(v) for v in torch.aminmax(labels))
-    if low < 0 or high >= k:
-        raise ValueError(f"labels must lie in [0, K) = [0, {k}), got values in [{low}, {high}]")
+    positive_float("tau", tau)
+
+
+def _validate_values(features: Tensor, masks: Tensor, labels: Tensor, prototypes: Tensor) -> None:
+    """Raise ValueError naming the first tensor whose values are not as documented (one pass over each)."""
+    checks.labels_in_range("labels", labels, prototypes.shape[0])
+    weights = checks.plain(masks)
+    if not bool(((weights >= 0) & (weights <= 1)).all()):  # NaN fails both
+        raise ValueError("masks must hold weights in [0, 1], got values outside it or NaN")
+    checks.all_finite("features", features)
+    checks.all_finite("prototypes", prototypes)
 
 
 def _compute_dtype(features: Tensor) -> torch.dtype:
@@ -185,8 +187,9 @@ def masked_feature_contrastive(features: Tensor, masks: Tensor, labels: Tensor, 
                                backend: str = "auto") -> Tensor:
     """Scalar UDD contrastive loss: mean_i CE(normalise(masked_pool(features_i)) . normalise(prototypes).T / tau).
 
-    features [N, C, H, W] (float32/float64; float16/bfloat16 too on CUDA); masks [N, 1, H, W] weights in
-    [0, 1], given no gradient (detach them); labels [N] integers in [0, K); prototypes [K, C]; tau > 0.
+    features [N, C, H, W], non-empty and finite: float32/float64 on every backend, float16/bfloat16 too on CUDA;
+    masks [N, 1, H, W] floating weights in [0, 1], given no gradient (detach them); labels [N] integers in [0, K);
+    prototypes [K, C], K >= 1, floating and finite; all four on one device; tau a finite number > 0.
     Differentiable w.r.t. ``features`` and ``prototypes``. The loss is float64 for float64 features and
     float32 otherwise (half features are pooled with float32 accumulation); the features' gradient has the
     features' dtype, the prototypes' gradient the prototypes'. ``backend``: see :mod:`fastdd.ops._backend`;
@@ -194,6 +197,7 @@ def masked_feature_contrastive(features: Tensor, masks: Tensor, labels: Tensor, 
     """
     _validate(features, masks, labels, prototypes, tau)
     name = _backend.resolve_backend(backend, [features, masks, labels, prototypes], _EXTENSION)
+    _validate_values(features, masks, labels, prototypes)
     if name == "torch":
         return naive.masked_feature_contrastive(features, masks, labels, prototypes, tau)
     dtype = _compute_dtype(features)

@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdd.checks import nonnegative_int, positive_float
 from fastdd.ops import _backend, naive
+from fastdd.ops import _checks as checks
 
 _EXTENSION = "norm_relu_pool"
 _MAX_TRITON_PLANE = 16384  # the Triton kernels hold a plane in one block
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # x on every backend
 # Most input channels x kernel positions of a convolution the fused C++ block computes itself: one channel of
 # 3 x 3 (grey images). Measured (bench/NOTES.md): at 27 taps (RGB) oneDNN's convolution is faster.
 MAX_FUSED_TAPS = 9
@@ -83,29 +85,43 @@ class _NormReLUPool(torch.autograd.Function):
         return grad_x, grad_gamma.sum(0).to(weight.dtype), grad_beta.sum(0).to(bias.dtype), None, None, None
 
 
+def _validate_input(x: Tensor, shape: str) -> None:
+    """Refuse an ``x`` that is not a non-empty 4-D tensor ``shape`` of a dtype in ``DTYPES``."""
+    checks.tensor("x", x)
+    if x.dim() != 4 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty {shape} tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x must have dtype in {DTYPES}, got {x.dtype}")
+
+
+def _validate_affine(weight: Tensor, bias: Tensor, c: int) -> None:
+    """Refuse a norm ``weight`` or ``bias`` that is not a floating [C] tensor."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not isinstance(t, Tensor) or t.shape != (c,) or not t.dtype.is_floating_point:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating tensor of shape [C] = [{c}], got {got}")
+
+
 def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, *,
                             backend: str = "auto", per_sample_sq_norms: list[Tensor] | None = None) -> Tensor:
     """avg_pool2d(relu(group_norm(x, C, weight, bias, eps)), 2): x [N, C, H, W] -> [N, C, H // 2, W // 2].
 
-    x float32, float64 or bfloat16 (statistics accumulated in float32, float64 for float64); weight, bias [C].
+    x non-empty, H and W >= 2, float32, float64 or bfloat16 on every backend (statistics accumulated in float32,
+    float64 for float64); weight, bias floating [C]; all three on one device; eps a finite number > 0.
     Differentiable once w.r.t. x, weight and bias. ``backend``: see :mod:`fastdd.ops._backend`;
     ``"torch"`` runs the eager composition, as do planes larger than 128 x 128 on Triton.
     ``per_sample_sq_norms``: a list to which the backward appends [N] the squared norms of each sample's
     own weight and bias gradient (the kernels compute them per plane before summing over samples; for
     :func:`fastdd.ops.per_sample_grad_norm`); the eager composition cannot, and raises when given one.
     """
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty [N, C, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x must have dtype in {_DTYPES}, got {x.dtype}")
-    c = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, Tensor) or t.shape != (c,) or not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating tensor of shape [C] = [{c}], got {getattr(t, 'shape', t)}")
+    _validate_input(x, "[N, C, H, W]")
+    _validate_affine(weight, bias, x.shape[1])
     if x.shape[2] < 2 or x.shape[3] < 2:
         raise ValueError(f"x must be at least 2 x 2 to pool, got {tuple(x.shape[2:])}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    checks.one_device({"x": x, "weight": weight, "bias": bias})
+    positive_float("eps", eps)
+    if per_sample_sq_norms is not None and not isinstance(per_sample_sq_norms, list):
+        raise ValueError(f"per_sample_sq_norms must be None or a list, got {type(per_sample_sq_norms).__name__}")
     name = _backend.resolve_backend(backend, [x, weight, bias], _EXTENSION)
     too_large = name == "triton" and x.shape[2] * x.shape[3] > _MAX_TRITON_PLANE
     if name == "torch" or too_large or torch._C._are_functorch_transforms_active():
@@ -156,28 +172,14 @@ def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tens
                                  padding: int = 0, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
     """instance_norm_relu_pool(conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias, eps): a ConvNet block.
 
-    x [N, Cin, H, W]; conv_weight [C, Cin, kh, kw] (stride 1); conv_bias, weight, bias [C]; returns
-    [N, C, H' // 2, W' // 2] with H' = H + 2 padding - kh + 1 (W' alike). The fused C++ kernel runs where
-    ``backend`` resolves to ``"cpp"``, x is float32 or float64 and needs no gradient, and Cin kh kw <=
-    ``MAX_FUSED_TAPS``; otherwise the composition (with ``backend`` passed on).
+    x [N, Cin, H, W] non-empty, float32, float64 or bfloat16; conv_weight [C, Cin, kh, kw] (stride 1) and conv_bias
+    [C] of x's dtype (any floating dtypes under autocast); weight, bias floating [C]; all five on one device;
+    padding an int >= 0 with H' = H + 2 padding - kh + 1 >= 2 (W' alike); eps a finite number > 0. Returns
+    [N, C, H' // 2, W' // 2]. The fused C++ kernel runs where ``backend`` resolves to ``"cpp"``, x is float32 or
+    float64 and needs no gradient, and Cin kh kw <= ``MAX_FUSED_TAPS``; otherwise the composition (with ``backend``
+    passed on).
     """
-    if not isinstance(x, Tensor) or x.dim() != 4 or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty [N, Cin, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4 or conv_weight.shape[1] != x.shape[1]:
-        got = getattr(conv_weight, "shape", conv_weight)
-        raise ValueError(f"conv_weight must be [C, Cin = {x.shape[1]}, kh, kw], got {got}")
-    if not isinstance(conv_bias, Tensor) or conv_bias.shape != conv_weight.shape[:1]:
-        raise ValueError(f"conv_bias must be [C] = [{len(conv_weight)}], got {getattr(conv_bias, 'shape', conv_bias)}")
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
-    sides = [x.shape[2] + 2 * padding - conv_weight.shape[2] + 1, x.shape[3] + 2 * padding - conv_weight.shape[3] + 1]
-    if min(sides) < 2:
-        raise ValueError(f"the convolution's output must be at least 2 x 2 to pool, got {sides}")
-    for arg, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, Tensor) or t.shape != conv_bias.shape:
-            raise ValueError(f"{arg} must be [C] = [{len(conv_weight)}], got {getattr(t, 'shape', t)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    _validate_conv(x, conv_weight, conv_bias, weight, bias, padding, eps)
     name = _backend.resolve_backend(backend, [x, conv_weight, conv_bias, weight, bias], _EXTENSION)
     fused = (name == "cpp" and not x.requires_grad and x.dtype in (torch.float32, torch.float64)
              and conv_weight.shape[1:].numel() <= MAX_FUSED_TAPS and not torch._C._are_functorch_transforms_active())
@@ -186,3 +188,30 @@ def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tens
                                        backend=backend)
     params = [t.to(x.dtype).contiguous() for t in (conv_weight, conv_bias, weight, bias)]
     return _backend.apply(_ConvNormReLUPool, x.contiguous(), *params, padding, float(eps))[0]
+
+
+def _validate_conv(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, weight: Tensor, bias: Tensor, padding: int,
+                   eps: float) -> None:
+    """Raise ValueError naming the first argument of :func:`conv_instance_norm_relu_pool` that is not as documented."""
+    _validate_input(x, "[N, Cin, H, W]")
+    checks.tensor("conv_weight", conv_weight)
+    if conv_weight.dim() != 4 or conv_weight.numel() == 0 or conv_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"conv_weight must be a non-empty [C, Cin = {x.shape[1]}, kh, kw] tensor, "
+                         f"got shape {tuple(conv_weight.shape)}")
+    checks.tensor("conv_bias", conv_bias)
+    if conv_bias.shape != conv_weight.shape[:1]:
+        raise ValueError(f"conv_bias must be [C] = [{len(conv_weight)}], got shape {tuple(conv_bias.shape)}")
+    device = x.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # else autocast casts
+        for name, t in (("conv_weight", conv_weight), ("conv_bias", conv_bias)):
+            if t.dtype != x.dtype:
+                raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    _validate_affine(weight, bias, len(conv_weight))
+    nonnegative_int("padding", padding)
+    sides = [x.shape[2] + 2 * padding - conv_weight.shape[2] + 1, x.shape[3] + 2 * padding - conv_weight.shape[3] + 1]
+    if min(sides) < 2:
+        raise ValueError(f"x {tuple(x.shape[2:])} with padding {padding} and conv_weight's kernel "
+                         f"{tuple(conv_weight.shape[2:])} gives a {sides[0]} x {sides[1]} map; pooling needs at least "
+                         "2 x 2")
+    checks.one_device({"x": x, "conv_weight": conv_weight, "conv_bias": conv_bias, "weight": weight, "bias": bias})
+    positive_float("eps", eps)

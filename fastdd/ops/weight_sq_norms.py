@@ -88,7 +88,7 @@ def conv2d_weight_sq_norms(a: Tensor, g: Tensor, module: nn.Conv2d, *, backend: 
     d = a.shape[1] // groups * kh * kw
     p = g.shape[1] // groups
     ghost = t * (d + p) < d * p
-    name = _backend.resolve_backend(backend, [a, g], "grad_norm")
+    name = _backend.resolve_backend(backend, [a, g], "grad_norm", _backend.CPP_FLOATS)
     if name == "torch" or (name == "triton" and ghost):
         u = unfold(a, module.kernel_size, module.stride, module.dilation, g.shape[2:])  # [B, groups * D, T]
         return matmul_sq_norms(u.reshape(b * groups, d, t), g.reshape(b * groups, p, t)).reshape(b, groups).sum(1)
