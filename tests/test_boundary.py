@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from safetensors.torch import save_file
 
 from fastdd.cli import main
@@ -73,6 +74,19 @@ def test_ipc_above_a_class_size_is_refused_before_any_file(tmp_path, capsys, ipc
     assert main(["distill", *args]) == 1
     line = one_error_line(capsys)
     assert f"ipc (--ipc) {ipc}" in line and "lower --ipc to at most" in line
+    assert not out.exists()
+
+
+def test_an_image_folder_with_fewer_images_than_ipc_is_refused_before_any_file(tmp_path, capsys):
+    for split, count in (("train", 3), ("val", 1)):
+        for cls in ("ant", "bee"):
+            for i in range(count):
+                (tmp_path / "data" / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "data" / split / cls / f"{i}.png")
+    out = tmp_path / "run"
+    args = [*TINY, "--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--ipc", "5", "--out", str(out)]
+    assert main(["distill", *args]) == 1
+    assert "ipc (--ipc) 5: class 0 ('ant') of imagefolder holds 3 training image(s)" in one_error_line(capsys)
     assert not out.exists()
 
 

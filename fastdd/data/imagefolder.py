@@ -118,7 +118,7 @@ def _test_items(root: Path, class_index: dict[str, int]) -> Items:
 
 def _target_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
         raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
     return size  # type: ignore[return-value]
 

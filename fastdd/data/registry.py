@@ -61,9 +61,13 @@ def load_dataset(
     image_size: int | tuple[int, int] | None = None,
 ) -> tuple[RealDataset, RealDataset]:
     """(train, test) of data set ``name`` (one of :data:`DATASETS`), uint8 images on ``device``."""
-    key = name.lower().replace("_", "-")
+    key = name.lower().replace("_", "-") if isinstance(name, str) else None
     if key not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; expected one of {', '.join(DATASETS)}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
     if key == "imagefolder":
         return load_imagefolder(root, device, image_size)
     native = _NATIVE_SIZE[key]
