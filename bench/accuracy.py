@@ -23,6 +23,7 @@ from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.cli import build_parser, config_from_args
 from fastdd.methods import Plugin
+from fastdd.run import CONFIG
 
 RESULTS = Path(__file__).parent / "results"
 HEADER = (
@@ -87,7 +88,7 @@ def main() -> None:
     label = config.method + "".join(f" + {p.name} (" + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                                                                  for k, v in key_hparams(p).items()) + ")"
                                     for p in plugins)
-    result = fastdd.distill(config, resume=True)
+    result = fastdd.distill(config, resume=(config.run_dir() / CONFIG).is_file())  # a run killed earlier continues
     evaluation = result.evaluation.report
     eval_config = result.evaluation.eval_config
     row = {
