@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_dataset
-from fastdd.methods import DC, DM, DSADistiller, Plugin, get_distiller, get_loops
+from fastdd.methods import DC, DM, DSADistiller, Plugin, dm, get_distiller, get_loops
 from fastdd.models import get_network
 
 MODEL = "ConvNetW32"
@@ -79,14 +79,20 @@ def test_dsa_image_gradient_matches_per_class_loop():
     torch.testing.assert_close(got, want, **FLOAT32_STEP)
 
 
-def test_dm_image_gradient_matches_per_class_loop(tiny):
+@pytest.mark.parametrize("chunks", ["whole", "class chunks"])
+def test_dm_image_gradient_matches_per_class_loop(tiny, monkeypatch, chunks):
+    if chunks == "class chunks":  # 3 classes' real batches at a time; synthetic chunks of 3 classes, recomputed
+        monkeypatch.setattr(dm, "REAL_CHUNK_PIXELS", 3 * 5 * tiny.height * tiny.width)
+        monkeypatch.setattr(dm, "SYN_CHUNK_PIXELS", 3 * 2 * tiny.height * tiny.width)
     d = make(DM, tiny, ipc=2)
     net = d.new_network()
     for p in net.parameters():
         p.requires_grad_(False)
-    real = d.real_batches()
     params = d.dsa.sample(d.num_classes, d.generator, d.device)
-    got = distiller_grad(d, d.matching_loss(net, real, params))
+    state = d.generator.get_state()
+    got = distiller_grad(d, d.matching_loss(net, params))
+    d.generator.set_state(state)
+    real = d.real_batches()  # the batches the loss drew
 
     syn = d.images.detach().clone().requires_grad_(True)
     loss = 0.0
@@ -107,8 +113,11 @@ def test_bfloat16_real_pass_gives_nearly_the_float32_image_gradient(tiny, cls):
         net = d.new_network()
         if cls is DM:
             net.requires_grad_(False)
-        params = d.dsa.sample(d.num_classes, d.generator, d.device) if cls is DM else None
-        grads.append(distiller_grad(d, d.matching_loss(net, d.real_batches(), params)).flatten())
+        if cls is DM:
+            loss = d.matching_loss(net, d.dsa.sample(d.num_classes, d.generator, d.device))
+        else:
+            loss = d.matching_loss(net, d.real_batches())
+        grads.append(distiller_grad(d, loss).flatten())
     assert not torch.equal(grads[0], grads[1])  # the real pass did run in bfloat16
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99  # bfloat16 keeps 8 bits of mantissa
 

@@ -2,22 +2,36 @@
 
 Every iteration draws a fresh network and freezes it. Each class's real batch and synthetic images
 get the same random DSA augmentation; the loss is the sum over classes of the squared distance
-between the mean embeddings of the two. The synthetic images are embedded in one pass over all
-classes (the default network normalises per sample, so this equals the class-by-class loop); the
-real images class by class (one pass over every class's batch would hold gigabytes of
-activations). BatchNorm networks embed all real images in one pass, as the reference does for them.
+between the mean embeddings of the two.
+
+Memory stays bounded whatever the number of classes and IPC (the default network normalises per
+sample, so embedding in chunks equals the class-by-class loop): real batches are drawn, augmented and
+embedded a chunk of classes at a time (at most :data:`REAL_CHUNK_PIXELS` pixels), only their class means
+kept; the synthetic images are embedded in one pass while they hold at most :data:`SYN_CHUNK_PIXELS`
+pixels, else a chunk of classes at a time with each chunk's activations recomputed in the backward
+pass instead of held. The random draws come in the same order either way. BatchNorm
+networks embed all real images in one pass and all synthetic ones in another, as the reference does
+for them (their statistics mix the samples).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.methods.base import Distiller
 from fastdd.models import has_batchnorm
+
+# Pixels (images x height x width) a step holds at once. Real: drawn, augmented and embedded without gradient
+# (4096 images at 32 x 32: 50 MB as float32 with 3 channels). Synthetic: embedded with their activations held
+# (a ConvNet of width 128 holds about 1.5 KB of activations per pixel: 1.5 GB).
+REAL_CHUNK_PIXELS = 2**22
+SYN_CHUNK_PIXELS = 2**20
 
 
 def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -41,16 +55,49 @@ class DM(Distiller):
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "dsa_strategy": self.dsa.strategy}
 
-    def matching_loss(self, net: nn.Module, real: list[Tensor], params) -> Tensor:
-        """Sum over classes of |mean embed(aug(real_c)) - mean embed(aug(syn_c))|^2."""
+    def matching_loss(self, net: nn.Module, params) -> Tensor:
+        """Sum over classes of |mean embed(aug(real_c)) - mean embed(aug(syn_c))|^2 (module docstring)."""
+        if has_batchnorm(net):
+            return self._whole_batch_loss(net, self.real_batches(), params)
+        mu_real = torch.cat([self._real_means(net, params, classes)
+                             for classes in self._class_chunks(self.batch_real, REAL_CHUNK_PIXELS)])
+        syn_chunks = self._class_chunks(self.ipc, SYN_CHUNK_PIXELS)
+        if len(syn_chunks) == 1:
+            mu_syn = self._syn_means(net, params, syn_chunks[0], self.images)
+        else:  # each chunk's activations are recomputed in the backward pass
+            mu_syn = torch.cat([checkpoint(partial(self._syn_means, net, params, classes),
+                                           self.images[classes.start * self.ipc: classes.stop * self.ipc],
+                                           use_reentrant=False) for classes in syn_chunks])
+        return ((mu_real - mu_syn) ** 2).sum()
+
+    def _class_chunks(self, per_class: int, pixels: int) -> list[range]:
+        """The classes in consecutive chunks of at most ``pixels`` pixels (``per_class`` images each; one class at
+        least)."""
+        size = max(1, pixels // (per_class * self.train.height * self.train.width))
+        return [range(c, min(c + size, self.num_classes)) for c in range(0, self.num_classes, size)]
+
+    def _real_means(self, net: nn.Module, params, classes: range) -> Tensor:
+        """Mean embedding [len(classes), D] of a fresh augmented real batch of each class (no gradient)."""
+        real = [self.train.sample(c, self.batch_real, self.generator) for c in classes]
+        labels = torch.cat([torch.full((len(r),), c, dtype=torch.long) for c, r in zip(classes, real)]).to(self.device)
+        with torch.no_grad(), self.real_pass():
+            augmented = self.dsa.apply(torch.cat(real), params, labels)
+            return torch.stack([net.embed(x).float().mean(0) for x in augmented.split([len(r) for r in real])])
+
+    def _syn_means(self, net: nn.Module, params, classes: range, images: Tensor) -> Tensor:
+        """Mean embedding [len(classes), D] of the augmented synthetic ``images`` of ``classes`` (their ipc each)."""
+        labels = self.labels[classes.start * self.ipc: classes.stop * self.ipc]
+        embedded = net.embed(self.dsa.apply(images, params, labels))
+        return class_means(embedded, labels - classes.start, len(classes))
+
+    def _whole_batch_loss(self, net: nn.Module, real: list[Tensor], params) -> Tensor:
+        """The loss with every real image embedded in one pass and every synthetic one in another."""
         y_real = torch.cat([torch.full((len(r),), c, dtype=torch.long) for c, r in enumerate(real)]).to(self.device)
         x_real = self.dsa.apply(torch.cat(real), params, y_real)
-        x_syn = self.dsa.apply(self.images, params, self.labels)
         with torch.no_grad(), self.real_pass():
-            chunks = [x_real] if has_batchnorm(net) else x_real.split([len(r) for r in real])
-            embedded = torch.cat([net.embed(x).float() for x in chunks])
-            mu_real = class_means(embedded, y_real, self.num_classes)
-        mu_syn = class_means(net.embed(x_syn), self.labels, self.num_classes)
+            mu_real = class_means(net.embed(x_real).float(), y_real, self.num_classes)
+        mu_syn = class_means(net.embed(self.dsa.apply(self.images, params, self.labels)), self.labels,
+                             self.num_classes)
         return ((mu_real - mu_syn) ** 2).sum()
 
     def step(self, iteration: int) -> dict[str, float]:
@@ -59,5 +106,5 @@ class DM(Distiller):
         for p in net.parameters():
             p.requires_grad_(False)
         params = self.dsa.sample(self.num_classes, self.generator, self.device)
-        loss = self.matching_loss(net, self.real_batches(), params)
+        loss = self.matching_loss(net, params)
         return {"loss": self.update_images(loss, net)}
