@@ -1,9 +1,10 @@
-"""Command line: ``fastdd distill | evaluate | experts | difficulty | bench``."""
+"""Command line: ``fastdd distill | evaluate | experts | difficulty | bench | cache``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from fastdd.benchmarks import suite
 from fastdd.checks import positive_int
 from fastdd.config import FLAGS, PLUGINS, RunConfig
 from fastdd.data import DATASETS, DatasetError, load_dataset
+from fastdd.data.cache import HEADER, REPORT, build_cache
 from fastdd.data.zca import REGULARIZATION
 from fastdd.difficulty import HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, scoring_networks
 from fastdd.errors import NonFiniteError, UnsavedResultError
@@ -188,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
     b.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median; default 5)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the rows to FILE (JSON lines)")
+
+    c = sub.add_parser("cache", help="decode an image folder once into a memory-mapped, class-indexed cache",
+                       description="Decode an image folder into a memory-mapped uint8 file per split, class by class, "
+                                   "so sets larger than memory can be distilled (fastdd/data/cache.py). Reading the "
+                                   "folder later uses the default cache; pass a cache made with --out as --data-root. "
+                                   "Run the same command again to continue after a kill.")
+    c.add_argument("--dataset", required=True, choices=["imagefolder"], help="data set (imagefolder only)")
+    c.add_argument("--data-root", required=True, metavar="DIR", help="the image folder")
+    c.add_argument("--image-size", type=int, default=None, metavar="PX", help="resize images to PX x PX")
+    c.add_argument("--out", default=None, metavar="DIR",
+                   help="cache directory (default DATA_ROOT/.fastdd-cache/HxW, where the reader looks)")
+    c.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: one per CPU)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -332,6 +347,19 @@ def cmd_difficulty(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    began = time.perf_counter()
+    directory = build_cache(args.data_root, args.image_size, args.out, args.workers, progress=not args.quiet)
+    header = json.loads((directory / HEADER).read_text())
+    _print_summary("fastdd cache", [
+        ("images", ", ".join(f"{meta['count']} {split}" for split, meta in header["splits"].items())
+         + f" of 3 x {header['image_size'][0]} x {header['image_size'][1]}, {len(header['class_names'])} classes"),
+        ("unreadable", f"{len((directory / REPORT).read_text().splitlines())} skipped ({directory / REPORT})"),
+        ("time", f"{time.perf_counter() - began:.1f} s"),
+        ("cache", str(directory))])
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     positive_int("repeat (--repeat)", args.repeat)
     device = str(resolve_device(args.device))
@@ -345,7 +373,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"distill": cmd_distill, "evaluate": cmd_evaluate, "experts": cmd_experts, "difficulty": cmd_difficulty,
-                "bench": cmd_bench}
+                "bench": cmd_bench, "cache": cmd_cache}
     command = commands[args.command]
     if args.command in ("distill", "evaluate", "experts", "difficulty"):
         keep_freed_memory()

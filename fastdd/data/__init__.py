@@ -2,10 +2,12 @@
 
 ``load_dataset(name, root, device, image_size) -> (train, test)``; see :mod:`fastdd.data.registry`.
 Readers: digits (scikit-learn's 8x8 set, offline default), idx (MNIST, Fashion-MNIST), cifar
-(CIFAR-10/100 python batches), svhn (.mat), imagefolder (Tiny ImageNet, ImageNet subsets).
+(CIFAR-10/100 python batches), svhn (.mat), imagefolder (Tiny ImageNet, ImageNet subsets); image
+folders larger than memory are read through a memory-mapped cache (:mod:`fastdd.data.cache`).
 """
 
 from fastdd.data.base import DatasetError, RealDataset
+from fastdd.data.cache import build_cache, open_cache
 from fastdd.data.cifar import load_cifar10, load_cifar100
 from fastdd.data.digits import load_digits
 from fastdd.data.idx import load_fashion_mnist, load_mnist
@@ -19,6 +21,7 @@ __all__ = [
     "NORMALIZATION",
     "DatasetError",
     "RealDataset",
+    "build_cache",
     "load_cifar10",
     "load_cifar100",
     "load_dataset",
@@ -27,4 +30,5 @@ __all__ = [
     "load_imagefolder",
     "load_mnist",
     "load_svhn",
+    "open_cache",
 ]

@@ -7,6 +7,10 @@ Layout in the data root::
     val/<class>/**/<image>            test split; or test/<class>/... when there is no val/
     val/images/* + val/val_annotations.txt    Tiny ImageNet's test layout (tab-separated lines:
                                       file name, class folder name, box)
+    val/<image> + LOC_val_solution.csv        ImageNet's own flat val/ folder with Kaggle's label file
+                                      (in the data root or in val/): a header line, then
+                                      ``ImageId,PredictionString`` per image, ImageId the file name
+                                      without extension, the string's first token the class (WordNet id)
 
 Classes are the train class folders, sorted by name; their names are the folder names (WordNet ids
 for Tiny ImageNet). A test split may lack classes, but may not have classes train lacks. Image files:
@@ -24,6 +28,11 @@ colour profiles and EXIF orientation are not applied.
 antialiased) so it covers H x W while keeping its aspect ratio, then centre-cropped to H x W (for an
 int, the usual "resize the short side, centre crop"). Without it, every image must already have the
 same size. Normalisation: the ImageNet mean / std.
+
+Sets too large for memory: :func:`load_imagefolder` reads through a class-indexed, memory-mapped cache
+(:mod:`fastdd.data.cache`) when one is in ``<root>/.fastdd-cache/<H>x<W>`` or when the decoded set would
+take more than a quarter of the machine's physical memory (it builds the cache there first); a root that
+is itself a cache (made by ``fastdd cache --out DIR``) is read as one.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +49,17 @@ from PIL import Image
 
 from fastdd.data.base import DatasetError, RealDataset, require_root, tensor_from_numpy
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "load_imagefolder"]
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "Listing", "list_folder", "load_imagefolder", "memory_budget"
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"})
 _LAYOUT = (
     "train/<class>/<images> and val/<class>/<images> (or test/<class>/, or Tiny ImageNet's val/images "
-    "+ val/val_annotations.txt; Tiny ImageNet: http://cs231n.stanford.edu/tiny-imagenet-200.zip)"
+    "+ val/val_annotations.txt, or ImageNet's flat val/ + LOC_val_solution.csv; Tiny ImageNet: "
+    "http://cs231n.stanford.edu/tiny-imagenet-200.zip)"
 )
 _MAX_WORKERS = 8
 
@@ -101,10 +114,35 @@ def _tiny_imagenet_val_items(val: Path, class_index: dict[str, int]) -> Items:
     return items
 
 
+def _imagenet_val_items(val: Path, solution: Path, class_index: dict[str, int]) -> Items:
+    """ImageNet's flat val/ folder labelled by Kaggle's LOC_val_solution.csv (``ImageId,PredictionString``)."""
+    images = {path.stem: path for path in val.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()}
+    items = []
+    for number, line in enumerate(solution.read_text().splitlines()[1:], start=2):
+        if not line.strip():
+            continue
+        image_id, _, prediction = line.partition(",")
+        wnid = prediction.split()[0] if prediction.split() else ""
+        if wnid not in class_index:
+            raise DatasetError(
+                f"{solution}: line {number} {line!r}: expected 'ImageId,<wnid> ...' with a class folder of "
+                f"train/ (e.g. {next(iter(class_index))})"
+            )
+        if image_id not in images:
+            raise DatasetError(f"{solution}: line {number} names image {image_id}, which is not in {val}")
+        items.append((images[image_id], class_index[wnid]))
+    if not items:
+        raise DatasetError(f"{solution}: no label lines; expected a header, then 'ImageId,PredictionString' per image")
+    return items
+
+
 def _test_items(root: Path, class_index: dict[str, int]) -> Items:
     val = root / "val"
     if (val / "val_annotations.txt").is_file():
         return _tiny_imagenet_val_items(val, class_index)
+    for solution in (val / "LOC_val_solution.csv", root / "LOC_val_solution.csv"):
+        if val.is_dir() and solution.is_file():
+            return _imagenet_val_items(val, solution, class_index)
     split = val if val.is_dir() else root / "test"
     if not split.is_dir():
         raise DatasetError(f"imagefolder: missing test split: neither {val} nor {split} exists; expected {_LAYOUT}")
@@ -174,23 +212,66 @@ def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
     return np.asarray(image)
 
 
-def _read_all(items: Items, size: tuple[int, int], resize: bool, reference: Path) -> np.ndarray:
-    """uint8 [N, 3, H, W] of every item, decoded on a few threads (PIL releases the GIL). Without
-    ``resize`` every image must be ``size`` (the size of ``reference``, named in the error)."""
-    out = np.empty((len(items), 3, *size), dtype=np.uint8)
+def check_size(pixels: np.ndarray, path: Path, size: tuple[int, int], reference: Path) -> np.ndarray:
+    """``pixels`` (uint8 [H, W, 3] of ``path``) as [3, H, W]; DatasetError unless they are ``size``, the size
+    of ``reference`` (named in the error)."""
+    if pixels.shape[:2] != size:
+        raise DatasetError(
+            f"{path}: image is {pixels.shape[0]}x{pixels.shape[1]} (HxW), but {reference} is "
+            f"{size[0]}x{size[1]}; images differ in size, pass image_size (--image-size) to resize them"
+        )
+    return pixels.transpose(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """An image folder as listed, before decoding: ``train`` / ``test`` are (path, label) per image in the
+    folder's order (train class by class), labels index ``class_names``; images decode to ``size`` = (H, W),
+    scaled to it when ``resize``, else every image must already have it (it is the first train image's)."""
+
+    root: Path
+    class_names: list[str]
+    train: Items
+    test: Items
+    size: tuple[int, int]
+    resize: bool
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of both splits decoded: uint8 3 x H x W per image."""
+        return 3 * self.size[0] * self.size[1] * (len(self.train) + len(self.test))
+
+
+def list_folder(root: Path, image_size: int | tuple[int, int] | None) -> Listing:
+    """The :class:`Listing` of the image folder ``root`` (layout and class checks; reads one image when
+    ``image_size`` is None)."""
+    names, train_items = _train_items(root)
+    test_items = _test_items(root, {name: i for i, name in enumerate(names)})
+    if image_size is None:
+        size = _read_image(train_items[0][0], None).shape[:2]
+    else:
+        size = _target_size(image_size)
+    return Listing(root, names, train_items, test_items, size, image_size is not None)
+
+
+def _read_all(items: Items, listing: Listing) -> np.ndarray:
+    """uint8 [N, 3, H, W] of every item, decoded on a few threads (PIL releases the GIL)."""
+    out = np.empty((len(items), 3, *listing.size), dtype=np.uint8)
 
     def read(i: int) -> None:
-        pixels = _read_image(items[i][0], size if resize else None)
-        if pixels.shape[:2] != size:
-            raise DatasetError(
-                f"{items[i][0]}: image is {pixels.shape[0]}x{pixels.shape[1]} (HxW), but {reference} is "
-                f"{size[0]}x{size[1]}; images differ in size, pass image_size (--image-size) to resize them"
-            )
-        out[i] = pixels.transpose(2, 0, 1)
+        path = items[i][0]
+        pixels = _read_image(path, listing.size if listing.resize else None)
+        out[i] = check_size(pixels, path, listing.size, listing.train[0][0])
 
     with ThreadPoolExecutor(max_workers=min(_MAX_WORKERS, os.cpu_count() or 1)) as pool:
         list(pool.map(read, range(len(items))))
     return out
+
+
+def memory_budget() -> int:
+    """Bytes of decoded images held in memory at most: a quarter of physical memory, the rest left to the
+    distillation (networks, batches, gradients) and the system."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 def load_imagefolder(
@@ -198,26 +279,41 @@ def load_imagefolder(
     device: str | torch.device = "cpu",
     image_size: int | tuple[int, int] | None = None,
 ) -> tuple[RealDataset, RealDataset]:
-    """(train, test) from an image-folder tree: uint8 [N, 3, H, W], classes = train's class folders."""
+    """(train, test) from an image-folder tree, or from a cache of one: uint8 [N, 3, H, W], classes =
+    train's class folders. Through the cache (module docstring) when ``root`` is one, when
+    ``<root>/.fastdd-cache/<H>x<W>`` holds one (rebuilt if the folder changed), or when both splits
+    decoded exceed :func:`memory_budget` (built first); else decoded into memory."""
+    from fastdd.data import cache  # the cache module reads folders with this one
+
     folder = require_root(root, "imagefolder", _LAYOUT)
-    names, train_items = _train_items(folder)
-    test_items = _test_items(folder, {name: i for i, name in enumerate(names)})
-    if image_size is None:
-        size = _read_image(train_items[0][0], None).shape[:2]
-    else:
-        size = _target_size(image_size)
-    splits = []
-    for items in (train_items, test_items):
-        images = _read_all(items, size, image_size is not None, train_items[0][0])
-        splits.append(
-            RealDataset(
-                name="imagefolder",
-                images=tensor_from_numpy(images, device),
-                labels=torch.tensor([label for _, label in items], dtype=torch.int64, device=device),
-                num_classes=len(names),
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-                class_names=list(names),
-            )
+    if cache.is_cache(folder):
+        return cache.open_cache(folder, device, image_size)
+    listing = list_folder(folder, image_size)
+    directory = cache.default_cache_dir(listing)
+    if cache.is_cache(directory) or listing.decoded_bytes > memory_budget():
+        return cache.open_cache(cache.write_cache(listing, directory), device, check_source=False)
+    return split_datasets(
+        listing.class_names,
+        [(tensor_from_numpy(_read_all(items, listing), device), [label for _, label in items])
+         for items in (listing.train, listing.test)],
+        device,
+    )
+
+
+def split_datasets(
+    class_names: list[str], splits: list[tuple[torch.Tensor, list[int] | torch.Tensor]], device: str | torch.device
+) -> tuple[RealDataset, RealDataset]:
+    """(train, test) RealDatasets named imagefolder from (uint8 images [N, 3, H, W], labels) of each split."""
+    train, test = (
+        RealDataset(
+            name="imagefolder",
+            images=images,
+            labels=torch.as_tensor(labels, dtype=torch.int64, device=device),
+            num_classes=len(class_names),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            class_names=list(class_names),
         )
-    return splits[0], splits[1]
+        for images, labels in splits
+    )
+    return train, test
