@@ -1,7 +1,9 @@
-"""Peak memory and time of one MTT iteration, exact mode against lean mode, by syn_steps; recorded under
-bench/results/ (mtt_memory.md, newest first, and mtt_memory.jsonl).
+"""Peak memory and time of one MTT iteration in each mode (exact, flat, lean), by syn_steps; recorded under
+bench/results/ (mtt_modes.md, newest first, and mtt_modes.jsonl; the earlier exact-against-lean table is
+mtt_memory.md).
 
-    python bench/mtt_memory.py [--steps 10 20 40 80] [--repeat 3] [--device cpu]
+    python bench/mtt_memory.py [--steps 10 20 40 80] [--modes exact flat lean] [--repeat 3] [--paired]
+                               [--device cpu]
 
 An iteration as ``fastdd distill --method mtt`` runs it: Fashion-MNIST shapes (10 classes of
 1 x 28 x 28, random pixels), ConvNet-3, IPC 10, every student step on all 100 synthetic images
@@ -10,23 +12,25 @@ freshly initialised network, then one random step): the cost of an iteration doe
 their values. Each number comes from a fresh process:
 
 - seconds: median of ``repeat`` iterations after one warm-up iteration, with
-  :func:`fastdd.allocator.keep_freed_memory` as the ``fastdd`` command sets it;
+  :func:`fastdd.allocator.keep_freed_memory` as the ``fastdd`` command sets it; with ``--paired`` the
+  modes are timed in one process, one iteration of each in turn
+  (:func:`fastdd.benchmarks.measure.paired_median_seconds`), so that a busy spell of a shared machine
+  slows every mode alike;
 - peak MiB: :func:`fastdd.benchmarks.measure.peak_bytes` of one iteration (CPU: the resident-set
   high-water mark beyond the resident set before the iteration; CUDA: the allocator's peak).
 
-A measurement whose process fails (for example killed for want of memory: the exact mode's memory
-grows with syn_steps) is recorded as ``failed (exit status)`` and the others go on.
+Modes left out by ``--modes`` show as ``-``. A measurement whose process fails (for example killed for want
+of memory: the exact mode's memory grows with syn_steps) is recorded as ``failed (exit status)`` and the
+others go on.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,14 +38,14 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, peak_bytes, record, synchronize
+from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, peak_bytes, record
 from fastdd.methods import MTT
+from fastdd.methods.mtt import MODES
 from fastdd.models import get_network
 from fastdd.trajectory import Trajectory, expert_path
 from step import fashion_mnist_shaped
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("exact", "lean")
 CLASSES, PER_CLASS, IPC, MODEL = 10, 20, 10, "ConvNet"
 
 
@@ -61,37 +65,28 @@ def distiller(mode: str, steps: int, device: str) -> MTT:
                    max_start_epoch=1, model=MODEL)
 
 
-def worker(mode: str, steps: int, what: str, repeat: int, device: str) -> float | None:
-    """Seconds per iteration (median) or peak bytes of one iteration, measured in this process."""
+def worker(modes: list[str], steps: int, what: str, repeat: int, device: str) -> list[float | None]:
+    """Per mode, seconds per iteration (median; several modes: timed in turn) or peak bytes of one
+    iteration (one mode only), measured in this process."""
     if what == "seconds":
         keep_freed_memory()
-    d = distiller(mode, steps, device)
-    iterations = itertools.count()
-
-    def step() -> None:
-        d.step(next(iterations))
-
+    steps_of = []
+    for mode in modes:
+        d, iterations = distiller(mode, steps, device), itertools.count()
+        steps_of.append(lambda d=d, iterations=iterations: d.step(next(iterations)))
     if what == "peak":
-        return peak_bytes(step, device)
-    step()
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        (step,) = steps_of
+        return [peak_bytes(step, device)]
+    return paired_median_seconds(steps_of, device, repeat=repeat)
 
 
-def in_fresh_process(mode: str, steps: int, what: str, repeat: int, device: str) -> float | str | None:
-    """The worker's number, or ``'failed (exit status N)'``."""
-    run = subprocess.run([sys.executable, __file__, "--worker", mode, str(steps), what, "--repeat", str(repeat),
-                          "--device", device], capture_output=True, text=True)
+def in_fresh_process(modes: list[str], steps: int, what: str, repeat: int, device: str) -> list[float | str | None]:
+    """The worker's numbers, or ``'failed (exit status N)'`` for every mode."""
+    run = subprocess.run([sys.executable, __file__, "--worker", ",".join(modes), str(steps), what, "--repeat",
+                          str(repeat), "--device", device], capture_output=True, text=True)
     if run.returncode != 0:
-        return f"failed (exit status {run.returncode})"
-    out = run.stdout.split()[-1]
-    return None if out == "None" else float(out)
+        return [f"failed (exit status {run.returncode})"] * len(modes)
+    return [None if out == "None" else float(out) for out in run.stdout.split()[-len(modes):]]
 
 
 def cell(value: float | str | None, scale: float, digits: int) -> str:
@@ -100,34 +95,42 @@ def cell(value: float | str | None, scale: float, digits: int) -> str:
     return f"{value * scale:.{digits}f}"
 
 
-HEADER = ("| date | syn_steps | exact s/iteration | lean s/iteration | exact peak MiB | lean peak MiB | device "
-          "| machine | commit |\n|---|---|---|---|---|---|---|---|---|\n")
+HEADER = ("| date | syn_steps | " + " | ".join(f"{m} s/iteration" for m in MODES) + " | "
+          + " | ".join(f"{m} peak MiB" for m in MODES) + " | device | machine | commit |\n"
+          + "|---" * (2 * len(MODES) + 5) + "|\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", nargs="+", type=int, default=[10, 20, 40, 80], help="syn_steps values")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to measure (default: all)")
     p.add_argument("--repeat", type=int, default=3, help="timed iterations per measurement (median)")
+    p.add_argument("--paired", action="store_true", help="time the modes in one process, in turn")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--worker", nargs=3, metavar=("MODE", "STEPS", "WHAT"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("MODES", "STEPS", "WHAT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        mode, steps, what = args.worker
-        print(worker(mode, int(steps), what, args.repeat, args.device))
+        modes, steps, what = args.worker
+        print(*worker(modes.split(","), int(steps), what, args.repeat, args.device))
         return
     rows, lines = [], []
     for steps in args.steps:
-        measured = {mode: {what: in_fresh_process(mode, steps, what, args.repeat, args.device)
-                           for what in ("seconds", "peak")} for mode in MODES}
+        if args.paired:
+            seconds = in_fresh_process(args.modes, steps, "seconds", args.repeat, args.device)
+        else:
+            seconds = [in_fresh_process([m], steps, "seconds", args.repeat, args.device)[0] for m in args.modes]
+        measured = {m: {"seconds": s, "peak": in_fresh_process([m], steps, "peak", args.repeat, args.device)[0]}
+                    for m, s in zip(args.modes, seconds)}
         row = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "syn_steps": steps, "ipc": IPC,
-               "model": MODEL, "device": args.device, **measured, "machine": machine(args.device),
-               "commit": commit()}
+               "model": MODEL, "device": args.device, "paired": args.paired, **measured,
+               "machine": machine(args.device), "commit": commit()}
         rows.append(row)
-        lines.append(f"| {row['date']} | {steps} | " + " | ".join(cell(measured[m]["seconds"], 1, 2) for m in MODES)
-                     + " | " + " | ".join(cell(measured[m]["peak"], 2**-20, 0) for m in MODES)
-                     + f" | {args.device} | {row['machine']} | {row['commit']} |\n")
+        cells = [cell(measured.get(m, {}).get("seconds"), 1, 2) for m in MODES]
+        cells += [cell(measured.get(m, {}).get("peak"), 2**-20, 0) for m in MODES]
+        lines.append(f"| {row['date']} | {steps} | " + " | ".join(cells)
+                     + f" | {args.device}{', paired' if args.paired else ''} | {row['machine']} | {row['commit']} |\n")
         print(lines[-1], end="", flush=True)
-    record(RESULTS, "mtt_memory", HEADER, "".join(lines), rows)
+    record(RESULTS, "mtt_modes", HEADER, "".join(lines), rows)
 
 
 if __name__ == "__main__":

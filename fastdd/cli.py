@@ -27,6 +27,7 @@ from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
 from fastdd.io import append_jsonl
 from fastdd.methods import METHODS
+from fastdd.methods.mtt import MODES as MTT_MODES
 from fastdd.methods.sdc import LAMBDA0
 from fastdd.methods.udd import AUTO_POLICY, BETA0
 from fastdd.methods.udd import METHODS as UDD_METHODS
@@ -114,10 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = d.add_argument_group("MTT (--method mtt only; defaults and their sources in docs/methods.md)")
     m.add_argument("--experts", default=None, metavar="DIR",
                    help="expert trajectories for this data set and model (made by `fastdd experts`); required")
-    m.add_argument("--mtt-mode", choices=["exact", "lean"], default=None,
-                   help="exact: back-propagate through the whole unroll (memory grows with --syn-steps); lean: "
-                        "recompute each step's gradient, constant memory, drops the Hessian terms of later "
-                        "steps (default exact)")
+    m.add_argument("--mtt-mode", choices=list(MTT_MODES), default=None,
+                   help="exact: back-propagate through the whole unroll (memory grows with --syn-steps); flat: the "
+                        "same gradient, recomputing one step at a time backwards from the stored students "
+                        "(activation memory independent of --syn-steps); lean: TESLA's recomputation, drops the "
+                        "Hessian terms of later steps (default exact)")
     m.add_argument("--syn-steps", type=int, default=None, help="student steps per iteration (default 20)")
     m.add_argument("--expert-epochs", type=int, default=None, help="expert epochs to match (default 2)")
     m.add_argument("--max-start-epoch", type=int, default=None,
@@ -125,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-syn", type=int, default=None, help="synthetic images per student step (default all)")
     m.add_argument("--syn-lr", type=float, default=None, help="initial learned learning rate (default 0.01)")
     m.add_argument("--lr-lr", type=float, default=None, help="learning rate of the learned rate (default 1e-5)")
+    m.add_argument("--soft-labels", action="store_true", default=None,
+                   help="train the students on soft labels: the softmax of the first expert's final-epoch logits on "
+                        "the initial images (TESLA; docs/methods.md)")
+    m.add_argument("--learn-soft-labels", action="store_true", default=None,
+                   help="learn the soft labels' logits with the images, at --lr-img (needs --soft-labels)")
     add_plugin_options(d)
     _add_eval_options(d, "--eval-models")
 

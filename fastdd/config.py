@@ -53,7 +53,8 @@ UNRECORDED_FIELDS = ("data_root", "out", "checkpoint_every", "device", "eval_mod
                      "eval_augment", "baseline")
 # MTT's options: RunConfig field -> keyword argument of fastdd.methods.MTT
 MTT_KEYWORDS = {"experts": "experts", "mtt_mode": "mode", "syn_steps": "syn_steps", "expert_epochs": "expert_epochs",
-                "max_start_epoch": "max_start_epoch", "batch_syn": "batch_syn", "syn_lr": "syn_lr", "lr_lr": "lr_lr"}
+                "max_start_epoch": "max_start_epoch", "batch_syn": "batch_syn", "syn_lr": "syn_lr", "lr_lr": "lr_lr",
+                "soft_labels": "soft_labels", "learn_soft_labels": "learn_soft_labels"}
 # The plug-ins' options: plug-in -> (RunConfig field -> key of the plug-in's hparams())
 PLUGIN_OPTIONS = {"sdc": {"sdc_lambda": "lambda"},
                   "udd": {"udd_policy": "policy", "udd_beta": "beta", "udd_tau": "tau", "udd_quantile": "quantile",
@@ -137,6 +138,8 @@ FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "batch_syn": _optional(positive_int),
     "syn_lr": _optional(positive_float),
     "lr_lr": _optional(positive_float),
+    "soft_labels": _optional(boolean),
+    "learn_soft_labels": _optional(boolean),
     "plugins": _plugin_names,
     "sdc_lambda": _optional(nonnegative_float),
     "udd_policy": _optional(_choice((*UDD_POLICIES, "auto"))),
@@ -166,8 +169,9 @@ class RunConfig:
     Run: ``out`` (run directory; None: ``runs/DATASET-METHOD-ipcN``), ``checkpoint_every``
     (iterations between checkpoints), ``device`` ("auto", "cpu", "cuda", "cuda:N").
     MTT (``method="mtt"`` only, docs/methods.md): ``experts`` (directory of expert trajectories;
-    required), ``mtt_mode`` (exact, lean), ``syn_steps``, ``expert_epochs``, ``max_start_epoch``,
-    ``batch_syn``, ``syn_lr``, ``lr_lr``.
+    required), ``mtt_mode`` (exact, flat, lean), ``syn_steps``, ``expert_epochs``, ``max_start_epoch``,
+    ``batch_syn``, ``syn_lr``, ``lr_lr``, ``soft_labels``, ``learn_soft_labels`` (TESLA's soft labels, and
+    whether they are learned).
     Plug-ins (docs/methods.md): ``plugins`` (names among sdc, udd; each once), ``sdc_lambda``,
     ``udd_policy`` (response, jitter, auto), ``udd_beta``, ``udd_tau``, ``udd_quantile``, ``udd_every``;
     a plug-in's options need the plug-in.
@@ -203,6 +207,8 @@ class RunConfig:
     batch_syn: int | None = None
     syn_lr: float | None = None
     lr_lr: float | None = None
+    soft_labels: bool | None = None
+    learn_soft_labels: bool | None = None
     plugins: tuple[str, ...] = ()
     sdc_lambda: float | None = None
     udd_policy: str | None = None

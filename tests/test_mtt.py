@@ -1,6 +1,7 @@
 """MTT against a hand-unrolled reference written here (a plain module whose parameters are swapped for
 the tensors of the unrolled graph, same batches, same augmentation): loss and gradients must agree;
-the lean mode must equal the reference with every step's starting point detached."""
+the lean mode must equal the reference with every step's starting point detached; the flat mode must
+equal the exact mode to float64 rounding while the memory autograd holds does not grow with syn_steps."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.utils import parameters_to_vector
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import fastdd.evaluation as evaluate
 from conftest import make_dataset
@@ -23,7 +24,7 @@ from fastdd.data.zca import whitened
 from fastdd.errors import NonFiniteError
 from fastdd.evaluation import EvalConfig, default_eval_config, evaluate_with_baseline, random_real
 from fastdd.methods import MTT, Plugin, get_distiller
-from fastdd.methods.mtt import MAX_LR_GROWTH, Unroll
+from fastdd.methods.mtt import MAX_LR_GROWTH, MODES, Unroll
 from fastdd.methods.sdc import SDC
 from fastdd.models import get_network
 from fastdd.run import run_distillation
@@ -59,11 +60,13 @@ def make(data, experts, seed=1, **kwargs) -> MTT:
 
 
 def reference(d: MTT, unroll: Unroll, experts: Path, detach_start: bool = False, sdc: float = 0.0):
-    """(loss, d loss / d images, d loss / d syn_lr) of ``unroll``, unrolled by hand on a plain module.
+    """(loss, d loss / d images, d loss / d syn_lr[, d loss / d label logits]) of ``unroll``, unrolled by hand
+    on a plain module, in the dtype of ``d.images``.
 
     ``detach_start``: each step's gradient is taken at a detached copy of its starting parameters
     (the lean mode's definition). ``sdc``: add ``sdc`` times the mean over the students of their mean
-    per-sample gradient norm on the synthetic images (one sample at a time) to the differentiated total."""
+    per-sample gradient norm on the synthetic images (one sample at a time) to the differentiated total.
+    With ``d.label_logits``, the students train on their softmax, and its gradient comes last."""
     net = get_network(MODEL, d.train.channels, d.num_classes, (d.train.height, d.train.width), torch.Generator())
     slots = [(m, name, p.shape) for m in net.modules() for name, p in list(m.named_parameters(recurse=False))]
     for m, name, _ in slots:
@@ -72,10 +75,15 @@ def reference(d: MTT, unroll: Unroll, experts: Path, detach_start: bool = False,
     def split(flat):
         return [t.view(shape) for t, (_, _, shape) in zip(flat.split([s.numel() for *_, s in slots]), slots)]
 
-    rows = Trajectory.load(expert_path(experts, unroll.expert)).params
+    rows = Trajectory.load(expert_path(experts, unroll.expert)).params.to(d.images.dtype)
     start, target = split(rows[unroll.start]), split(rows[unroll.start + d.expert_epochs])
     images = d.images.detach().clone().requires_grad_(True)
     lr = d.syn_lr.detach().clone().requires_grad_(True)
+    wrt = [images, lr]
+    targets = d.labels
+    if d.label_logits is not None:
+        wrt.append(d.label_logits.detach().clone().requires_grad_(True))
+        targets = torch.softmax(wrt[-1], dim=1)
     theta = [t.clone().requires_grad_(True) for t in start]
     extra = 0.0
     for idx, params in unroll.batches:
@@ -90,11 +98,11 @@ def reference(d: MTT, unroll: Unroll, experts: Path, detach_start: bool = False,
                 norms.append(torch.sqrt(sum(g.pow(2).sum() for g in per_sample)))
             extra = extra + sdc * torch.stack(norms).mean() / len(unroll.batches)
         x = d.dsa.apply(images[idx], params, torch.arange(len(idx)))
-        grads = torch.autograd.grad(F.cross_entropy(net(x), d.labels[idx]), at, create_graph=True)
+        grads = torch.autograd.grad(F.cross_entropy(net(x), targets[idx]), at, create_graph=True)
         theta = [t - lr * g for t, g in zip(theta, grads)]
     loss = sum((a - b).pow(2).sum() for a, b in zip(theta, target)) / sum(
         (a - b).pow(2).sum() for a, b in zip(start, target))
-    return (loss.item(), *torch.autograd.grad(loss + extra, [images, lr], allow_unused=True))
+    return (loss.item(), *torch.autograd.grad(loss + extra, wrt, allow_unused=True))
 
 
 def assert_grads_close(got, want):
@@ -127,9 +135,9 @@ def test_lean_mode_equals_the_reference_with_detached_starting_points(tiny, expe
     assert not math.isclose(exact.syn_lr.grad.item(), lean.syn_lr.grad.item(), rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["exact", "lean"])
+@pytest.mark.parametrize("mode", MODES)
 def test_sdc_term_at_every_student_matches_the_hand_unrolled_reference(tiny, experts, mode):
-    """With the SDC plug-in: the exact mode differentiates the term through the whole unroll; the lean mode
+    """With the SDC plug-in: the exact and flat modes differentiate the term through the whole unroll; the lean mode
     holds each student constant, as it does for the matching gradient (so syn_lr gets no part of it)."""
     d = make(tiny, experts, mode=mode, plugins=[SDC(0.5)])
     unroll = d.sample_unroll()
@@ -212,7 +220,7 @@ def test_lean_mode_is_exact_for_the_images_of_the_last_step(tiny, experts):
     assert not torch.allclose(lean.images.grad[first], exact.images.grad[first], rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["exact", "lean"])
+@pytest.mark.parametrize("mode", MODES)
 def test_short_run_is_finite_and_its_state_resumes_bit_for_bit(tmp_path, tiny, experts, mode):
     d = make(tiny, experts, mode=mode, iterations=2)
     synset = run_distillation(d, tmp_path / "run", {"method": "mtt"}, 0, checkpoint_every=1, progress=False)
@@ -231,6 +239,123 @@ def test_short_run_is_finite_and_its_state_resumes_bit_for_bit(tmp_path, tiny, e
     assert b.lr_optimizer.state_dict()["state"]  # the learned rate's momentum buffer came along
     b.step(1)
     assert torch.equal(a.images, b.images) and torch.equal(a.syn_lr, b.syn_lr)
+
+
+def in_float64(d: MTT) -> MTT:
+    """``d`` with its images, learned rate, experts and student in float64 (for ``backward`` only: the optimisers
+    still hold the float32 tensors)."""
+    d.images = d.images.detach().double().requires_grad_(True)
+    d.syn_lr = d.syn_lr.detach().double().requires_grad_(True)
+    d.expert_rows = d.expert_rows.double()
+    d.student.double()
+    if d.label_logits is not None:
+        d.label_logits = d.label_logits.detach().double().requires_grad_(d.learn_soft_labels)
+    return d
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # batch_syn 4 of 6 images: the chunks of a permutation
+    {"batch_syn": None, "syn_steps": 4},  # every image in every step
+    {"syn_steps": 6, "plugins": [SDC(0.5)]},  # the SDC term at every student
+], ids=["batch_syn<all", "batch_syn=all", "sdc"])
+def test_flat_mode_equals_the_exact_mode_in_float64(tiny, experts, kwargs):
+    exact, flat = (in_float64(make(tiny, experts, mode=mode, **kwargs)) for mode in ("exact", "flat"))
+    unroll = exact.sample_unroll()
+    assert len({int(params.op[0]) for _, params in unroll.batches}) > 1  # several augmentations, replayed
+    assert flat.backward(unroll) == pytest.approx(exact.backward(unroll), rel=1e-14)
+    for got, want in ((flat.images.grad, exact.images.grad), (flat.syn_lr.grad, exact.syn_lr.grad)):
+        assert got.dtype == torch.float64 and want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd keeps for a backward pass, live and at their peak, counted through
+    ``torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack)``.
+
+    A tensor is counted from when autograd saves it until autograd drops it, even where it shares storage with
+    another (so a saved view of an input counts in full)."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def pack(self, tensor: torch.Tensor) -> "_Saved":
+        return _Saved(self, tensor)
+
+    @staticmethod
+    def unpack(saved: "_Saved") -> torch.Tensor:
+        return saved.tensor
+
+
+class _Saved:
+    def __init__(self, counter: SavedBytes, tensor: torch.Tensor) -> None:
+        # detached: holding the tensor itself would tie it to its own graph node in a cycle that is never freed
+        self.counter, self.tensor, self.bytes = counter, tensor.detach(), tensor.numel() * tensor.element_size()
+        counter.live += self.bytes
+        counter.peak = max(counter.peak, counter.live)
+
+    def __del__(self) -> None:
+        self.counter.live -= self.bytes
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_saved_activation_memory_grows_with_syn_steps_in_the_exact_mode_only(tiny, experts, mode):
+    """Every step on the same batch and augmentation, so that each step's graph is the same size: the flat and
+    lean modes hold one step's graph at a time (the flat mode's stored students are plain tensors, not counted
+    here), the exact mode all of them."""
+    peaks = []
+    for steps in (2, 8):
+        d = make(tiny, experts, mode=mode, syn_steps=steps, batch_syn=None)
+        unroll = d.sample_unroll()
+        counter = SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            d.backward(Unroll(unroll.expert, unroll.start, unroll.batches[:1] * steps))
+        assert counter.live == 0  # every graph was freed
+        peaks.append(counter.peak)
+    if mode == "exact":
+        assert peaks[1] > 3 * peaks[0]
+    else:
+        assert peaks[1] == peaks[0] > 0
+
+
+def test_soft_labels_start_as_the_logits_of_the_first_experts_final_network(tiny, experts):
+    d = make(tiny, experts, soft_labels=True)
+    net = get_network(MODEL, tiny.channels, tiny.num_classes, (tiny.height, tiny.width), torch.Generator())
+    vector_to_parameters(Trajectory.load(expert_path(experts, 0)).params[-1], net.parameters())
+    torch.testing.assert_close(d.label_logits, net(d.images.detach()), rtol=1e-6, atol=1e-6)
+    assert not d.label_logits.requires_grad and d.hparams()["soft_labels"] and not d.hparams()["learn_soft_labels"]
+    soft = d.synthetic_set().soft_labels
+    assert soft.shape == (6, 3)
+    torch.testing.assert_close(soft, d.label_logits.softmax(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_learned_soft_labels_get_the_hand_unrolled_references_gradients_in_float64(tiny, experts, mode):
+    """Every mode's gradients for the images, the rate and the label logits against the reference (the lean mode:
+    with detached starting points), with the SDC term, which uses the class labels."""
+    d = in_float64(make(tiny, experts, mode=mode, soft_labels=True, learn_soft_labels=True, plugins=[SDC(0.5)]))
+    unroll = d.sample_unroll()
+    loss = d.backward(unroll)
+    want_loss, *want = reference(d, unroll, experts, detach_start=mode == "lean", sdc=0.5)
+    assert loss == pytest.approx(want_loss, rel=1e-12)
+    for got, expected in zip((d.images.grad, d.syn_lr.grad, d.label_logits.grad), want, strict=True):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_learned_soft_labels_resume_bit_for_bit(tiny, experts):
+    a = make(tiny, experts, mode="flat", soft_labels=True, learn_soft_labels=True)
+    initial = a.label_logits.detach().clone()
+    a.step(0)
+    assert not torch.equal(a.label_logits, initial)  # learned
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    a.step(1)
+    b = make(tiny, experts, seed=99, mode="flat", soft_labels=True, learn_soft_labels=True)
+    b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+    b.step(1)
+    assert torch.equal(a.images, b.images) and torch.equal(a.syn_lr, b.syn_lr)
+    assert torch.equal(a.label_logits, b.label_logits)
+    torch.testing.assert_close(a.synthetic_set().soft_labels, a.label_logits.detach().softmax(1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("value", [-0.01, 0.0, 1.01 * MAX_LR_GROWTH * 0.01, math.inf, math.nan])
@@ -274,6 +399,7 @@ def test_non_finite_loss_raises_before_updating(tiny, experts):
     ({"batch_real": 5}, "batch_real"),
     ({"real_precision": "bfloat16"}, "real_precision"),
     ({"plugins": [Plugin()]}, "sdc plug-in only"),
+    ({"learn_soft_labels": True}, "learn_soft_labels needs soft_labels"),
 ])
 def test_bad_arguments_are_named(tiny, experts, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -337,3 +463,10 @@ def test_cli_distills_with_mtt_and_resumes(tmp_path, capsys):
     assert "--experts is an option of --method mtt only" in capsys.readouterr().err
     assert main([*args[:5], *args[7:]]) == 1
     assert "--method mtt needs --experts" in capsys.readouterr().err
+
+    flat = tmp_path / "flat"
+    assert main([*args[:-1], str(flat), "--mtt-mode", "flat", "--soft-labels", "--learn-soft-labels"]) == 0
+    config = json.loads((flat / "config.json").read_text())
+    assert config["mtt_mode"] == "flat" and config["soft_labels"] is True and config["learn_soft_labels"] is True
+    soft = SyntheticSet.load(flat / "synset.safetensors").soft_labels
+    assert soft.shape == (10, 10) and torch.allclose(soft.sum(1), torch.ones(10))

@@ -14,25 +14,40 @@ when used up), each augmented by DSA; ``alpha`` is a learned learning rate (``sy
 evaluation trains with it (``fastdd.evaluation``). Only the rows ``0 .. max_start_epoch +
 expert_epochs - 1`` of each expert are kept in memory.
 
-Modes (``mode``):
+Modes (``mode``); all three give the same loss:
 
 - ``"exact"``: the original's computation: every step's gradient is taken with ``create_graph`` and
   ``L`` is back-propagated through the whole unrolled graph; memory grows linearly with ``syn_steps``.
+- ``"flat"``: the exact gradient (equal to ``"exact"``'s up to rounding) with activation memory independent
+  of ``syn_steps``; what grows is ``syn_steps`` stored parameter vectors [P]. Pass 1 runs the unroll
+  without any graph and keeps the students ``theta_0 .. theta_{N-1}`` (the minibatches and augmentations
+  are the :class:`Unroll`'s, so every step can be replayed); ``a_N = dL/dtheta_N = 2 (theta_N - theta*) /
+  |theta_0 - theta*|^2``. Pass 2 walks the steps backwards: at step ``i`` it rebuilds ``g_i`` at
+  ``theta_i`` with ``create_graph`` and differentiates ``s_i = -alpha <g_i, a_{i+1}>`` (plus the SDC term
+  at ``theta_i``) once, w.r.t. the images (their gradient), ``alpha`` (``-<g_i, a_{i+1}>``) and
+  ``theta_i`` (a Hessian-vector product: ``a_i = a_{i+1} - alpha H_i a_{i+1}``), then frees that step's
+  graph. It costs one forward and backward pass per step more than the exact mode.
 - ``"lean"``: TESLA's decomposition (Cui et al., ICML 2023), memory independent of ``syn_steps``.
-  Pass 1 runs the unroll without any graph to get ``theta_N`` and ``G = sum_i g_i``; then
-  ``lambda = dL/dtheta_N = 2 (theta_N - theta*) / |theta_0 - theta*|^2``. Pass 2 re-runs the
-  unroll from ``theta_0`` with the same batches and augmentation; at step ``i`` it builds ``g_i``
-  with ``create_graph`` w.r.t. the images only, back-propagates the cotangent ``-alpha * lambda``
-  into the images, and frees that step's graph. ``syn_lr``'s gradient is ``-lambda . G``. This is the
-  exact gradient with every ``theta_i`` at which ``g_i`` is evaluated held constant (a stop-gradient):
-  the same loss, the same gradients for ``syn_steps = 1``.
+  Pass 1 as in the flat mode, keeping only ``theta_N``; ``lambda = a_N``. Pass 2 re-runs the unroll
+  forwards from ``theta_0`` and differentiates ``s_i`` with every ``a_{i+1}`` replaced by ``lambda``
+  w.r.t. the images and ``alpha`` only (no Hessian-vector product). This is the exact gradient with
+  every ``theta_i`` at which ``g_i`` is evaluated held constant (a stop-gradient): the same gradients
+  for ``syn_steps = 1``; ``syn_lr``'s gradient is ``-lambda . sum_i g_i``.
 
 Plug-ins: SDC only (:mod:`fastdd.methods.sdc`; the others need a network module, the students here are
 parameter vectors). Its term is taken at every unrolled student ``theta_0 .. theta_{N-1}`` on all the
 synthetic images (not augmented) and averaged over the ``N`` students:
 ``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode it is part of the unrolled graph;
-in the lean mode each student's term is back-propagated during pass 2 with ``theta_i`` held constant, so
-``syn_lr`` gets no gradient from it.
+the flat mode differentiates it within ``s_i``, so its gradient w.r.t. ``theta_i`` joins the adjoint
+(the same gradients as exact); the lean mode does too but holds ``theta_i`` constant, so ``syn_lr`` gets
+no gradient from it. The term uses the class labels, also with soft labels.
+
+Soft labels (``soft_labels``, TESLA's soft label assignment): each synthetic image gets a logit vector,
+initialised to the logits of the first expert's network after its final epoch on the initial synthetic
+images (not augmented); the students train with cross-entropy against their softmax (a distribution
+over the classes per image) instead of the class labels. With ``learn_soft_labels`` the logits are
+learned with the images (in the images' optimiser, at ``lr_img``), through the same gradient as the
+images in every mode. The synthetic set carries the distributions as its ``soft_labels``.
 """
 
 from __future__ import annotations
@@ -57,7 +72,7 @@ from fastdd.methods.sdc import SDC
 from fastdd.synset import SyntheticSet
 from fastdd.trajectory import Trajectory, check_setup, expert_paths, run_setup
 
-MODES = ("exact", "lean")
+MODES = ("exact", "flat", "lean")
 MAX_LR_GROWTH = 100.0  # the learned rate may grow to this multiple of its initial value
 
 
@@ -108,14 +123,17 @@ class MTT(Distiller):
     Args (besides the Distiller's ``train``, ``ipc``, ``generator``, ``model``, ``iterations``,
     ``lr_img``, ``init``):
         experts: directory of expert trajectories for this data set and model (``fastdd experts``).
-        mode: ``"exact"`` (the original's unrolled graph) or ``"lean"`` (memory independent of
-            ``syn_steps``; the stop-gradient the module docstring states).
+        mode: ``"exact"`` (the original's unrolled graph), ``"flat"`` (the same gradient, activation memory
+            independent of ``syn_steps``) or ``"lean"`` (memory independent of ``syn_steps``; the
+            stop-gradient the module docstring states).
         syn_steps: SGD steps of the student per iteration (20).
         expert_epochs: expert epochs between the start and the target parameters (2).
         max_start_epoch: start epochs are drawn from ``0 .. max_start_epoch - 1`` (2 at IPC 1, else 4).
         batch_syn: synthetic images per student step (default: all of them).
         lr_lr: learning rate of the learned rate (1e-5); SGD with momentum 0.5.
         syn_lr: initial value of the learned rate (0.01).
+        soft_labels: train the students on soft labels (module docstring); default False.
+        learn_soft_labels: learn the soft labels' logits with the images (needs ``soft_labels``); default False.
 
     ``batch_real`` and ``real_precision`` do not apply (MTT makes no pass over real images): anything but
     their defaults is a ValueError. ``plugins``: SDC only (module docstring).
@@ -140,6 +158,8 @@ class MTT(Distiller):
         batch_syn: int | None = None,
         lr_lr: float = 1e-5,
         syn_lr: float = 0.01,
+        soft_labels: bool = False,
+        learn_soft_labels: bool = False,
         batch_real: int | None = None,
         real_precision: str = "float32",
         plugins: Sequence[Plugin] = (),
@@ -153,6 +173,8 @@ class MTT(Distiller):
         if batch_syn is not None:
             positive_int("batch_syn", batch_syn)
         lr_lr, syn_lr = positive_float("lr_lr", lr_lr), positive_float("syn_lr", syn_lr)
+        if learn_soft_labels and not soft_labels:
+            raise ValueError("learn_soft_labels needs soft_labels")
         if batch_real is not None:
             raise ValueError("batch_real does not apply to MTT, which draws no real batches (see batch_syn)")
         if real_precision != "float32":
@@ -183,6 +205,10 @@ class MTT(Distiller):
                              f"parameters, {self.model} here has {sum(self._numels)}")
         self.syn_lr = torch.tensor(self.syn_lr_init, device=self.device, requires_grad=True)
         self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=self.lr_lr, momentum=0.5)
+        self.learn_soft_labels = learn_soft_labels
+        self.label_logits = self.expert_logits() if soft_labels else None
+        if learn_soft_labels:
+            self.optimizer.add_param_group({"params": [self.label_logits.requires_grad_(True)]})
         self.dsa = DSA(dsa_strategy_for(train.name))
 
     # ----------------------------------------------------------------------------- the student
@@ -191,7 +217,8 @@ class MTT(Distiller):
         return {name: t.view(shape) for name, t, shape in zip(self._names, theta.split(self._numels), self._shapes)}
 
     def student_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Cross-entropy of the student with flat parameters ``theta`` [P] on images x [b, C, H, W], labels y [b]."""
+        """Cross-entropy of the student with flat parameters ``theta`` [P] on images x [b, C, H, W] against y: class
+        labels int64 [b] or distributions float [b, K]."""
         return F.cross_entropy(functional_call(self.student, self.student_params(theta), (x,)), y)
 
     def sdc_term(self, theta: Tensor) -> Tensor | None:
@@ -201,11 +228,28 @@ class MTT(Distiller):
                  if p.lam > 0]
         return torch.stack(terms).sum() / self.syn_steps if terms else None
 
+    def expert_logits(self) -> Tensor:
+        """The logits float32 [N, K] of the first expert's network after its final epoch on the current synthetic
+        images (not augmented): the soft labels' starting point."""
+        final = Trajectory.load(expert_paths(self.experts)[0]).params[-1].to(self.device)
+        with torch.no_grad():
+            return functional_call(self.student, self.student_params(final), (self.images.detach(),))
+
+    def targets(self) -> Tensor:
+        """What the students train towards: the class labels int64 [N], or with soft labels the distributions
+        ``softmax(label_logits)`` float [N, K] (differentiable w.r.t. learned logits)."""
+        return self.labels if self.label_logits is None else self.label_logits.softmax(1)
+
+    def learned(self) -> list[Tensor]:
+        """The tensors the distillation learns: the images, ``syn_lr`` and, when learned, the soft labels' logits."""
+        return [self.images, self.syn_lr, *([self.label_logits] if self.learn_soft_labels else [])]
+
     def batch(self, images: Tensor, step: tuple[Tensor, DSAParams]) -> tuple[Tensor, Tensor]:
-        """A step's augmented images [b, C, H, W] (differentiable w.r.t. ``images``) and labels [b]."""
+        """A step's augmented images [b, C, H, W] (differentiable w.r.t. ``images``) and their targets
+        (:meth:`targets`, rows ``idx``)."""
         idx, params = step
         groups = torch.arange(len(idx), device=self.device)
-        return self.dsa.apply(images[idx], params, groups), self.labels[idx]
+        return self.dsa.apply(images[idx], params, groups), self.targets()[idx]
 
     def sample_unroll(self) -> Unroll:
         """Draw an iteration's expert, start epoch, minibatches and augmentations from the generator."""
@@ -221,8 +265,50 @@ class MTT(Distiller):
         return Unroll(expert, start, tuple(batches))
 
     # ----------------------------------------------------------------------------- gradients
+    def step_gradient(self, theta: Tensor, images: Tensor, step: tuple[Tensor, DSAParams],
+                      create_graph: bool) -> Tensor:
+        """``g_i`` [P]: the gradient of the student's loss at ``theta`` [P] (which must require grad) on
+        ``step``'s batch of ``images``; with ``create_graph`` differentiable w.r.t. ``theta`` and ``images``."""
+        x, y = self.batch(images, step)
+        (g,) = torch.autograd.grad(self.student_loss(theta, x, y), theta, create_graph=create_graph)
+        return g
+
+    def plain_unroll(self, unroll: Unroll, theta0: Tensor, keep: bool) -> tuple[list[Tensor], Tensor]:
+        """The unroll without a graph: ``(students, theta_N)``, all detached [P]; ``students`` is
+        ``[theta_0, ..., theta_{N-1}]`` when ``keep``, else empty."""
+        lr, images = self.syn_lr.detach(), self.images.detach()
+        students, theta = [], theta0
+        for step in unroll.batches:
+            theta = theta.detach().requires_grad_(True)
+            g = self.step_gradient(theta, images, step, create_graph=False)
+            theta = theta.detach()
+            if keep:
+                students.append(theta)
+            theta = theta - lr * g
+        return students, theta
+
+    def backprop_step(self, theta: Tensor, step: tuple[Tensor, DSAParams], adjoint: Tensor,
+                      through_theta: bool) -> tuple[Tensor, Tensor]:
+        """Back-propagate one student step ``theta -> theta - alpha g(theta)`` and the SDC term at ``theta``,
+        recomputed at ``theta`` [P] (detached), given ``adjoint`` [P], the loss's gradient w.r.t. the next student.
+
+        Differentiates ``s = -alpha <g, adjoint> + sdc(theta)``: adds ``ds/dimages`` to ``images.grad``,
+        ``ds/dalpha = -<g, adjoint>`` to ``syn_lr.grad`` and, when learned, ``ds/dlogits`` to
+        ``label_logits.grad``. Returns ``g`` (detached) and the adjoint of ``theta``, ``adjoint + ds/dtheta =
+        adjoint - alpha H adjoint + dsdc/dtheta`` (``H``: the Hessian of the step's loss; one Hessian-vector
+        product) when ``through_theta``, else ``adjoint`` unchanged.
+        """
+        theta = theta.detach().requires_grad_(True)
+        g = self.step_gradient(theta, self.images, step, create_graph=True)
+        total = -self.syn_lr * (g * adjoint).sum()
+        term = self.sdc_term(theta)
+        if term is not None:
+            total = total + term
+        torch.autograd.backward(total, inputs=[*self.learned(), theta] if through_theta else self.learned())
+        return g.detach(), adjoint + theta.grad if through_theta else adjoint
+
     def backward(self, unroll: Unroll) -> float:
-        """Set ``images.grad`` and ``syn_lr.grad`` to the gradients of ``unroll``'s loss (``mode``'s
+        """Set the ``grad`` of every :meth:`learned` tensor to the gradient of ``unroll``'s loss (``mode``'s
         computation, module docstring); returns the loss."""
         rows = self.expert_rows[unroll.expert]
         theta0 = rows[unroll.start].to(self.device)
@@ -232,45 +318,27 @@ class MTT(Distiller):
         self.lr_optimizer.zero_grad(set_to_none=True)
         if self.mode == "exact":
             return self._backward_exact(unroll, theta0, target, scale)
-        return self._backward_lean(unroll, theta0, target, scale)
+        students, theta_n = self.plain_unroll(unroll, theta0, keep=self.mode == "flat")
+        adjoint = 2 * (theta_n - target) / scale  # dL/dtheta_N
+        if self.mode == "flat":
+            for i in reversed(range(len(students))):
+                _, adjoint = self.backprop_step(students.pop(), unroll.batches[i], adjoint, through_theta=i > 0)
+        else:
+            lr, theta = self.syn_lr.detach(), theta0
+            for step in unroll.batches:
+                g, _ = self.backprop_step(theta, step, adjoint, through_theta=False)
+                theta = theta - lr * g
+        return ((theta_n - target).pow(2).sum() / scale).item()
 
     def _backward_exact(self, unroll: Unroll, theta0: Tensor, target: Tensor, scale: Tensor) -> float:
         theta = theta0.clone().requires_grad_(True)
         terms = []
         for step in unroll.batches:
             terms.append(self.sdc_term(theta))
-            x, y = self.batch(self.images, step)
-            (g,) = torch.autograd.grad(self.student_loss(theta, x, y), theta, create_graph=True)
-            theta = theta - self.syn_lr * g
+            theta = theta - self.syn_lr * self.step_gradient(theta, self.images, step, create_graph=True)
         loss = (theta - target).pow(2).sum() / scale
         total = loss + sum(t for t in terms if t is not None)
-        torch.autograd.backward(total, inputs=[self.images, self.syn_lr])
-        return loss.item()
-
-    def _backward_lean(self, unroll: Unroll, theta0: Tensor, target: Tensor, scale: Tensor) -> float:
-        lr = self.syn_lr.detach()
-        images = self.images.detach()
-        theta, total = theta0, torch.zeros_like(theta0)
-        for step in unroll.batches:
-            theta = theta.detach().requires_grad_(True)
-            x, y = self.batch(images, step)
-            (g,) = torch.autograd.grad(self.student_loss(theta, x, y), theta)
-            total += g
-            theta = theta.detach() - lr * g
-        theta_n = theta0 - self.syn_lr * total
-        loss = (theta_n - target).pow(2).sum() / scale
-        torch.autograd.backward(loss, inputs=[self.syn_lr])
-        cotangent = -lr * 2 * (theta_n.detach() - target) / scale  # -alpha * dL/dtheta_N
-        theta = theta0
-        for step in unroll.batches:
-            theta = theta.detach().requires_grad_(True)
-            term = self.sdc_term(theta)
-            if term is not None:
-                torch.autograd.backward(term, inputs=[self.images])
-            x, y = self.batch(self.images, step)
-            (g,) = torch.autograd.grad(self.student_loss(theta, x, y), theta, create_graph=True)
-            torch.autograd.backward(g, grad_tensors=cotangent, inputs=[self.images])
-            theta = theta.detach() - lr * g.detach()
+        torch.autograd.backward(total, inputs=self.learned())
         return loss.item()
 
     # ----------------------------------------------------------------------------- iteration
@@ -309,19 +377,30 @@ class MTT(Distiller):
             "batch_syn": self.batch_syn,
             "lr_lr": self.lr_lr,
             "syn_lr": self.syn_lr_init,
+            "soft_labels": self.label_logits is not None,
+            "learn_soft_labels": self.learn_soft_labels,
             "dsa_strategy": self.dsa.strategy,
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "syn_lr": self.syn_lr.detach().cpu().clone(),
-                "lr_optimizer": self.lr_optimizer.state_dict()}
+        """The Distiller's state (the images' optimiser includes the learned logits'), the learned rate and its
+        optimiser, and the soft labels' logits when there are soft labels."""
+        state = {**super().state_dict(), "syn_lr": self.syn_lr.detach().cpu().clone(),
+                 "lr_optimizer": self.lr_optimizer.state_dict()}
+        if self.label_logits is not None:
+            state["label_logits"] = self.label_logits.detach().cpu().clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         with torch.no_grad():
             self.syn_lr.copy_(state["syn_lr"].to(self.device))
+            if self.label_logits is not None:
+                self.label_logits.copy_(state["label_logits"].to(self.device))
         self.lr_optimizer.load_state_dict(state["lr_optimizer"])
 
     def synthetic_set(self, seed: int | None = None) -> SyntheticSet:
-        """The images with the learned rate as the set's ``lr`` (the evaluation trains with it)."""
-        return dataclasses.replace(super().synthetic_set(seed), lr=self.syn_lr.item())
+        """The images with the learned rate as the set's ``lr`` (the evaluation trains with it) and, with soft
+        labels, their distributions [N, K] as the set's ``soft_labels``."""
+        soft = None if self.label_logits is None else self.targets().detach().cpu()
+        return dataclasses.replace(super().synthetic_set(seed), lr=self.syn_lr.item(), soft_labels=soft)
