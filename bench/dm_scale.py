@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, peak_bytes, record
+from fastdd.benchmarks.measure import cell, commit, machine, peak_bytes, record_cases
 from fastdd.data import RealDataset
 from fastdd.methods import DM, dm
 
@@ -86,12 +86,6 @@ def in_fresh_process(case: str, way: str, what: str, repeat: int) -> float | str
     return None if out == "None" else float(out)
 
 
-def cell(value: float | str | None, scale: float, digits: int) -> str:
-    if value is None or isinstance(value, str):
-        return "-" if value is None else value
-    return f"{value * scale:.{digits}f}"
-
-
 HEADER = ("| date | case | classes x IPC | model | chunked s/iteration | whole s/iteration | chunked peak MiB | "
           "whole peak MiB | machine | commit |\n" + "|---" * 10 + "|\n")
 
@@ -105,21 +99,19 @@ def main() -> None:
     if args.worker:
         print(worker(*args.worker, args.repeat))
         return
-    rows, lines = [], []
-    for case in args.cases:
+    def measure(case: str) -> dict:
         classes, _, _, model, ipc, _, _ = CASES[case]
         measured = {way: {what: in_fresh_process(case, way, what, args.repeat) for what in ("seconds", "peak")}
                     for way in WAYS}
-        row = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "case": case, "classes": classes, "ipc": ipc,
-               "model": model, **measured, "machine": machine("cpu"), "commit": commit()}
-        rows.append(row)
-        cells = [cell(measured[way]["seconds"], 1, 2) for way in WAYS]
-        cells += [cell(measured[way]["peak"], 2**-20, 0) for way in WAYS]
-        lines.append(f"| {row['date']} | {case} | {classes} x {ipc} | {model} | " + " | ".join(cells)
-                     + f" | {row['machine']} | {row['commit']} |\n")
-        print(lines[-1], end="", flush=True)
-    record(RESULTS, "dm_scale", HEADER, "".join(lines), rows)
+        return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "case": case, "classes": classes, "ipc": ipc,
+                "model": model, **measured, "machine": machine("cpu"), "commit": commit()}
 
+    def cells(row: dict) -> list[str]:
+        return [row["date"], row["case"], f"{row['classes']} x {row['ipc']}", row["model"],
+                *(cell(row[way]["seconds"], 1, 2) for way in WAYS),
+                *(cell(row[way]["peak"], 2**-20, 0) for way in WAYS), row["machine"], row["commit"]]
+
+    record_cases(RESULTS, "dm_scale", HEADER, args.cases, measure, cells)
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,7 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, peak_bytes, record
+from fastdd.benchmarks.measure import cell, commit, machine, paired_median_seconds, peak_bytes, record
 from fastdd.methods import MTT
 from fastdd.methods.mtt import MODES
 from fastdd.models import get_network
@@ -87,12 +87,6 @@ def in_fresh_process(modes: list[str], steps: int, what: str, repeat: int, devic
     if run.returncode != 0:
         return [f"failed (exit status {run.returncode})"] * len(modes)
     return [None if out == "None" else float(out) for out in run.stdout.split()[-len(modes):]]
-
-
-def cell(value: float | str | None, scale: float, digits: int) -> str:
-    if value is None or isinstance(value, str):
-        return "-" if value is None else value
-    return f"{value * scale:.{digits}f}"
 
 
 HEADER = ("| date | syn_steps | " + " | ".join(f"{m} s/iteration" for m in MODES) + " | "

@@ -164,6 +164,13 @@ def commit() -> str:
     return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def cell(value: float | str | None, scale: float, digits: int) -> str:
+    """A table cell: ``value * scale`` with ``digits`` decimals, ``-`` for None, a failure's text as it is."""
+    if value is None or isinstance(value, str):
+        return "-" if value is None else value
+    return f"{value * scale:.{digits}f}"
+
+
 def record_cases(results: Path, name: str, header: str, cases: Sequence[object],
                  measure: Callable[[object], dict], cells: Callable[[dict], list[str]]) -> None:
     """For each case, ``row = measure(case)``; print its table line (``cells(row)``) as it comes, then
