@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -82,3 +84,8 @@ def test_bench_row_and_table():
     assert row["speedup"] == 2.0 and row["target"] == 2.0 and row["peak_mib"] is not None
     table = format_table([row])
     assert table.count("\n") == 3 and "| op | tiny | sum |" in table
+
+
+def test_python_dash_m_runs_the_command():
+    run = subprocess.run([sys.executable, "-m", "fastdd", "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("fastdd ")
