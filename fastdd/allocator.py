@@ -9,17 +9,25 @@ machine of bench/ a plain ConvNet-3 forward and backward of 256 images took abou
 next step reuses them. The cost: the process keeps its high-water mark of memory until it exits.
 
 The ``fastdd`` command calls it at start-up; a Python user calls it once at the top of a script.
+:func:`physical_memory` is the machine's memory, which the memory checks of the readers and the
+distillers compare against.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 2**30  # buffers above 1 GiB are still mapped fresh (and returned on free)
 TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt takes (an int): never trim in practice
+
+
+def physical_memory() -> int:
+    """Bytes of the machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def keep_freed_memory() -> bool:

@@ -22,7 +22,7 @@ from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.data.cache import HEADER, REPORT, build_cache
 from fastdd.data.zca import REGULARIZATION
 from fastdd.difficulty import HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, scoring_networks
-from fastdd.errors import NonFiniteError, UnsavedResultError
+from fastdd.errors import NonFiniteError, UnsavedResultError, one_line
 from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
 from fastdd.io import append_jsonl
@@ -393,12 +393,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ValueError) as err:
         print(f"fastdd {args.command}: error: {one_line(err)}", file=sys.stderr)
     return 1
-
-
-def one_line(err: Exception) -> str:
-    """The first line of ``err``'s message (the whole of fastdd's own), its type when it has none."""
-    message = str(err).strip()
-    return message.splitlines()[0] if message else type(err).__name__
 
 
 SHOW = {"distill": show_distill, "evaluate": show_evaluate}

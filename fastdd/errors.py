@@ -9,6 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def one_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (the whole of fastdd's own), its type's name when it has none."""
+    message = str(err).strip()
+    return message.splitlines()[0] if message else type(err).__name__
+
+
 class NonFiniteError(RuntimeError):
     """A run diverged: the loss or the images became NaN or infinite, or a learned learning rate (MTT)
     left its valid range; the last good checkpoint is kept."""

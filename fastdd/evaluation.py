@@ -238,7 +238,7 @@ def evaluate_synset(
 def check_baseline(train: RealDataset, ipc: int) -> None:
     """ValueError unless every class of ``train`` holds ``ipc`` images for the random-real baseline."""
     positive_int("ipc", ipc)
-    sizes = [len(members) for members in train.class_indices]
+    sizes = train.class_sizes
     if min(sizes) < ipc:
         c = sizes.index(min(sizes))
         raise ValueError(f"baseline: class {c} ({train.class_names[c]!r}) of {train.name} holds {sizes[c]} training "

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from fastdd.errors import DamagedFileError, WriteError
+from fastdd.errors import DamagedFileError, WriteError, one_line
 
 # Process umask, read once (os.umask can only be read by setting it): mkstemp creates 0600 files,
 # and the final file should get the permissions an ordinary open() would give it.
@@ -134,8 +134,8 @@ def load_torch_file(path: str | os.PathLike[str], what: str, *, map_location: An
     except DamagedFileError:
         raise
     except Exception as e:  # zipfile, pickle and torch each raise their own types for a damaged file
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DamagedFileError(f"{path}: damaged {what}, not a complete file written by torch.save ({reason})") from e
+        raise DamagedFileError(f"{path}: damaged {what}, not a complete file written by torch.save "
+                               f"({one_line(e)})") from e
 
 
 def read_json_file(path: str | os.PathLike[str], what: str) -> Any:

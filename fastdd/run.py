@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fastdd.errors import DamagedFileError, NonFiniteError, WriteError
+from fastdd.errors import DamagedFileError, NonFiniteError, WriteError, one_line
 from fastdd.io import (
     append_jsonl,
     atomic_torch_save,
@@ -104,8 +104,6 @@ def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path
 def _read_metrics(path: Path, start: int) -> list[str]:
     """The metric lines of iterations before ``start``. A last line torn by a kill is dropped; any other
     line that is not a metrics record is a DamagedFileError."""
-    if not path.exists():
-        return []
     lines = [line for line in path.read_bytes().decode("utf-8", errors="replace").split("\n") if line]
     kept = []
     for number, line in enumerate(lines, start=1):
@@ -164,8 +162,7 @@ def _load_checkpoint(distiller: Distiller, run_dir: Path) -> int:
     try:
         distiller.load_state_dict(checkpoint["distiller"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DamagedFileError(f"{path}: the checkpoint does not fit this run's distiller ({reason})") from e
+        raise DamagedFileError(f"{path}: the checkpoint does not fit this run's distiller ({one_line(e)})") from e
     return iteration
 
 
@@ -202,26 +199,25 @@ def run_distillation(
     if resume:
         _compare_config(run_dir, config)
         start = _load_checkpoint(distiller, run_dir)
-        metrics = _read_metrics(run_dir / METRICS, start)
+        if (run_dir / METRICS).exists():  # the lines of the iterations the checkpoint holds
+            kept = _read_metrics(run_dir / METRICS, start)
+            atomic_write_bytes(run_dir / METRICS, "".join(line + "\n" for line in kept).encode("utf-8"))
     else:
-        start, metrics = 0, []
+        start = 0
         for name in (*RUN_FILES, *(output for plugin in distiller.plugins for output in plugin.outputs)):
             (run_dir / name).unlink(missing_ok=True)
         atomic_write_json(run_dir / CONFIG, config)
-    if metrics or (run_dir / METRICS).exists():
-        atomic_write_bytes(run_dir / METRICS, "".join(line + "\n" for line in metrics).encode("utf-8"))
 
     last_good = start
     began = time.perf_counter()
     bar = progress_bar(range(start, distiller.iterations), initial=start, total=distiller.iterations,
                desc=f"distill {distiller.name}", disable=not progress, unit="it")
     for iteration in bar:
-        metrics_row = distiller.step(iteration)
-        _check_finite(distiller, iteration, metrics_row, run_dir, last_good)
+        metrics = distiller.step(iteration)
+        _check_finite(distiller, iteration, metrics, run_dir, last_good)
         distiller.after_step(iteration)
-        append_jsonl(run_dir / METRICS, {"iteration": iteration, **metrics_row,
-                                         "seconds": time.perf_counter() - began})
-        bar.set_postfix(loss=f"{metrics_row['loss']:.4g}")
+        append_jsonl(run_dir / METRICS, {"iteration": iteration, **metrics, "seconds": time.perf_counter() - began})
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
         done = iteration + 1
         if done % checkpoint_every == 0 or done == distiller.iterations:
             atomic_torch_save({"iteration": done, "distiller": distiller.state_dict()}, run_dir / CHECKPOINT)

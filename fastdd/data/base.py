@@ -99,6 +99,11 @@ class RealDataset:
         return self.images.shape[3]
 
     @property
+    def class_sizes(self) -> list[int]:
+        """Images per class, by class index."""
+        return [len(members) for members in self.class_indices]
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W)."""
         return (self.channels, self.height, self.width)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastdd.allocator import physical_memory
 from fastdd.data.base import DatasetError, RealDataset, require_root, tensor_from_numpy
 
 __all__ = [
@@ -271,7 +272,7 @@ def _read_all(items: Items, listing: Listing) -> np.ndarray:
 def memory_budget() -> int:
     """Bytes of decoded images held in memory at most: a quarter of physical memory, the rest left to the
     distillation (networks, batches, gradients) and the system."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    return physical_memory() // 4
 
 
 def load_imagefolder(

@@ -10,7 +10,6 @@ continue a run bit for bit, the generator state included.
 from __future__ import annotations
 
 import contextlib
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd import __version__
+from fastdd.allocator import physical_memory
 from fastdd.checks import one_of, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.methods.matching import matching_distance
@@ -38,7 +38,7 @@ def device_memory(device: torch.device) -> int:
     """Bytes of memory of ``device``: the GPU's total, or the host's physical memory."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return physical_memory()
 
 
 def check_training_set(train: RealDataset, ipc: int, init: str) -> None:
@@ -48,7 +48,7 @@ def check_training_set(train: RealDataset, ipc: int, init: str) -> None:
     if not isinstance(train, RealDataset):
         raise ValueError(f"train must be a fastdd.data.RealDataset, got {type(train).__name__}")
     need = ipc if init == "real" else 1
-    sizes = [len(members) for members in train.class_indices]
+    sizes = train.class_sizes
     short = [c for c, size in enumerate(sizes) if size < need]
     if short:
         c = short[0]
