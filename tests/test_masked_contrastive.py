@@ -43,9 +43,14 @@ def test_matches_oracle(backend, dtype, n, c, h, w, k, soft, seed):
     as_double = (t.double() if t.is_floating_point() else t for t in x)
     expected = loss_and_grads(naive.masked_feature_contrastive, *as_double, tau=0.3)
     got = loss_and_grads(masked_feature_contrastive, *x, tau=0.3, backend=backend)
-    for e, r in zip(expected, got):
+    # the oracle run in the same dtype: an op may be as far from float64 as plain torch is (a gradient that is
+    # exactly zero in float64, as with one channel, is a float32 cancellation of order 1e-5 either way)
+    same_dtype = loss_and_grads(naive.masked_feature_contrastive, *x, tau=0.3)
+    for e, r, s in zip(expected, got, same_dtype):
         assert r.dtype == dtype
-        torch.testing.assert_close(r.double(), e, **TOLERANCES[dtype])
+        tol = dict(TOLERANCES[dtype])
+        tol["atol"] = max(tol["atol"], 2 * float((s.detach().double() - e).abs().max()))
+        torch.testing.assert_close(r.double(), e, **tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
