@@ -669,6 +669,16 @@ def test_sample_deterministic_and_distinct() -> None:
         ds.sample(0, -1, gen)
 
 
+def test_sample_classes_draws_as_sample_reads_when_indexed() -> None:
+    ds = tiny_dataset()
+    batches = ds.sample_classes(3, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    expected = [ds.sample(c, 3, gen) for c in range(ds.num_classes)]
+    assert len(batches) == ds.num_classes and all(isinstance(i, torch.Tensor) for i in batches.indices)
+    assert all(torch.equal(b, e) for b, e in zip(batches, expected, strict=True))
+    assert torch.equal(batches[1], expected[1])
+
+
 def test_constructor_validation() -> None:
     images = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="uint8"):

@@ -6,7 +6,7 @@ Readers: digits (scikit-learn's 8x8 set, offline default), idx (MNIST, Fashion-M
 folders larger than memory are read through a memory-mapped cache (:mod:`fastdd.data.cache`).
 """
 
-from fastdd.data.base import DatasetError, RealDataset
+from fastdd.data.base import ClassBatches, DatasetError, RealDataset
 from fastdd.data.cache import build_cache, open_cache
 from fastdd.data.cifar import load_cifar10, load_cifar100
 from fastdd.data.digits import load_digits
@@ -19,6 +19,7 @@ __all__ = [
     "DATASETS",
     "DEFAULT_ROOTS",
     "NORMALIZATION",
+    "ClassBatches",
     "DatasetError",
     "RealDataset",
     "build_cache",

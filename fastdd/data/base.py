@@ -8,6 +8,7 @@ normalised (``(x / 255 - mean) / std`` per channel) only when images are handed 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 
 from fastdd.data.zca import ZCA
 
-__all__ = ["DatasetError", "RealDataset", "require_root", "tensor_from_numpy"]
+__all__ = ["ClassBatches", "DatasetError", "RealDataset", "require_root", "tensor_from_numpy"]
 
 
 class DatasetError(Exception):
@@ -154,6 +155,11 @@ class RealDataset:
         """``n`` distinct random images of class ``c``, normalised float32 [min(n, size), C, H, W]."""
         return self.get(self.sample_indices(c, n, generator))
 
+    def sample_classes(self, n: int, generator: torch.Generator) -> ClassBatches:
+        """One batch of ``n`` distinct random images per class, drawn now (the same draws as ``sample`` of every
+        class in turn) and read when indexed: it holds their indices, not the images."""
+        return ClassBatches(self, [self.sample_indices(c, n, generator) for c in range(self.num_classes)])
+
     def to(self, device: str | torch.device) -> RealDataset:
         """A copy of the set with images and labels on ``device``."""
         return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
@@ -177,3 +183,19 @@ def require_root(root: str | Path | None, dataset: str, layout: str) -> Path:
     if not path.is_dir():
         raise DatasetError(f"{dataset}: data root {path} is not a folder. Expected {layout} in it.")
     return path
+
+
+class ClassBatches(Sequence[torch.Tensor]):
+    """Drawn real batches, one per class: ``batches[c]`` reads class ``c``'s images, normalised float32
+    [n, C, H, W], each time it is indexed. A step over many classes then holds one class's images at a time
+    instead of all of them."""
+
+    def __init__(self, data: RealDataset, indices: list[torch.Tensor]) -> None:
+        self.data = data
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, c: int) -> torch.Tensor:  # type: ignore[override]  # by class, no slices
+        return self.data.get(self.indices[c])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fastdd import __version__
 from fastdd.allocator import physical_memory
 from fastdd.checks import one_of, positive_float, positive_int
-from fastdd.data import RealDataset
+from fastdd.data import ClassBatches, RealDataset
 from fastdd.methods.matching import matching_distance
 from fastdd.models import fused_blocks, get_network
 from fastdd.synset import SyntheticSet
@@ -154,7 +154,7 @@ class Distiller(ABC):
         self.num_classes = train.num_classes
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(ipc)
         self.images = self._initial_images().requires_grad_(True)
-        self.last_real_batches: list[Tensor] = []
+        self.last_real_batches: Sequence[Tensor] = ()
         self.optimizer = torch.optim.SGD([self.images], lr=self.lr_img, momentum=0.5)
 
     # ----------------------------------------------------------------------------- set-up
@@ -186,11 +186,11 @@ class Distiller(ABC):
         and their labels [M]: the stored images themselves unless a method decodes them."""
         return self.images, self.labels
 
-    def real_batches(self) -> list[Tensor]:
-        """One batch of ``batch_real`` real images per class, normalised; also kept as ``last_real_batches``
-        for the plug-ins of the matching step."""
-        self.last_real_batches = [self.train.sample(c, self.batch_real, self.generator)
-                                  for c in range(self.num_classes)]
+    def real_batches(self) -> ClassBatches:
+        """One batch of ``batch_real`` real images per class, normalised, read class by class when indexed (one
+        class's images in memory at a time); also kept as ``last_real_batches`` for the plug-ins of the
+        matching step."""
+        self.last_real_batches = self.train.sample_classes(self.batch_real, self.generator)
         return self.last_real_batches
 
     # ----------------------------------------------------------------------------- steps
@@ -202,13 +202,14 @@ class Distiller(ABC):
                                             enabled=self.real_precision == "bfloat16"):
             yield
 
-    def gradient_matching_loss(self, net: nn.Module, weights: Sequence[Tensor], real: Sequence[Tensor],
+    def gradient_matching_loss(self, net: nn.Module, weights: Sequence[Tensor], real: Iterable[Tensor],
                                syn: Sequence[Tensor], metric: str) -> Tensor:
         """Sum over classes c of ``grad_match_distance(grads on syn[c], grads on real[c])`` w.r.t. ``weights``
         (parameters of ``net``), the gradients being those of the class's mean cross-entropy;
         differentiable w.r.t. the synthetic images.
 
-        The real gradients are targets: one detached pass per class (:meth:`real_pass`). The synthetic
+        The real gradients are targets: one detached pass per class (:meth:`real_pass`), ``real`` read one
+        class at a time (an iterable: each class's images need not exist before its turn). The synthetic
         side is :func:`fastdd.methods.matching.matching_distance` (one pass over every class where the
         network allows it and the classes hold at most two images each).
         """

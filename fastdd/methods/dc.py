@@ -13,7 +13,7 @@ ones in one pass over every class when the network allows it and a class holds o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -91,10 +91,10 @@ class DC(Distiller):
             return x
         return self.dsa.apply(x, params, torch.full((len(x),), c, dtype=torch.long, device=x.device))
 
-    def matching_loss(self, net: nn.Module, real: list[Tensor], params=None) -> Tensor:
+    def matching_loss(self, net: nn.Module, real: Sequence[Tensor], params=None) -> Tensor:
         """Sum over classes of D(grad on synthetic, grad on real); differentiable w.r.t. the images."""
         weights = [p for p in net.parameters() if p.requires_grad]
-        x_real = [self.augment_class(x, params, c) for c, x in enumerate(real)]
+        x_real = (self.augment_class(x, params, c) for c, x in enumerate(real))  # one class at a time
         x_syn = [self.augment_class(self.class_images(c), params, c) for c in range(self.num_classes)]
         return self.gradient_matching_loss(net, weights, x_real, x_syn, self.metric)
 

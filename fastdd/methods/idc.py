@@ -14,7 +14,7 @@ and the deliberate differences from it, are in docs/methods.md, "IDC".
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -157,9 +157,10 @@ class IDC(Distiller):
             x = aug.apply(x, p, groups)
         return x
 
-    def matching_loss(self, net: nn.Module, real: list[Tensor], syn: list[Tensor], params: list[DSAParams]) -> Tensor:
+    def matching_loss(self, net: nn.Module, real: Sequence[Tensor], syn: list[Tensor],
+                      params: list[DSAParams]) -> Tensor:
         """Sum over classes of D(conv-weight grads on aug(syn_c), on aug(real_c)); differentiable w.r.t. the images."""
-        x_real = [self.augment_class(x, params, c) for c, x in enumerate(real)]
+        x_real = (self.augment_class(x, params, c) for c, x in enumerate(real))  # one class at a time
         x_syn = [self.augment_class(x, params, c) for c, x in enumerate(syn)]
         return self.gradient_matching_loss(net, conv_weights(net), x_real, x_syn, self.metric)
 
