@@ -8,9 +8,11 @@ multiplied by 0.1 from epoch ``epochs // 2`` on; DSA augmentation of every batch
 ``augment == "dsa"``. The last checkpoint is tested on the whole real test set: no model selection
 on the test set. The report gives the mean and population std (``np.std``) of the accuracies.
 
-Accuracies are fractions in [0, 1]. Evaluation uses hard labels only (soft labels are out of scope).
-A multi-formation set (IDC, ``meta["factor"]`` > 1) is decoded first: networks train on its
-``factor²`` images per stored image (:func:`training_data`).
+Accuracies are fractions in [0, 1]. A set with soft labels (``SyntheticSet.soft_labels``, MTT's
+``--soft-labels``, TESLA) trains its networks with cross-entropy against those distributions, as TESLA
+evaluates; other sets, and the random-real baseline, train on the hard labels. The report's ``labels``
+says which (``"soft"`` or ``"hard"``). A multi-formation set (IDC, ``meta["factor"]`` > 1) is decoded
+first: networks train on its ``factor²`` images per stored image (:func:`training_data`).
 
 Differences from the original DC/DSA code, deliberate: it runs ``epochs + 1`` epochs, decays the
 lr after epoch ``epochs // 2 + 1`` and rebuilds the optimizer there (dropping the momentum buffer);
@@ -43,6 +45,7 @@ from fastdd.train import train_epoch
 
 AUGMENTS = ("none", "dsa")
 LR_DECAY = 0.1
+SOFT_SUM_TOLERANCE = 1e-4  # how far a soft label's row sum may be from 1
 
 
 @dataclass
@@ -80,24 +83,50 @@ def lr_at_epoch(base_lr: float, epoch: int, epochs: int) -> float:
 
 
 def _check_set(images: torch.Tensor, labels: torch.Tensor, data: RealDataset, which: str) -> None:
-    """Images float [N, *data.image_shape], labels int64 [N] in [0, data.num_classes)."""
+    """Images float [N, *data.image_shape]; labels int64 [N] in [0, data.num_classes) (hard labels), or
+    float [N, data.num_classes] with finite non-negative rows summing to 1 (soft labels, :func:`_check_soft`)."""
     if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() != 4:
         raise ValueError(f"images must be a float tensor [N, C, H, W], got {_describe(images)}")
     if tuple(images.shape[1:]) != tuple(data.image_shape):
         raise ValueError(
             f"images have per-image shape {tuple(images.shape[1:])} but the {which} set's is {tuple(data.image_shape)}"
         )
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
-        raise ValueError(f"labels must be an int64 tensor [N] (hard labels), got {_describe(labels)}")
+    soft = isinstance(labels, torch.Tensor) and labels.is_floating_point()
+    if not soft and (not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1):
+        raise ValueError(f"labels must be an int64 tensor [N] (hard labels) or a float tensor [N, {data.num_classes}] "
+                         f"(soft labels), got {_describe(labels)}")
+    if soft and (labels.dim() != 2 or labels.shape[1] != data.num_classes):
+        raise ValueError(f"soft labels must be a float tensor [N, {data.num_classes}] (a distribution over the "
+                         f"{which} set's {data.num_classes} classes per image; hard labels are int64 [N]), got "
+                         f"{_describe(labels)}")
     if len(labels) != len(images):
         raise ValueError(f"labels has {len(labels)} entries but images has {len(images)}")
     if len(images) == 0:
         raise ValueError("images is empty: nothing to train on")
     if not bool(torch.isfinite(images).all()):
         raise ValueError("images hold NaN or infinite values: networks cannot be trained on them")
+    if soft:
+        _check_soft(labels)
+        return
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= data.num_classes:
         raise ValueError(f"labels must lie in [0, {data.num_classes}) for the {which} set, got range [{lo}, {hi}]")
+
+
+def _check_soft(labels: torch.Tensor) -> None:
+    """Soft labels [N, K]: every row finite, non-negative and summing to 1 (within ``SOFT_SUM_TOLERANCE``)."""
+    bad = int((~torch.isfinite(labels)).sum())
+    if bad:
+        raise ValueError(f"soft labels hold {bad} NaN or infinite value(s); each row must be a distribution over "
+                         "the classes")
+    if bool((labels < 0).any()):
+        raise ValueError(f"soft labels must be non-negative (a distribution over the classes per image), got min "
+                         f"{float(labels.min()):.6g}")
+    error = (labels.detach().double().sum(1) - 1.0).abs()
+    if bool((error > SOFT_SUM_TOLERANCE).any()):
+        row = int(error.argmax())
+        raise ValueError(f"soft labels' rows must sum to 1 (tolerance {SOFT_SUM_TOLERANCE:g}), row {row} sums to "
+                         f"{float(labels[row].double().sum()):.6g}")
 
 
 def _describe(x: object) -> str:
@@ -130,17 +159,20 @@ def train_and_test(
     lr: float | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> float:
-    """Train ``net`` on (images [N,C,H,W] normalised float, labels int64 [N]) by the protocol; return test accuracy.
+    """Train ``net`` on (images [N,C,H,W] normalised float, labels int64 [N] or soft labels float [N, K]) by the
+    protocol; return test accuracy.
 
-    ``net`` is moved to ``images.device`` and trained in place. ``lr`` (e.g. MTT's learned lr)
-    overrides ``config.lr``. ``on_epoch(epochs_done, last_batch_loss)``, when given, is called after
-    every epoch (for progress display). Shuffling and augmentation draw from ``generator``.
+    Soft labels are cross-entropy targets (probabilities, cast to ``images.dtype``). ``net`` is moved to
+    ``images.device`` and trained in place. ``lr`` (e.g. MTT's learned lr) overrides ``config.lr``.
+    ``on_epoch(epochs_done, last_batch_loss)``, when given, is called after every epoch (for progress
+    display). Shuffling and augmentation draw from ``generator``.
     """
     config.validate()
     _check_set(images, labels, test, "test")
     base_lr = config.lr if lr is None else positive_float("lr", lr)
     device = images.device
-    images, labels = images.detach(), labels.to(device)
+    images = images.detach()
+    labels = labels.detach().to(device, images.dtype) if labels.is_floating_point() else labels.to(device)
     net.to(device)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -160,6 +192,7 @@ class EvalReport:
     """Accuracies (fractions) of ``num_models`` networks, their mean and population std, and the config used.
 
     ``config.lr`` is the learning rate actually used (the learned lr when one overrode the config).
+    ``labels`` is what the networks trained on: ``"hard"`` (class indices) or ``"soft"`` (soft labels).
     """
 
     accuracies: list[float]
@@ -168,11 +201,14 @@ class EvalReport:
     config: EvalConfig
     num_models: int
     seconds: float
+    labels: str = "hard"
 
     @classmethod
-    def from_accuracies(cls, accuracies: list[float], config: EvalConfig, seconds: float) -> EvalReport:
+    def from_accuracies(cls, accuracies: list[float], config: EvalConfig, seconds: float,
+                        labels: str = "hard") -> EvalReport:
         acc = np.asarray(accuracies, dtype=np.float64)
-        return cls(list(map(float, accuracies)), float(acc.mean()), float(acc.std()), config, len(accuracies), seconds)
+        return cls(list(map(float, accuracies)), float(acc.mean()), float(acc.std()), config, len(accuracies), seconds,
+                   labels)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field (config as a nested dict)."""
@@ -182,6 +218,7 @@ class EvalReport:
             "std": self.std,
             "num_models": self.num_models,
             "seconds": self.seconds,
+            "labels": self.labels,
             "config": dataclasses.asdict(self.config),
         }
 
@@ -200,7 +237,8 @@ def evaluate_synset(
     lr: float | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Evaluate a synthetic set (images float [N,C,H,W] normalised like ``train``, labels int64 [N]).
+    """Evaluate a synthetic set (images float [N,C,H,W] normalised like ``train``, labels int64 [N], or soft
+    labels float [N, num_classes] whose rows are distributions over the classes).
 
     Trains ``num_models`` fresh ``config.model`` networks (each initialised from ``generator``, then
     trained by :func:`train_and_test` on ``images.device``) and tests each on ``test``. ``lr``
@@ -232,7 +270,8 @@ def evaluate_synset(
         accuracies.append(train_and_test(net, images, labels, test, config, generator, on_epoch=show_epoch))
         bar.set_postfix_str(f"last acc {100 * accuracies[-1]:.2f}%")
     bar.close()
-    return EvalReport.from_accuracies(accuracies, config, time.perf_counter() - began)
+    return EvalReport.from_accuracies(accuracies, config, time.perf_counter() - began,
+                                      "soft" if labels.is_floating_point() else "hard")
 
 
 def check_baseline(train: RealDataset, ipc: int) -> None:
@@ -290,23 +329,33 @@ def default_eval_config(method: str, model: str = "ConvNet", epochs: int | None 
                       augment=default_augment if augment is None else augment)
 
 
-def training_data(synset: SyntheticSet) -> tuple[torch.Tensor, torch.Tensor]:
+def training_data(synset: SyntheticSet, soft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The images [M, C, H, W] and labels [M] networks train on: the stored ones, decoded
     (``fastdd.methods.multiformation.decode``, ``factor²`` images per stored image) when
-    ``synset.meta["factor"]`` > 1 (IDC's multi-formation); sets without the key are not decoded."""
-    return decode(synset.images, synset.labels, synset.meta.get("factor", 1))
+    ``synset.meta["factor"]`` > 1 (IDC's multi-formation); sets without the key are not decoded.
+
+    With ``soft``, a set holding ``soft_labels`` gives them (float [M, K]) in place of the labels: what the
+    evaluation trains on. Soft labels on a multi-formation set do not occur and are a ValueError there.
+    """
+    factor = synset.meta.get("factor", 1)
+    if soft and synset.soft_labels is not None:
+        if factor != 1:
+            raise ValueError(f"the set holds soft labels and is stored multi-formation (meta['factor'] = {factor!r}); "
+                             "evaluating soft labels of decoded images is not supported")
+        return synset.images, synset.soft_labels
+    return decode(synset.images, synset.labels, factor)
 
 
 def evaluate_with_baseline(synset: SyntheticSet, train: RealDataset, test: RealDataset, config: EvalConfig,
                            num_models: int, seed: int, baseline: bool = True,
                            progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``synset`` (its :func:`training_data`) and, with ``baseline``, ``synset.meta["ipc"]``
-    random real images per class by the same protocol (for a multi-formation set: the same storage).
-    Returns a JSON-able report: ``distilled``, ``random_real`` and ``gain`` (difference of the mean
-    accuracies, a fraction). Each evaluation draws from a generator seeded
-    with ``seed``."""
+    """Evaluate ``synset`` (its :func:`training_data`, on its soft labels when it has them) and, with
+    ``baseline``, ``synset.meta["ipc"]`` random real images per class by the same protocol, on hard labels
+    (for a multi-formation set: the same storage). Returns a JSON-able report: ``distilled``,
+    ``random_real`` and ``gain`` (difference of the mean accuracies, a fraction); each part's ``labels``
+    says what its networks trained on. Each evaluation draws from a generator seeded with ``seed``."""
     device = train.images.device
-    images, labels = training_data(synset)
+    images, labels = training_data(synset, soft=True)
     distilled = evaluate_synset(images.to(device), labels.to(device), train, test, config,
                                 num_models, torch.Generator().manual_seed(seed), lr=synset.lr, progress=progress)
     report: dict[str, Any] = {"distilled": distilled.to_dict()}

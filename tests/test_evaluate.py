@@ -1,4 +1,5 @@
-"""The evaluation protocol: determinism, lr schedule, accuracy on a toy problem, random-real baseline, report."""
+"""The evaluation protocol: determinism, lr schedule, accuracy on a toy problem, random-real baseline, report,
+soft labels."""
 
 from __future__ import annotations
 
@@ -7,18 +8,22 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from fastdd import evaluation
 from fastdd.data import RealDataset
 from fastdd.evaluation import (
     EvalConfig,
     EvalReport,
     evaluate_random_real,
     evaluate_synset,
+    evaluate_with_baseline,
     lr_at_epoch,
     random_real,
     train_and_test,
 )
 from fastdd.models import get_network
+from fastdd.synset import SyntheticSet
 
 MODEL = "ConvNetW32"  # the smallest named network; 8x8 inputs keep every run in milliseconds
 
@@ -166,3 +171,82 @@ def test_bad_arguments(data):
         run(lr=-1.0)
     with pytest.raises(ValueError, match="unknown network"):
         evaluate_synset(images, labels, train, test, EvalConfig(model="NoSuchNet"), 1, gen(), progress=False)
+
+
+# ----------------------------------------------------------------------------- soft labels (TESLA)
+def test_one_hot_soft_labels_train_exactly_as_hard_labels(data):
+    train, test = data
+    images, labels = random_real(train, 2, gen(3))
+    one_hot = F.one_hot(labels, 4).float()
+    config = EvalConfig(model=MODEL, epochs=3, batch_size=4, augment="dsa")
+    hard = evaluate_with_baseline(SyntheticSet(images, labels, {"ipc": 2}), train, test, config, 2, 7, progress=False)
+    soft = evaluate_with_baseline(SyntheticSet(images, labels, {"ipc": 2}, soft_labels=one_hot), train, test, config,
+                                  2, 7, progress=False)
+    assert soft["distilled"]["accuracies"] == hard["distilled"]["accuracies"]
+    assert (soft["distilled"]["labels"], hard["distilled"]["labels"]) == ("soft", "hard")
+    assert soft["random_real"] == {**hard["random_real"], "seconds": soft["random_real"]["seconds"]}
+    assert soft["random_real"]["labels"] == "hard"
+    nets = [get_network(MODEL, 1, 4, (8, 8), gen(1)) for _ in range(2)]
+    for net, targets in zip(nets, (labels, one_hot)):
+        train_and_test(net, images, targets, test, config, gen(2))
+    for p1, p2 in zip(*(net.parameters() for net in nets)):
+        assert torch.equal(p1, p2)  # cross-entropy against one-hot rows is the class-index one, bit for bit
+
+
+def test_soft_labels_are_the_training_targets(data, monkeypatch):
+    train, test = data
+    images, labels = random_real(train, 2, gen(3))
+    smoothed = 0.8 * F.one_hot(labels.roll(1), 4).float() + 0.05  # rows sum to 1, argmax differs from labels
+    seen: list[torch.Tensor] = []
+    original = evaluation.train_epoch
+
+    def probe(net, x, targets, *args, **kwargs):
+        seen.append(targets.clone())
+        return original(net, x, targets, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "train_epoch", probe)
+    config = EvalConfig(model=MODEL, epochs=2)
+    synset = SyntheticSet(images, labels, {"ipc": 2}, lr=0.02, soft_labels=smoothed)
+    report = evaluate_with_baseline(synset, train, test, config, 1, 0, progress=False)
+    assert len(seen) == 4  # 2 epochs of the set, then 2 of the random-real baseline
+    assert all(torch.equal(t, smoothed) for t in seen[:2])
+    assert all(t.dtype == torch.int64 and t.dim() == 1 for t in seen[2:])
+    assert report["distilled"]["labels"] == "soft" and report["random_real"]["labels"] == "hard"
+    assert report["distilled"]["config"]["lr"] == 0.02
+    assert json.loads(json.dumps(report)) == report
+    # soft labels (in float64, within the tolerance of 1e-4) are cast to the images' dtype
+    probabilities = torch.softmax(torch.randn(len(labels), 4, generator=gen(), dtype=torch.float64), 1) * (1 + 5e-5)
+    assert evaluate_synset(images, probabilities, train, test, config, 1, gen(), progress=False).labels == "soft"
+    assert seen[-1].dtype == torch.float32
+    # IDC sets never hold soft labels: decoding them would be a guess
+    idc = SyntheticSet(images, labels, {"ipc": 2, "factor": 2}, soft_labels=smoothed)
+    with pytest.raises(ValueError, match=r"soft labels and is stored multi-formation \(meta\['factor'\] = 2\)"):
+        evaluate_with_baseline(idc, train, test, config, 1, 0, progress=False)
+    assert evaluation.training_data(idc)[1].tolist() == labels.repeat_interleave(4).tolist()  # hard: decoded
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda y: F.one_hot(y, 4).float()[:, :3], r"soft labels must be a float tensor \[N, 4\] .* got "
+                                                   r"torch.float32 tensor of shape \(8, 3\)"),
+        (lambda y: y.float(), r"soft labels must be a float tensor \[N, 4\] .*hard labels are int64 \[N\]"),
+        (lambda y: F.one_hot(y, 4).float()[:5], "labels has 5 entries but images has 8"),
+        (lambda y: 0.5 * F.one_hot(y, 4).float(), r"soft labels' rows must sum to 1 \(tolerance 0.0001\), row 0 sums "
+                                                  "to 0.5"),
+        (lambda y: 1.5 * F.one_hot(y, 4).float() - 0.5 * F.one_hot((y + 1) % 4, 4).float(),
+         "soft labels must be non-negative .* got min -0.5"),
+        (lambda y: F.one_hot(y, 4).float().index_fill(1, torch.tensor([0]), float("nan")),
+         r"soft labels hold 8 NaN or infinite value\(s\)"),
+        (lambda y: y.to(torch.int32), r"labels must be an int64 tensor \[N\] \(hard labels\) or a float tensor "
+                                      r"\[N, 4\] \(soft labels\)"),
+    ],
+)
+def test_bad_soft_labels(data, make, message):
+    train, test = data
+    images, labels = random_real(train, 2, gen())
+    config = EvalConfig(model=MODEL, epochs=1)
+    with pytest.raises(ValueError, match=message):
+        evaluate_synset(images, make(labels), train, test, config, 1, gen(), progress=False)
+    with pytest.raises(ValueError, match=message):
+        train_and_test(get_network(MODEL, 1, 4, (8, 8), gen()), images, make(labels), test, config, gen())
