@@ -10,7 +10,7 @@ next step reuses them. The cost: the process keeps its high-water mark of memory
 
 The ``fastdd`` command calls it at start-up; a Python user calls it once at the top of a script.
 :func:`physical_memory` is the machine's memory, which the memory checks of the readers and the
-distillers compare against.
+distillers compare against; :func:`process_memory` this process's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
@@ -28,6 +29,19 @@ TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt takes (an int): never tr
 def physical_memory() -> int:
     """Bytes of the machine's physical memory."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def process_memory(field: str = "VmRSS") -> int | None:
+    """Bytes of this process's memory by ``field`` of /proc/self/status (VmRSS: resident now; VmHWM: the
+    resident high-water mark); None where there is no such file (not Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def keep_freed_memory() -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fastdd.allocator import process_memory
 from fastdd.checks import boolean, nonnegative_int, one_of, positive_int
 from fastdd.config import RunConfig, device_name, path
 from fastdd.data import RealDataset, load_dataset
@@ -25,11 +26,13 @@ from fastdd.data.zca import REGULARIZATION, whitened
 from fastdd.errors import UnsavedResultError, WriteError
 from fastdd.evaluation import AUGMENTS, EvalConfig, check_baseline, default_eval_config, evaluate_with_baseline
 from fastdd.io import atomic_write_json
+from fastdd.memory import MemoryPlan, plan_memory
 from fastdd.models import NETWORK_NAMES
+from fastdd.progress import progress_bar
 from fastdd.run import GRID, REPORT, SYNSET, check_run_dir, run_distillation
 from fastdd.synset import SyntheticSet
 
-__all__ = ["DistillResult", "EvalResult", "distill", "evaluate", "load_data", "resolve_device"]
+__all__ = ["DistillResult", "EvalResult", "PlanResult", "distill", "evaluate", "load_data", "plan", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
     distiller = config.build_distiller(train)
     if config.eval_models > 0 and config.baseline:
         check_baseline(train, config.ipc)
+    plan_memory(distiller).check()
     resolved = config.resolved(distiller)
     run_dir = config.run_dir()
     began = time.perf_counter()
@@ -143,6 +147,61 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
         result = DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, err.result)
         raise UnsavedResultError(str(err), result) from err
     return DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, evaluation)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What :func:`plan` found for a run, before it is made.
+
+    config: the run's configuration with every default filled in. memory: the memory plan
+    (:class:`fastdd.memory.MemoryPlan`: its terms, estimated peak and the device's memory). seconds_per_iteration:
+    the measured time of an iteration (the mean of the timed iterations after the first, which warms up; the
+    first alone when only one ran), None when the plan does not fit and nothing was timed. timed_iterations:
+    iterations run. measured_peak: the process's peak memory in bytes after them (CPU: its resident high-water
+    mark; CUDA: the allocator's peak), None when not measured.
+    """
+
+    config: RunConfig
+    memory: MemoryPlan
+    seconds_per_iteration: float | None
+    timed_iterations: int
+    measured_peak: int | None
+
+    @property
+    def estimated_seconds(self) -> float | None:
+        """The distillation's estimated wall time, seconds: the time of an iteration times the iterations."""
+        if self.seconds_per_iteration is None:
+            return None
+        return self.seconds_per_iteration * self.config.iterations
+
+
+def plan(config: RunConfig, *, steps: int = 2, progress: bool = True) -> PlanResult:
+    """The memory plan of the run of ``config`` and, when it fits, the measured time of ``steps`` of its
+    iterations; writes nothing (the run directory is not looked at). The data is loaded and the distiller built
+    as :func:`distill` does; its iterations then run on a copy of the run's state that is thrown away."""
+    if not isinstance(config, RunConfig):
+        raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
+    positive_int("steps", steps)
+    boolean("progress (--quiet)", progress)
+    device = resolve_device(config.device)
+    train, _ = load_data(config.dataset, config.data_root, device, config.image_size,
+                         REGULARIZATION if config.zca else None)
+    distiller = config.build_distiller(train)
+    memory = plan_memory(distiller)
+    resolved = config.resolved(distiller)
+    if memory.peak_bytes > memory.capacity:
+        return PlanResult(resolved, memory, None, 0, None)
+    times = []
+    for iteration in progress_bar(range(steps), desc="timing iterations", disable=not progress, unit="it"):
+        began = time.perf_counter()
+        distiller.step(iteration)
+        distiller.after_step(iteration)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - began)
+    timed = times[1:] or times
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else process_memory("VmHWM")
+    return PlanResult(resolved, memory, sum(timed) / len(timed), steps, peak)
 
 
 def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, model: str = "ConvNet",

@@ -14,7 +14,7 @@ import torch
 
 from fastdd import __version__
 from fastdd.allocator import keep_freed_memory
-from fastdd.api import DistillResult, EvalResult, distill, evaluate, load_data, resolve_device
+from fastdd.api import DistillResult, EvalResult, PlanResult, distill, evaluate, load_data, plan, resolve_device
 from fastdd.benchmarks import suite
 from fastdd.checks import positive_int
 from fastdd.config import FLAGS, PLUGINS, RunConfig
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="iterations between checkpoints")
     d.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--plan", action="store_true",
+                   help="print the run's memory plan and the measured time of two iterations, then stop (writes "
+                        "nothing; see docs/scale.md)")
     m = d.add_argument_group("MTT (--method mtt only; defaults and their sources in docs/methods.md)")
     m.add_argument("--experts", default=None, metavar="DIR",
                    help="expert trajectories for this data set and model (made by `fastdd experts`); required")
@@ -216,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The RunConfig of parsed ``fastdd distill`` options: ``--foo-bar`` is field ``foo_bar``, ``--plugin`` (once per
     plug-in) is ``plugins``, ``--no-baseline`` is ``baseline=False``; ``--resume`` and ``--quiet`` are arguments of
-    :func:`fastdd.distill`."""
+    :func:`fastdd.distill`, ``--plan`` calls :func:`fastdd.plan` instead."""
     given = vars(args)
     values = {field.name: given[field.name] for field in dataclasses.fields(RunConfig) if field.name not in FLAGS}
     return RunConfig(**values, plugins=given["plugins"] or (), baseline=not given["no_baseline"])
@@ -270,6 +273,8 @@ def _evaluation_rows(evaluation: EvalResult) -> list[tuple[str, str]]:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    if args.plan:
+        return show_plan(plan(config_from_args(args), progress=not args.quiet))
     show_distill(distill(config_from_args(args), resume=args.resume, overwrite=args.overwrite,
                          progress=not args.quiet))
     return 0
@@ -285,6 +290,25 @@ def show_distill(result: DistillResult) -> None:
         rows += _evaluation_rows(result.evaluation)
     rows += [("synthetic set", str(result.synset_path)), ("picture", str(result.picture_path))]
     _print_summary("fastdd distill", rows)
+
+
+def show_plan(result: PlanResult) -> int:
+    """Print ``result``; 0 when the run fits its device's memory, 1 when not."""
+    config, memory = result.config, result.memory
+    print(f"\nfastdd distill --plan: {config.dataset}, {config.method}, IPC {config.ipc}, {config.model}, "
+          f"{config.iterations} iterations on {memory.device}")
+    print("memory (estimated):", *memory.lines(), sep="\n")
+    try:
+        memory.check()
+    except ValueError as err:
+        print(f"does not fit: {err}")
+        return 1
+    if result.measured_peak is not None:
+        print(f"measured peak after {result.timed_iterations} iterations: {result.measured_peak / 2**30:.2f} GiB")
+    print(f"time: {result.seconds_per_iteration:.3g} s per iteration ({result.timed_iterations} timed, the first "
+          f"as warm-up), about {result.estimated_seconds / 3600:.2f} h for {config.iterations} iterations "
+          "(evaluation not included)")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

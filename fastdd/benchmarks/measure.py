@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fastdd.allocator import process_memory
 from fastdd.ops._backend import resolve_backend
 
 
@@ -84,13 +85,6 @@ def paired_median_seconds(fns: Sequence[Callable[[], object]], device: str, repe
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     """Memory ``fn()`` needs at its peak beyond what was held before, in bytes; None where unmeasurable.
 
@@ -114,11 +108,12 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
         fn()
         Path("/proc/self/clear_refs").write_text("5")
-        before = _proc_status_kib("VmRSS")
+        before = process_memory("VmRSS")
         fn()
-        return max(0, _proc_status_kib("VmHWM") - before) * 1024
-    except (OSError, RuntimeError):
+        after = process_memory("VmHWM")
+    except OSError:
         return None
+    return None if before is None or after is None else max(0, after - before)
 
 
 def processor(device: str = "cpu") -> str:

@@ -60,8 +60,8 @@ class DM(Distiller):
         if has_batchnorm(net):
             return self._whole_batch_loss(net, self.real_batches(), params)
         mu_real = torch.cat([self._real_means(net, params, classes)
-                             for classes in self._class_chunks(self.batch_real, REAL_CHUNK_PIXELS)])
-        syn_chunks = self._class_chunks(self.ipc, SYN_CHUNK_PIXELS)
+                             for classes in self.class_chunks(self.batch_real, REAL_CHUNK_PIXELS)])
+        syn_chunks = self.class_chunks(self.ipc, SYN_CHUNK_PIXELS)
         if len(syn_chunks) == 1:
             mu_syn = self._syn_means(net, params, syn_chunks[0], self.images)
         else:  # each chunk's activations are recomputed in the backward pass
@@ -70,7 +70,7 @@ class DM(Distiller):
                                            use_reentrant=False) for classes in syn_chunks])
         return ((mu_real - mu_syn) ** 2).sum()
 
-    def _class_chunks(self, per_class: int, pixels: int) -> list[range]:
+    def class_chunks(self, per_class: int, pixels: int) -> list[range]:
         """The classes in consecutive chunks of at most ``pixels`` pixels (``per_class`` images each; one class at
         least)."""
         size = max(1, pixels // (per_class * self.train.height * self.train.width))

@@ -1,0 +1,243 @@
+"""A run's memory plan: its peak memory, estimated before the first iteration (docs/scale.md).
+
+The peak of a run on its device is what it holds when its iterations start, plus what the images'
+update adds, plus the working set of one iteration:
+
+    held now     measured: this process's resident set on CPU (interpreter, torch, the real set unless it is
+                 a memory-mapped cache, the synthetic images, MTT's expert rows), the allocator's bytes on CUDA
+    image state  the synthetic images' gradient, the optimiser's momentum and a checkpoint's copy
+    step         the method's working set (:func:`step_terms`, one function per distiller class): the images a
+                 pass holds at once times the bytes autograd saves per image of such a pass
+                 (:func:`activation_bytes`), and what the method stores besides (MTT's students)
+
+Per-image bytes are traced, not guessed: the run's network (a fresh copy on CPU) runs each kind of pass on
+batches of two and four images under ``torch.autograd.graph.saved_tensors_hooks``, and the difference of the
+distinct bytes saved, halved, is one image's share. A backward pass then allocates the gradients of the
+activations it walks through: :data:`BACKWARD_FACTOR` of the saved bytes of the last pass back-propagated.
+bench/results/plan.md compares the plan with measured peaks; the tests hold it within 25 % of them.
+Plug-ins' terms (SDC, UDD) are not counted.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastdd.allocator import process_memory
+from fastdd.methods.base import IMAGE_COPIES, Distiller, device_memory
+from fastdd.methods.dc import DC
+from fastdd.methods.dm import DM, REAL_CHUNK_PIXELS, SYN_CHUNK_PIXELS
+from fastdd.methods.idc import IDC
+from fastdd.methods.mtt import MTT
+from fastdd.models import get_network
+
+# A backward pass holds the gradients of the activations it walks through besides the saved ones: about this
+# multiple of the saved bytes of the pass (measured: DM's embedding pass 1.35, MTT's second-order step 1.55).
+BACKWARD_FACTOR = 1.45
+# DC's and IDC's real passes run, one class at a time, before the synthetic pass and are freed before it; about
+# this share of one real pass stays with the process meanwhile (measured from 0 to 1.2 on the cases of
+# bench/results/plan.md).
+REAL_PASS_SHARE = 0.5
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Term:
+    """One part of a plan: ``what`` it holds, its ``bytes``, and the changes of ``fastdd distill``'s options that
+    shrink it (``"a lower --ipc"``)."""
+
+    what: str
+    bytes: int
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The estimated peak memory of a run on ``device`` (module docstring): ``held`` (measured now), then
+    ``image_state`` and the iteration's ``step`` terms; ``capacity``: the device's memory, in bytes."""
+
+    device: torch.device
+    held: Term
+    image_state: Term
+    step: tuple[Term, ...]
+    capacity: int
+
+    @property
+    def step_bytes(self) -> int:
+        """The estimated working set of one iteration, bytes."""
+        return sum(term.bytes for term in self.step)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The estimated peak of the run, bytes."""
+        return self.held.bytes + self.image_state.bytes + self.step_bytes
+
+    @property
+    def terms(self) -> tuple[Term, ...]:
+        return (self.held, self.image_state, *self.step)
+
+    def lines(self) -> list[str]:
+        """The plan as text: one line per term, then the peak against the device's memory."""
+        width = max(len(term.what) for term in self.terms)
+        shown = [f"  {term.what:<{width}}  {term.bytes / GIB:8.2f} GiB" for term in self.terms]
+        return [*shown, f"  {'estimated peak':<{width}}  {self.peak_bytes / GIB:8.2f} GiB of "
+                        f"{self.capacity / GIB:.1f} GiB ({self.device.type})"]
+
+    def check(self) -> None:
+        """ValueError, naming the largest term and the options that shrink it, when the peak exceeds the device's
+        memory."""
+        if self.peak_bytes <= self.capacity:
+            return
+        largest = max((term for term in self.terms if term.options), key=lambda term: term.bytes)
+        raise ValueError(f"the run needs about {self.peak_bytes / GIB:.1f} GiB of {self.device.type} memory, more than "
+                         f"its {self.capacity / GIB:.1f} GiB; the largest part is the {largest.what} "
+                         f"({largest.bytes / GIB:.1f} GiB); shrink it with {_either(largest.options)} "
+                         "(fastdd distill --plan shows the whole estimate)")
+
+
+def _either(options: tuple[str, ...]) -> str:
+    return options[0] if len(options) == 1 else ", ".join(options[:-1]) + " or " + options[-1]
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Bytes autograd saves per image (floats) for each kind of pass of a network.
+
+    first_order: a forward pass and the gradient of the cross-entropy w.r.t. the weights (real passes,
+    network training). second_order: the same gradient taken with ``create_graph`` and then
+    back-propagated (gradient matching, MTT's students). embedding: ``net.embed`` and its gradient w.r.t. the
+    input images (DM).
+    """
+
+    first_order: float
+    second_order: float
+    embedding: float
+
+
+def _saved_bytes(fn: Callable[[], object], skip: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs, leaving out the storages in ``skip``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def activation_bytes(model: str, channels: int, num_classes: int, size: tuple[int, int]) -> ActivationBytes:
+    """:class:`ActivationBytes` of network ``model`` on images [channels, *size], traced on CPU (module docstring)."""
+    net = get_network(model, channels, num_classes, size, torch.Generator().manual_seed(0))
+    weights = list(net.parameters())
+    skip = {w.untyped_storage().data_ptr() for w in weights}
+
+    def first_order(x: Tensor, y: Tensor) -> None:
+        torch.autograd.grad(F.cross_entropy(net(x), y), weights)
+
+    def second_order(x: Tensor, y: Tensor) -> None:
+        grads = torch.autograd.grad(F.cross_entropy(net(x), y), weights, create_graph=True)
+        torch.autograd.grad(sum((g * g).sum() for g in grads), weights)
+
+    def embedding(x: Tensor, y: Tensor) -> None:
+        torch.autograd.grad(net.embed(x).sum(), x)
+
+    def per_image(kind: Callable[[Tensor, Tensor], None]) -> float:
+        def saved(n: int) -> int:
+            x = torch.randn(n, channels, *size, generator=torch.Generator().manual_seed(n), requires_grad=True)
+            return _saved_bytes(lambda: kind(x, torch.zeros(n, dtype=torch.long)), skip)
+        return (saved(4) - saved(2)) / 2
+
+    return ActivationBytes(per_image(first_order), per_image(second_order), per_image(embedding))
+
+
+@functools.singledispatch
+def step_terms(distiller: Distiller, act: ActivationBytes) -> list[Term]:
+    """The working set of one iteration of ``distiller`` as terms; one registered function per distiller class."""
+    raise TypeError(f"no memory plan for {type(distiller).__name__}")
+
+
+def _images(count: int, per_image: float) -> int:
+    return round(count * per_image)
+
+
+@step_terms.register
+def _dc(d: DC, act: ActivationBytes) -> list[Term]:
+    """A matching step: the synthetic second-order pass over every class, with :data:`REAL_PASS_SHARE` of a real
+    class batch's first-order pass; or, when larger, a training batch of the network."""
+    syn = d.num_classes * d.ipc
+    matching = Term(f"matching step ({d.batch_real} real images, {syn} synthetic images)",
+                    _images(d.batch_real, REAL_PASS_SHARE * act.first_order) + _images(syn, act.second_order),
+                    ("a lower --ipc", "a lower --batch-real", "a smaller --model"))
+    train = min(d.batch_train, syn)
+    training = Term(f"network training ({train} images a batch)", _images(train, act.first_order),
+                    ("a smaller --model",))
+    return [max(matching, training, key=lambda term: term.bytes)]
+
+
+@step_terms.register
+def _idc(d: IDC, act: ActivationBytes) -> list[Term]:
+    """As DC's matching step, with each class's decoded synthetic batch."""
+    syn = d.num_classes * min(d.ipc * d.factor**2, d.batch_syn)
+    return [Term(f"matching step ({d.batch_real} real images, {syn} decoded synthetic images)",
+                 _images(d.batch_real, REAL_PASS_SHARE * act.first_order) + _images(syn, act.second_order),
+                 ("a lower --ipc", "a lower --batch-real", "a smaller --model"))]
+
+
+@step_terms.register
+def _dm(d: DM, act: ActivationBytes) -> list[Term]:
+    """The synthetic embedding pass of one class chunk and its backward, or the real chunk's images (drawn and
+    augmented, float32) when larger; the two do not overlap."""
+    chunks = d.class_chunks(d.ipc, SYN_CHUNK_PIXELS)
+    syn = len(chunks[0]) * d.ipc
+    embedding = Term(f"synthetic embedding pass ({syn} images{'' if len(chunks) == 1 else ', one class chunk'})",
+                     _images(syn, BACKWARD_FACTOR * act.embedding), ("a lower --ipc", "a smaller --model"))
+    real = len(d.class_chunks(d.batch_real, REAL_CHUNK_PIXELS)[0]) * d.batch_real
+    image_bytes = 4 * d.train.channels * d.train.height * d.train.width
+    real_chunk = Term(f"real chunk ({real} images, drawn and augmented)", 2 * real * image_bytes,
+                      ("a lower --batch-real",))
+    return [max(embedding, real_chunk, key=lambda term: term.bytes)]
+
+
+@step_terms.register
+def _mtt(d: MTT, act: ActivationBytes) -> list[Term]:
+    """The students' graphs (every step's in the exact mode, one step's otherwise) with the backward's share, and
+    the student parameter vectors of the unroll."""
+    one_step = _images(d.batch_syn, act.second_order)
+    steps = d.syn_steps if d.mode == "exact" else 1
+    shrink = (("--mtt-mode flat", "a lower --syn-steps", "a lower --batch-syn") if d.mode == "exact"
+              else ("a lower --batch-syn", "a smaller --model"))
+    graph = Term(f"student graph ({steps} step(s) of {d.batch_syn} images)",
+                 steps * one_step + round((BACKWARD_FACTOR - 1) * one_step), shrink)
+    params = d.expert_rows.shape[-1]
+    students = Term(f"student parameters ({d.syn_steps} x {params})", 4 * d.syn_steps * params,
+                    ("a lower --syn-steps",))
+    return [graph, students]
+
+
+def held_bytes(device: torch.device) -> int:
+    """What this process holds now on ``device``: the resident set on CPU (0 where unreadable), the allocator's
+    bytes on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return process_memory("VmRSS") or 0
+
+
+def plan_memory(distiller: Distiller) -> MemoryPlan:
+    """The memory plan of ``distiller``'s run, from its sizes and its network (module docstring)."""
+    train = distiller.train
+    act = activation_bytes(distiller.model, train.channels, distiller.num_classes, (train.height, train.width))
+    images = distiller.images
+    state = Term(f"synthetic images' gradient, momentum, checkpoint copy ({len(images)} images)",
+                 (IMAGE_COPIES - 1) * images.numel() * images.element_size(), ("a lower --ipc",))
+    held = Term("held now (interpreter, data, synthetic images)", held_bytes(distiller.device))
+    return MemoryPlan(distiller.device, held, state, tuple(step_terms(distiller, act)),
+                      device_memory(distiller.device))
