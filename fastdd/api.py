@@ -23,6 +23,7 @@ from fastdd.checks import boolean, nonnegative_int, one_of, positive_int
 from fastdd.config import RunConfig, device_name, path
 from fastdd.data import RealDataset, load_dataset
 from fastdd.data.zca import REGULARIZATION, whitened
+from fastdd.distributed import join, local_device
 from fastdd.errors import UnsavedResultError, WriteError
 from fastdd.evaluation import AUGMENTS, EvalConfig, check_baseline, default_eval_config, evaluate_with_baseline
 from fastdd.io import atomic_write_json
@@ -117,6 +118,10 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
     ``resume``: the run in it continues from its last checkpoint, to the same set as an uninterrupted
     run, provided its config.json equals this run's field by field (a ValueError names the fields that
     differ). ``progress``: show progress bars.
+
+    Started by torchrun with several processes (``--method dm``), every process joins the run
+    (:mod:`fastdd.distributed`): the classes are split between them, the first alone writes files and evaluates;
+    the others return ``evaluation=None``.
     """
     if not isinstance(config, RunConfig):
         raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
@@ -124,10 +129,12 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
     boolean("overwrite (--overwrite)", overwrite)
     boolean("progress (--quiet)", progress)
     device = resolve_device(config.device)
+    world = join(device)
+    device = local_device(device)
     check_run_dir(config.run_dir(), resume=resume, overwrite=overwrite)
     train, test = load_data(config.dataset, config.data_root, device, config.image_size,
                             REGULARIZATION if config.zca else None)
-    distiller = config.build_distiller(train)
+    distiller = config.build_distiller(train, world)
     if config.eval_models > 0 and config.baseline:
         check_baseline(train, config.ipc)
     plan_memory(distiller).check()
@@ -138,7 +145,7 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
                               checkpoint_every=config.checkpoint_every, resume=resume, overwrite=overwrite,
                               progress=progress)
     seconds = time.perf_counter() - began
-    if config.eval_models == 0:
+    if config.eval_models == 0 or not world.is_main:  # the first process evaluates
         return DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, None)
     try:
         evaluation = _evaluate_on(synset, run_dir / SYNSET, train, test, resolved.eval_config(), config.eval_models,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.data.cache import HEADER, REPORT, build_cache
 from fastdd.data.zca import REGULARIZATION
 from fastdd.difficulty import HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, scoring_networks
+from fastdd.distributed import is_main_process
 from fastdd.errors import NonFiniteError, UnsavedResultError, one_line
 from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
@@ -275,8 +277,9 @@ def _evaluation_rows(evaluation: EvalResult) -> list[tuple[str, str]]:
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.plan:
         return show_plan(plan(config_from_args(args), progress=not args.quiet))
-    show_distill(distill(config_from_args(args), resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.quiet))
+    result = distill(config_from_args(args), resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if is_main_process():  # the first of several processes shows the run
+        show_distill(result)
     return 0
 
 
@@ -406,6 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"distill": cmd_distill, "evaluate": cmd_evaluate, "experts": cmd_experts, "difficulty": cmd_difficulty,
                 "bench": cmd_bench, "cache": cmd_cache}
     command = commands[args.command]
+    processes = os.environ.get("WORLD_SIZE", "1")
+    if args.command != "distill" and processes != "1":
+        print(f"fastdd {args.command}: error: runs in one process, started by torchrun with WORLD_SIZE={processes}; "
+              "start it without torchrun (only fastdd distill splits over processes: docs/distributed.md)",
+              file=sys.stderr)
+        return 1
     if args.command in ("distill", "evaluate", "experts", "difficulty"):
         keep_freed_memory()
     try:

@@ -35,6 +35,7 @@ from fastdd.checks import (
     positive_int,
 )
 from fastdd.data import DATASETS, RealDataset
+from fastdd.distributed import SINGLE, World
 from fastdd.evaluation import AUGMENTS, EvalConfig, default_eval_config
 from fastdd.methods import METHODS, Distiller, Plugin, get_distiller
 from fastdd.methods.base import REAL_PRECISIONS
@@ -292,15 +293,16 @@ class RunConfig:
             built.append(UDD(**{"policy": AUTO_POLICY, "beta": default_beta(self.method), **given}))
         return built
 
-    def build_distiller(self, train: RealDataset) -> Distiller:
+    def build_distiller(self, train: RealDataset, world: World = SINGLE) -> Distiller:
         """The distiller of ``method`` on ``train`` (on the run's device), its generator seeded with ``seed``,
-        with :meth:`build_plugins`; options left None take the method's defaults. MTT loads its experts here."""
+        with :meth:`build_plugins`, over the processes of ``world``; options left None take the method's defaults.
+        MTT loads its experts here."""
         mtt = {keyword: getattr(self, field) for field, keyword in MTT_KEYWORDS.items()
                if getattr(self, field) is not None}
         return get_distiller(self.method)(
             train, self.ipc, torch.Generator().manual_seed(self.seed), model=self.model, iterations=self.iterations,
             lr_img=self.lr_img, batch_real=self.batch_real, init=self.init, real_precision=self.real_precision,
-            plugins=self.build_plugins(), **mtt)
+            plugins=self.build_plugins(), world=world, **mtt)
 
     def eval_config(self) -> EvalConfig:
         """The evaluation protocol: ``fastdd.evaluation.default_eval_config`` of the method (epochs and augmentation

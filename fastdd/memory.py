@@ -196,11 +196,11 @@ def _idc(d: IDC, act: ActivationBytes) -> list[Term]:
 def _dm(d: DM, act: ActivationBytes) -> list[Term]:
     """The synthetic embedding pass of one class chunk and its backward, or the real chunk's images (drawn and
     augmented, float32) when larger; the two do not overlap."""
-    chunks = d.class_chunks(d.ipc, SYN_CHUNK_PIXELS)
+    chunks = d.class_chunks(d.world.shard(d.num_classes), d.ipc, SYN_CHUNK_PIXELS)
     syn = len(chunks[0]) * d.ipc
     embedding = Term(f"synthetic embedding pass ({syn} images{'' if len(chunks) == 1 else ', one class chunk'})",
                      _images(syn, BACKWARD_FACTOR * act.embedding), ("a lower --ipc", "a smaller --model"))
-    real = len(d.class_chunks(d.batch_real, REAL_CHUNK_PIXELS)[0]) * d.batch_real
+    real = len(d.class_chunks(range(d.num_classes), d.batch_real, REAL_CHUNK_PIXELS)[0]) * d.batch_real
     image_bytes = 4 * d.train.channels * d.train.height * d.train.width
     real_chunk = Term(f"real chunk ({real} images, drawn and augmented)", 2 * real * image_bytes,
                       ("a lower --batch-real",))

@@ -195,32 +195,40 @@ def run_distillation(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     run_dir = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    world = distiller.world  # every process reads; the first alone writes
+    world.barrier()  # every process has checked the directory before the first writes to it
     if resume:
         _compare_config(run_dir, config)
         start = _load_checkpoint(distiller, run_dir)
-        if (run_dir / METRICS).exists():  # the lines of the iterations the checkpoint holds
+        if world.is_main and (run_dir / METRICS).exists():  # the lines of the iterations the checkpoint holds
             kept = _read_metrics(run_dir / METRICS, start)
             atomic_write_bytes(run_dir / METRICS, "".join(line + "\n" for line in kept).encode("utf-8"))
     else:
         start = 0
-        for name in (*RUN_FILES, *(output for plugin in distiller.plugins for output in plugin.outputs)):
-            (run_dir / name).unlink(missing_ok=True)
-        atomic_write_json(run_dir / CONFIG, config)
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for name in (*RUN_FILES, *(output for plugin in distiller.plugins for output in plugin.outputs)):
+                (run_dir / name).unlink(missing_ok=True)
+            atomic_write_json(run_dir / CONFIG, config)
 
     last_good = start
     began = time.perf_counter()
     bar = progress_bar(range(start, distiller.iterations), initial=start, total=distiller.iterations,
-               desc=f"distill {distiller.name}", disable=not progress, unit="it")
+               desc=f"distill {distiller.name}", disable=not (progress and world.is_main), unit="it")
     for iteration in bar:
         metrics = distiller.step(iteration)
         _check_finite(distiller, iteration, metrics, run_dir, last_good)
         distiller.after_step(iteration)
-        append_jsonl(run_dir / METRICS, {"iteration": iteration, **metrics, "seconds": time.perf_counter() - began})
+        if world.is_main:
+            append_jsonl(run_dir / METRICS, {"iteration": iteration, **metrics,
+                                             "seconds": time.perf_counter() - began})
         bar.set_postfix(loss=f"{metrics['loss']:.4g}")
         done = iteration + 1
         if done % checkpoint_every == 0 or done == distiller.iterations:
-            atomic_torch_save({"iteration": done, "distiller": distiller.state_dict()}, run_dir / CHECKPOINT)
-            save_outputs(distiller, seed, run_dir)
+            distiller.share_shards()
+            if world.is_main:
+                atomic_torch_save({"iteration": done, "distiller": distiller.state_dict()}, run_dir / CHECKPOINT)
+                save_outputs(distiller, seed, run_dir)
             last_good = done
+    distiller.share_shards()
     return distiller.synthetic_set(seed)

@@ -23,6 +23,7 @@ from fastdd import __version__
 from fastdd.allocator import physical_memory
 from fastdd.checks import one_of, positive_float, positive_int
 from fastdd.data import ClassBatches, RealDataset
+from fastdd.distributed import SINGLE, World
 from fastdd.methods.matching import matching_distance
 from fastdd.models import fused_blocks, get_network
 from fastdd.synset import SyntheticSet
@@ -62,6 +63,24 @@ def check_training_set(train: RealDataset, ipc: int, init: str) -> None:
         raise ValueError(f"ipc (--ipc) {ipc}: {train.num_classes} classes x {ipc} images need about "
                          f"{need_bytes / 2**30:.1f} GiB, more than the {train.device.type} memory of "
                          f"{device_memory(train.device) / 2**30:.1f} GiB; lower --ipc")
+
+
+def check_world(world: World, method: str, distributed: bool, num_classes: int,
+                plugins: Sequence[Plugin] = ()) -> World:
+    """``world`` if ``method`` can run over it: one process, or several for a distributed method without
+    ``plugins`` (their terms span every class), each with at least one class; else a ValueError saying what fits."""
+    if not isinstance(world, World):
+        raise ValueError(f"world must be a fastdd.distributed.World, got {type(world).__name__}")
+    if world.size > 1 and not distributed:
+        raise ValueError(f"--method {method} runs in one process; started by torchrun with {world.size} processes, "
+                         "only --method dm splits its classes over them")
+    if world.size > 1 and plugins:
+        raise ValueError(f"--plugin {plugins[0].name} runs in one process; started by torchrun with {world.size} "
+                         "processes, a run takes no plug-in")
+    if world.size > num_classes:
+        raise ValueError(f"{world.size} processes for {num_classes} classes: every process needs a class; start at "
+                         f"most {num_classes} (torchrun --nproc-per-node)")
+    return world
 
 
 class Plugin:
@@ -114,6 +133,8 @@ class Distiller(ABC):
         real_precision: ``"float32"``, or ``"bfloat16"`` to run the networks' passes over real images,
             whose results are detached targets (real gradients, real embeddings), under bfloat16
             autocast; the synthetic side stays float32.
+        world: the processes the run is split over (:mod:`fastdd.distributed`); a method whose
+            ``distributed`` is False runs in one only.
     """
 
     name: str = ""
@@ -122,6 +143,7 @@ class Distiller(ABC):
     default_batch_real: int = 256
     default_init: str = "real"
     inits: tuple[str, ...] = INITS
+    distributed: bool = False  # whether the method splits its classes over several processes
 
     def __init__(
         self,
@@ -136,6 +158,7 @@ class Distiller(ABC):
         init: str | None = None,
         plugins: Sequence[Plugin] = (),
         real_precision: str = "float32",
+        world: World = SINGLE,
     ) -> None:
         self.ipc = positive_int("ipc", ipc)
         self.init = one_of("init", self.default_init if init is None else init, self.inits)
@@ -149,9 +172,10 @@ class Distiller(ABC):
         self.generator = generator
         self.model = model
         self.lr_img = positive_float("lr_img", self.default_image_lr() if lr_img is None else lr_img)
-        self.plugins = list(plugins)
         self.device = train.images.device
         self.num_classes = train.num_classes
+        self.plugins = list(plugins)
+        self.world = check_world(world, self.name, self.distributed, self.num_classes, self.plugins)
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(ipc)
         self.images = self._initial_images().requires_grad_(True)
         self.last_real_batches: Sequence[Tensor] = ()
@@ -176,6 +200,11 @@ class Distiller(ABC):
             self.model, self.train.channels, self.num_classes, (self.train.height, self.train.width), self.generator
         )
         return net.to(self.device)
+
+    @property
+    def own_classes(self) -> range:
+        """The classes whose terms this process computes: all of them in one process (:mod:`fastdd.distributed`)."""
+        return self.world.shard(self.num_classes)
 
     def class_images(self, c: int) -> Tensor:
         """The synthetic images of class ``c``: a view [ipc, C, H, W] of ``self.images``."""
@@ -203,10 +232,10 @@ class Distiller(ABC):
             yield
 
     def gradient_matching_loss(self, net: nn.Module, weights: Sequence[Tensor], real: Iterable[Tensor],
-                               syn: Sequence[Tensor], metric: str) -> Tensor:
-        """Sum over classes c of ``grad_match_distance(grads on syn[c], grads on real[c])`` w.r.t. ``weights``
-        (parameters of ``net``), the gradients being those of the class's mean cross-entropy;
-        differentiable w.r.t. the synthetic images.
+                               syn: Sequence[Tensor], metric: str, classes: Sequence[int]) -> Tensor:
+        """Sum over k of ``grad_match_distance(grads on syn[k], grads on real[k])`` w.r.t. ``weights`` (parameters
+        of ``net``), the gradients being those of the mean cross-entropy of class ``classes[k]``; differentiable
+        w.r.t. the synthetic images.
 
         The real gradients are targets: one detached pass per class (:meth:`real_pass`), ``real`` read one
         class at a time (an iterable: each class's images need not exist before its turn). The synthetic
@@ -214,12 +243,12 @@ class Distiller(ABC):
         network allows it and the classes hold at most two images each).
         """
         targets = []
-        for c, x in enumerate(real):
+        for c, x in zip(classes, real, strict=True):
             with self.real_pass():
                 out = net(x)
             y = torch.full((len(x),), c, dtype=torch.long, device=self.device)
             targets.append([g.detach() for g in torch.autograd.grad(F.cross_entropy(out.float(), y), weights)])
-        return matching_distance(net, weights, syn, targets, metric)
+        return matching_distance(net, weights, syn, targets, metric, classes)
 
     def plugin_loss(self, net: nn.Module) -> Tensor | None:
         """Sum of the plug-ins' terms at network ``net`` (None when no plug-in adds one)."""
@@ -244,6 +273,14 @@ class Distiller(ABC):
             plugin.after_step(self, iteration)
 
     # ----------------------------------------------------------------------------- state
+    def share_shards(self) -> None:
+        """Give every process every class's images and momentum (each process updates only its own classes'):
+        called before a checkpoint or the set is taken. Nothing in one process."""
+        self.world.share_rows(self.images, self.ipc)
+        momentum = self.optimizer.state.get(self.images, {}).get("momentum_buffer")
+        if momentum is not None:
+            self.world.share_rows(momentum, self.ipc)
+
     def hparams(self) -> dict[str, Any]:
         """Every hyper-parameter of the run, as stored in the synthetic set's metadata."""
         return {

@@ -50,6 +50,7 @@ class DC(Distiller):
     default_iterations = 1000
     default_lr_img = 0.1
     uses_dsa = False
+    distributed = True
 
     def __init__(
         self,
@@ -92,11 +93,13 @@ class DC(Distiller):
         return self.dsa.apply(x, params, torch.full((len(x),), c, dtype=torch.long, device=x.device))
 
     def matching_loss(self, net: nn.Module, real: Sequence[Tensor], params=None) -> Tensor:
-        """Sum over classes of D(grad on synthetic, grad on real); differentiable w.r.t. the images."""
+        """Sum over this process's classes (all in one process) of D(grad on synthetic, grad on real);
+        differentiable w.r.t. the images."""
         weights = [p for p in net.parameters() if p.requires_grad]
-        x_real = (self.augment_class(x, params, c) for c, x in enumerate(real))  # one class at a time
-        x_syn = [self.augment_class(self.class_images(c), params, c) for c in range(self.num_classes)]
-        return self.gradient_matching_loss(net, weights, x_real, x_syn, self.metric)
+        owned = self.own_classes
+        x_real = (self.augment_class(real[c], params, c) for c in owned)  # one class at a time
+        x_syn = [self.augment_class(self.class_images(c), params, c) for c in owned]
+        return self.gradient_matching_loss(net, weights, x_real, x_syn, self.metric, owned)
 
     def _set_batchnorm_statistics(self, net: nn.Module) -> None:
         """BatchNorm mixes samples: fix its statistics on a real batch of every class, then freeze it."""
@@ -118,9 +121,10 @@ class DC(Distiller):
             if batchnorm:
                 self._set_batchnorm_statistics(net)
             loss = self.matching_loss(net, self.real_batches(), self.augmentation_params())
-            total += self.update_images(loss, net)
+            total += self.world.sum(self.update_images(loss, net))
             if outer == self.outer_loop - 1:
                 break
+            self.world.share_rows(self.images, self.ipc)  # every process trains on every class's images
             train_epochs(net, self.images.detach().clone(), self.labels, net_optimizer, self.generator,
                          self.inner_loop, batch_size=self.batch_train, augment=self.dsa)
         return {"loss": total / self.outer_loop}

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.methods.base import Distiller
-from fastdd.models import has_batchnorm
+from fastdd.models import get_network, has_batchnorm
 
 # Pixels (images x height x width) a step holds at once. Real: drawn, augmented and embedded without gradient
 # (4096 images at 32 x 32: 50 MB as float32 with 3 channels). Synthetic: embedded with their activations held
@@ -41,45 +41,65 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return sums / counts[:, None]
 
 
+def check_splittable(d: DM) -> None:
+    """ValueError unless ``d``'s network can be split over processes: without BatchNorm (its statistics mix the
+    classes in DM's passes)."""
+    probe = get_network(d.model, d.train.channels, d.num_classes, (d.train.height, d.train.width), torch.Generator())
+    if has_batchnorm(probe):
+        raise ValueError(f"--model {d.model} has BatchNorm, whose statistics mix every class: distributed DM needs a "
+                         "network without it")
+
+
 class DM(Distiller):
     """Distribution matching with DSA augmentation; images SGD lr 1.0, 20000 iterations."""
 
     name = "dm"
     default_iterations = 20000
     default_lr_img = 1.0
+    distributed = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dsa = DSA(dsa_strategy_for(self.train.name))
+        if self.world.size > 1:
+            check_splittable(self)
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "dsa_strategy": self.dsa.strategy}
 
     def matching_loss(self, net: nn.Module, params) -> Tensor:
-        """Sum over classes of |mean embed(aug(real_c)) - mean embed(aug(syn_c))|^2 (module docstring)."""
+        """Sum over this process's classes (all of them in one process) of |mean embed(aug(real_c)) -
+        mean embed(aug(syn_c))|^2 (module docstring)."""
         if has_batchnorm(net):
             return self._whole_batch_loss(net, self.real_batches(), params)
-        mu_real = torch.cat([self._real_means(net, params, classes)
-                             for classes in self.class_chunks(self.batch_real, REAL_CHUNK_PIXELS)])
-        syn_chunks = self.class_chunks(self.ipc, SYN_CHUNK_PIXELS)
+        owned = self.own_classes
+        all_classes = range(self.num_classes)  # every class's real batch is drawn, for the generator's sake
+        mu_real = torch.cat([self._real_means(net, params, classes, owned)
+                             for classes in self.class_chunks(all_classes, self.batch_real, REAL_CHUNK_PIXELS)])
+        syn_chunks = self.class_chunks(owned, self.ipc, SYN_CHUNK_PIXELS)
         if len(syn_chunks) == 1:
-            mu_syn = self._syn_means(net, params, syn_chunks[0], self.images)
+            mu_syn = self._syn_means(net, params, owned, self.images[owned.start * self.ipc: owned.stop * self.ipc])
         else:  # each chunk's activations are recomputed in the backward pass
             mu_syn = torch.cat([checkpoint(partial(self._syn_means, net, params, classes),
                                            self.images[classes.start * self.ipc: classes.stop * self.ipc],
                                            use_reentrant=False) for classes in syn_chunks])
         return ((mu_real - mu_syn) ** 2).sum()
 
-    def class_chunks(self, per_class: int, pixels: int) -> list[range]:
-        """The classes in consecutive chunks of at most ``pixels`` pixels (``per_class`` images each; one class at
+    def class_chunks(self, classes: range, per_class: int, pixels: int) -> list[range]:
+        """``classes`` in consecutive chunks of at most ``pixels`` pixels (``per_class`` images each; one class at
         least)."""
         size = max(1, pixels // (per_class * self.train.height * self.train.width))
-        return [range(c, min(c + size, self.num_classes)) for c in range(0, self.num_classes, size)]
+        return [range(c, min(c + size, classes.stop)) for c in range(classes.start, classes.stop, size)]
 
-    def _real_means(self, net: nn.Module, params, classes: range) -> Tensor:
-        """Mean embedding [len(classes), D] of a fresh augmented real batch of each class (no gradient)."""
-        real = [self.train.sample(c, self.batch_real, self.generator) for c in classes]
-        labels = torch.cat([torch.full((len(r),), c, dtype=torch.long) for c, r in zip(classes, real)]).to(self.device)
+    def _real_means(self, net: nn.Module, params, classes: range, owned: range) -> Tensor:
+        """Mean embedding [n, D] of a fresh augmented real batch of each class of ``classes`` in ``owned`` (no
+        gradient); the batches of the others are drawn and dropped."""
+        indices = [self.train.sample_indices(c, self.batch_real, self.generator) for c in classes]
+        kept = [c for c in classes if c in owned]
+        if not kept:
+            return torch.empty(0, device=self.device)
+        real = [self.train.get(indices[c - classes.start]) for c in kept]
+        labels = torch.cat([torch.full((len(r),), c, dtype=torch.long) for c, r in zip(kept, real)]).to(self.device)
         with torch.no_grad(), self.real_pass():
             augmented = self.dsa.apply(torch.cat(real), params, labels)
             return torch.stack([net.embed(x).float().mean(0) for x in augmented.split([len(r) for r in real])])
@@ -107,4 +127,4 @@ class DM(Distiller):
             p.requires_grad_(False)
         params = self.dsa.sample(self.num_classes, self.generator, self.device)
         loss = self.matching_loss(net, params)
-        return {"loss": self.update_images(loss, net)}
+        return {"loss": self.world.sum(self.update_images(loss, net))}

@@ -68,6 +68,7 @@ class IDC(Distiller):
     default_batch_real = 64
     default_init = "mix"
     inits = ("mix", *INITS)
+    distributed = True
 
     def __init__(
         self,
@@ -159,10 +160,12 @@ class IDC(Distiller):
 
     def matching_loss(self, net: nn.Module, real: Sequence[Tensor], syn: list[Tensor],
                       params: list[DSAParams]) -> Tensor:
-        """Sum over classes of D(conv-weight grads on aug(syn_c), on aug(real_c)); differentiable w.r.t. the images."""
-        x_real = (self.augment_class(x, params, c) for c, x in enumerate(real))  # one class at a time
-        x_syn = [self.augment_class(x, params, c) for c, x in enumerate(syn)]
-        return self.gradient_matching_loss(net, conv_weights(net), x_real, x_syn, self.metric)
+        """Sum over this process's classes (all in one process) of D(conv-weight grads on aug(syn_c), on
+        aug(real_c)); differentiable w.r.t. the images."""
+        owned = self.own_classes
+        x_real = (self.augment_class(real[c], params, c) for c in owned)  # one class at a time
+        x_syn = [self.augment_class(syn[c], params, c) for c in owned]
+        return self.gradient_matching_loss(net, conv_weights(net), x_real, x_syn, self.metric, owned)
 
     def _augment_real(self, x: Tensor, generator: torch.Generator) -> Tensor:
         for aug in self.net_augments:
@@ -187,7 +190,8 @@ class IDC(Distiller):
         total = 0.0
         for step in range(self.match_steps):
             loss = self.matching_loss(net, self.real_batches(), self.synthetic_batches(), self.augmentation_params())
-            total += self.update_images(loss, net)
+            total += self.world.sum(self.update_images(loss, net))
+            self.world.share_rows(self.images, self.ipc)  # every process decodes every class's images
             if step < self.match_steps - 1:
                 self.train_network(net, optimizer)
         return {"loss": total / self.match_steps}

@@ -64,24 +64,28 @@ def _forward_recording(net: ConvNet, x: Tensor,
     return logits, records
 
 
-def class_gradients(net: nn.Module, x: Tensor, num_classes: int, *, create_graph: bool = False) -> list[Tensor]:
+def class_gradients(net: nn.Module, x: Tensor, num_classes: int, *, create_graph: bool = False,
+                    classes: Sequence[int] | None = None) -> list[Tensor]:
     """Gradients of each class's mean cross-entropy w.r.t. ``net``'s parameters, from one pass.
 
     Args:
         net: a network with ``supports_class_batching(net)``.
-        x: [K * B, C, H, W] images, class by class: rows ``c * B : (c + 1) * B`` have label c, K = num_classes.
+        x: [K * B, C, H, W] images, class by class: rows ``k * B : (k + 1) * B`` have label ``classes[k]``,
+            K = num_classes.
         create_graph: keep the graph (the gradients are then differentiable w.r.t. ``x``).
+        classes: the label of each of the K groups (default ``0 .. K - 1``).
 
     Returns:
-        One tensor [K, *p.shape] per parameter p, in ``net.parameters()`` order; row c is
-        ``grad_p mean_i CE(net(x_c), c)``.
+        One tensor [K, *p.shape] per parameter p, in ``net.parameters()`` order; row k is
+        ``grad_p mean_i CE(net(x_k), classes[k])``.
     """
     if not supports_class_batching(net):
         raise ValueError(f"class_gradients needs a ConvNet without BatchNorm, got {type(net).__name__}")
     if x.dim() != 4 or len(x) % num_classes:
         raise ValueError(f"x must be [K * B, C, H, W] with K = num_classes = {num_classes}, got {tuple(x.shape)}")
     per_class = len(x) // num_classes
-    labels = torch.arange(num_classes, device=x.device).repeat_interleave(per_class)
+    classes = range(num_classes) if classes is None else classes
+    labels = torch.tensor(list(classes), device=x.device).repeat_interleave(per_class)
     layers = {m: rule_for(m) for m in _parameterised(net)}
     logits, records = _forward_recording(net, x, layers)
     loss = F.cross_entropy(logits, labels, reduction="sum") / per_class
@@ -95,25 +99,27 @@ def class_gradients(net: nn.Module, x: Tensor, num_classes: int, *, create_graph
 
 
 def class_batched_distance(net: nn.Module, weights: Sequence[Tensor], syn: Sequence[Tensor],
-                           targets: Sequence[Sequence[Tensor]], metric: str) -> Tensor:
-    """``sum_c grad_match_distance(grads of class c's loss on syn[c] w.r.t. weights, targets[c], metric)``
+                           targets: Sequence[Sequence[Tensor]], metric: str,
+                           classes: Sequence[int] | None = None) -> Tensor:
+    """``sum_k grad_match_distance(grads of class classes[k]'s loss on syn[k] w.r.t. weights, targets[k], metric)``
     from one pass over every class (:func:`class_gradients`); differentiable w.r.t. the images.
 
     ``weights``: parameters of ``net``; ``syn``: K tensors [B, C, H, W], equally many images each;
-    ``targets``: K lists of gradients shaped like ``weights``.
+    ``targets``: K lists of gradients shaped like ``weights``; ``classes``: the K classes (default ``0 .. K - 1``).
     """
     chosen = {id(w) for w in weights}
-    grads = class_gradients(net, torch.cat(list(syn)), len(syn), create_graph=True)
+    grads = class_gradients(net, torch.cat(list(syn)), len(syn), create_graph=True, classes=classes)
     g_syn = [g for g, p in zip(grads, net.parameters()) if id(p) in chosen]
     return grad_match_distance(g_syn, [torch.stack(g) for g in zip(*targets)], metric, batched=True)
 
 
 def per_class_distance(net: nn.Module, weights: Sequence[Tensor], syn: Sequence[Tensor],
-                       targets: Sequence[Sequence[Tensor]], metric: str) -> Tensor:
+                       targets: Sequence[Sequence[Tensor]], metric: str,
+                       classes: Sequence[int] | None = None) -> Tensor:
     """The same sum as :func:`class_batched_distance`, one forward and one backward per class (the
     reference code's loop; any network, any number of images per class)."""
     loss = syn[0].new_zeros(())
-    for c, (x, target) in enumerate(zip(syn, targets)):
+    for c, x, target in zip(range(len(syn)) if classes is None else classes, syn, targets, strict=True):
         y = torch.full((len(x),), c, dtype=torch.long, device=x.device)
         g_syn = torch.autograd.grad(F.cross_entropy(net(x), y), weights, create_graph=True)
         loss = loss + grad_match_distance(g_syn, target, metric)
@@ -121,9 +127,10 @@ def per_class_distance(net: nn.Module, weights: Sequence[Tensor], syn: Sequence[
 
 
 def matching_distance(net: nn.Module, weights: Sequence[Tensor], syn: Sequence[Tensor],
-                      targets: Sequence[Sequence[Tensor]], metric: str) -> Tensor:
+                      targets: Sequence[Sequence[Tensor]], metric: str,
+                      classes: Sequence[int] | None = None) -> Tensor:
     """:func:`class_batched_distance` when the network treats samples independently and the classes
     have equally many images, at most ``MAX_BATCHED_PER_CLASS``; :func:`per_class_distance` otherwise."""
     if supports_class_batching(net) and len({len(x) for x in syn}) == 1 and len(syn[0]) <= MAX_BATCHED_PER_CLASS:
-        return class_batched_distance(net, weights, syn, targets, metric)
-    return per_class_distance(net, weights, syn, targets, metric)
+        return class_batched_distance(net, weights, syn, targets, metric, classes)
+    return per_class_distance(net, weights, syn, targets, metric, classes)

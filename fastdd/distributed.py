@@ -1,0 +1,101 @@
+"""Several processes through torch.distributed, started by torchrun (docs/distributed.md).
+
+``torchrun --nproc-per-node N -m fastdd distill ...`` starts N processes (ranks) with ``RANK``, ``WORLD_SIZE``
+and ``MASTER_ADDR``/``MASTER_PORT`` set; :func:`join` puts this process into their group (gloo on CPU, NCCL
+on CUDA) and returns its :class:`World`. A run's classes are split into contiguous shards, one per rank
+(:meth:`World.shard`). Every rank draws from the run's one generator exactly as a single process does (the
+same networks, real-batch indices and augmentations, drawn for every class), so its classes' computations
+are a single process's; it computes only its own classes' terms, so only its own classes' images change.
+:meth:`World.share_rows` then hands every shard's rows to every rank (before a checkpoint or the set is
+written). Rank 0 alone writes files and prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# A rank that stops answering ends the others' collectives after this long, with an error.
+TIMEOUT = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's ``size`` processes: ``rank`` in ``0 .. size - 1``."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that writes files and prints."""
+        return self.rank == 0
+
+    def shards(self, num_classes: int) -> list[range]:
+        """The classes of every rank: contiguous, in rank order, sizes differing by at most one."""
+        per, extra = divmod(num_classes, self.size)
+        starts = [r * per + min(r, extra) for r in range(self.size + 1)]
+        return [range(starts[r], starts[r + 1]) for r in range(self.size)]
+
+    def shard(self, num_classes: int) -> range:
+        """This rank's classes."""
+        return self.shards(num_classes)[self.rank]
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over the ranks (every rank gets the sum); ``value`` itself in one process."""
+        if self.size == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total.item())
+
+    def share_rows(self, tensor: torch.Tensor, per_class: int) -> None:
+        """Give every rank every shard's rows of ``tensor`` [num_classes * per_class, ...] (class-major), in
+        place: each shard's rows are sent from the rank that owns them. Nothing in one process."""
+        if self.size == 1:
+            return
+        shards = self.shards(len(tensor) // per_class)
+        with torch.no_grad():
+            for owner, classes in enumerate(shards):
+                rows = tensor.detach()[classes.start * per_class: classes.stop * per_class]
+                staged = rows.cpu() if dist.get_backend() == "gloo" else rows
+                dist.broadcast(staged, src=owner)
+                rows.copy_(staged)
+
+    def barrier(self) -> None:
+        """Wait until every rank is here."""
+        if self.size > 1:
+            dist.barrier()
+
+
+SINGLE = World()
+
+
+def join(device: torch.device) -> World:
+    """This process's world: torchrun's when ``WORLD_SIZE`` > 1 (joining its process group on first call:
+    NCCL for CUDA devices, gloo otherwise), else one process. A ValueError when ``WORLD_SIZE`` is not a
+    positive integer."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer (torchrun sets it), got {size!r}")
+    if int(size) == 1:
+        return SINGLE
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def is_main_process() -> bool:
+    """True unless this process is a rank other than 0 of a joined group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` for a CUDA run under torchrun, else ``device``."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device

@@ -1,0 +1,106 @@
+"""Runs split over processes (fastdd.distributed): class shards, and DM under torchrun (gloo, 2 processes on this
+CPU) against one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdd.cli import main
+from fastdd.distributed import World
+from fastdd.methods.base import check_world
+from fastdd.synset import SyntheticSet
+
+
+@pytest.mark.parametrize("size,classes", [(1, 10), (2, 10), (3, 10), (4, 5), (5, 5)])
+def test_shards_cover_the_classes_in_order(size, classes):
+    shards = [World(rank, size).shard(classes) for rank in range(size)]
+    assert [c for shard in shards for c in shard] == list(range(classes))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_worlds_a_method_cannot_use_are_refused():
+    with pytest.raises(ValueError, match="^--method mtt runs in one process; started by torchrun with 2"):
+        check_world(World(0, 2), "mtt", False, 10)
+    with pytest.raises(ValueError, match="^11 processes for 10 classes"):
+        check_world(World(0, 11), "dm", True, 10)
+    assert check_world(World(1, 2), "dm", True, 10) == World(1, 2)
+
+
+def command(out, processes: int, *options: str) -> list[str]:
+    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                          f"--nproc-per-node={processes}"]
+    return [sys.executable, *launcher, "-m", "fastdd", "distill", "--device", "cpu", "--eval-models", "0", "--quiet",
+            "--out", str(out), *options]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def distill(out, processes: int, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(out, processes, *options), capture_output=True, text=True, env=ENV)
+
+
+def rank_process(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the launcher's process ``launcher``)."""
+    for task in Path(f"/proc/{launcher}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if f"RANK={rank}" in Path(f"/proc/{child}/environ").read_bytes().decode().split("\0"):
+                return int(child)
+    raise AssertionError(f"no worker of rank {rank} under process {launcher}")
+
+
+@pytest.mark.parametrize("method,options", [
+    ("dm", ("--ipc", "3", "--iterations", "3")),
+    ("dc", ("--ipc", "2", "--iterations", "2")),  # outer loop 1: one matching step an iteration
+    ("dsa", ("--ipc", "3", "--iterations", "1", "--model", "ConvNetW32")),  # 3 matching steps, network trained between
+    ("idc", ("--ipc", "1", "--iterations", "2", "--model", "ConvNetW32")),
+])
+def test_two_processes_equal_one(tmp_path, method, options):
+    options = ("--method", method, "--checkpoint-every", "2", *options)
+    one, two = distill(tmp_path / "one", 1, *options), distill(tmp_path / "two", 2, *options)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
+    a, b = (SyntheticSet.load(tmp_path / run / "synset.safetensors") for run in ("one", "two"))
+    torch.testing.assert_close(b.images, a.images, rtol=1e-5, atol=1e-5)
+    assert two.stdout.count("fastdd distill") == 1  # one summary, from the first process
+
+
+def test_a_method_that_runs_in_one_process_says_so(tmp_path):
+    run = distill(tmp_path / "run", 2, "--method", "mtt", "--experts", str(tmp_path), "--ipc", "1")
+    assert run.returncode != 0
+    assert "--method mtt runs in one process; started by torchrun with 2 processes" in run.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_a_killed_process_ends_the_run_and_its_checkpoint_resumes_in_one_process(tmp_path):
+    options = ("--method", "dm", "--ipc", "2", "--iterations", "40", "--checkpoint-every", "2")
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(command(run, 2, *options), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=ENV)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists():
+        assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    os.kill(rank_process(launcher.pid, 1), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and "rank      : 1" in err and "SIGKILL" in err
+    assert len((run / "metrics.jsonl").read_text().splitlines()) < 40  # it stopped before the end
+    assert distill(run, 1, *options, "--resume").returncode == 0
+    assert distill(tmp_path / "whole", 1, *options).returncode == 0
+    a, b = (SyntheticSet.load(tmp_path / name / "synset.safetensors") for name in ("whole", "run"))
+    torch.testing.assert_close(b.images, a.images, rtol=1e-5, atol=1e-5)
+
+
+def test_other_commands_say_they_run_in_one_process(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["experts", "--out", "unused", "--num-experts", "1"]) == 1
+    error = capsys.readouterr().err
+    assert "fastdd experts: error: runs in one process, started by torchrun with WORLD_SIZE=2" in error
