@@ -23,7 +23,7 @@ from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.data.cache import HEADER, REPORT, build_cache
 from fastdd.data.zca import REGULARIZATION
 from fastdd.difficulty import HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, scoring_networks
-from fastdd.distributed import is_main_process
+from fastdd.distributed import is_main_process, join, local_device
 from fastdd.errors import NonFiniteError, UnsavedResultError, one_line
 from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
@@ -331,11 +331,15 @@ def show_evaluate(result: EvalResult) -> None:
 
 def cmd_experts(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    world = join(device)
+    device = local_device(device)
     train, test = load_data(args.dataset, args.data_root, device, args.image_size, REGULARIZATION if args.zca else None)
     began = time.perf_counter()
     paths = train_experts(train, args.out, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, model=args.model, seed=args.seed, test=test,
-                          progress=not args.quiet)
+                          progress=not args.quiet, world=world)
+    if not world.is_main:
+        return 0
     _print_summary("fastdd experts", [
         ("data set", f"{args.dataset} ({len(train)} train images, {train.num_classes} classes)"),
         ("experts", f"{len(paths)} x {args.epochs} epochs, {args.model}, lr {args.lr}, seed {args.seed}"),
@@ -410,9 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bench": cmd_bench, "cache": cmd_cache}
     command = commands[args.command]
     processes = os.environ.get("WORLD_SIZE", "1")
-    if args.command != "distill" and processes != "1":
+    if args.command not in ("distill", "experts") and processes != "1":
         print(f"fastdd {args.command}: error: runs in one process, started by torchrun with WORLD_SIZE={processes}; "
-              "start it without torchrun (only fastdd distill splits over processes: docs/distributed.md)",
+              "start it without torchrun (fastdd distill and experts split over processes: docs/distributed.md)",
               file=sys.stderr)
         return 1
     if args.command in ("distill", "evaluate", "experts", "difficulty"):

@@ -78,7 +78,7 @@ SINGLE = World()
 def join(device: torch.device) -> World:
     """This process's world: torchrun's when ``WORLD_SIZE`` > 1 (joining its process group on first call:
     NCCL for CUDA devices, gloo otherwise), else one process. A ValueError when ``WORLD_SIZE`` is not a
-    positive integer."""
+    positive integer, or when the processes were given different kinds of device."""
     size = os.environ.get("WORLD_SIZE", "1")
     if not size.isdigit() or int(size) < 1:
         raise ValueError(f"WORLD_SIZE must be a positive integer (torchrun sets it), got {size!r}")
@@ -86,6 +86,11 @@ def join(device: torch.device) -> World:
         return SINGLE
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    kinds: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(kinds, device.type)
+    if len(set(kinds)) > 1:
+        raise ValueError(f"device (--device): the processes run on {', '.join(sorted(set(kinds)))}; every process of "
+                         "a run needs the same kind of device")
     return World(dist.get_rank(), dist.get_world_size())
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import integer, nonnegative_float, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
+from fastdd.distributed import SINGLE, World
 from fastdd.errors import DamagedFileError, NonFiniteError
 from fastdd.evaluation import compute_accuracy
 from fastdd.io import atomic_torch_save, load_torch_file
@@ -198,8 +199,12 @@ def train_experts(
     seed: int,
     test: RealDataset | None = None,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> list[Path]:
     """Train experts 0 .. num_experts - 1 on ``train`` and write their trajectories into ``out_dir``.
+
+    Over several processes (``world``, torchrun), process ``r`` trains and writes the experts whose index is
+    ``r`` modulo their number; each expert draws from its own seed, so the files are those of one process.
 
     Each trajectory holds [epochs + 1, P] float32 parameters (row 0: the initialisation), so the run
     takes ``num_experts * (epochs + 1) * P * 4`` bytes; this and the free space are printed first,
@@ -222,8 +227,10 @@ def train_experts(
     out_dir.mkdir(parents=True, exist_ok=True)
     done = (num_experts - len(missing)) * epochs + sum(_partial_epochs(out_dir, i) for i in missing)
     augmenter = DSA(strategy) if strategy is not None else None
+    mine = [i for i in missing if i % world.size == world.rank]
     with progress_bar(total=num_experts * epochs, initial=done, desc="experts", unit="epoch",
-                      disable=not progress) as bar:
-        for index in missing:
+                      disable=not (progress and world.is_main)) as bar:
+        for index in mine:
             _train_expert(train, out_dir, index, meta, augmenter, bar, test)
+    world.barrier()  # every process's experts are written
     return [expert_path(out_dir, i) for i in range(num_experts)]

@@ -17,6 +17,7 @@ from fastdd.cli import main
 from fastdd.distributed import World
 from fastdd.methods.base import check_world
 from fastdd.synset import SyntheticSet
+from fastdd.trajectory import Trajectory, expert_path
 
 
 @pytest.mark.parametrize("size,classes", [(1, 10), (2, 10), (3, 10), (4, 5), (5, 5)])
@@ -34,11 +35,15 @@ def test_worlds_a_method_cannot_use_are_refused():
     assert check_world(World(1, 2), "dm", True, 10) == World(1, 2)
 
 
-def command(out, processes: int, *options: str) -> list[str]:
+def fastdd_command(processes: int, *arguments: str) -> list[str]:
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
                                           f"--nproc-per-node={processes}"]
-    return [sys.executable, *launcher, "-m", "fastdd", "distill", "--device", "cpu", "--eval-models", "0", "--quiet",
-            "--out", str(out), *options]
+    return [sys.executable, *launcher, "-m", "fastdd", *arguments]
+
+
+def command(out, processes: int, *options: str) -> list[str]:
+    return fastdd_command(processes, "distill", "--device", "cpu", "--eval-models", "0", "--quiet", "--out", str(out),
+                          *options)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -101,6 +106,17 @@ def test_a_killed_process_ends_the_run_and_its_checkpoint_resumes_in_one_process
 
 def test_other_commands_say_they_run_in_one_process(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["experts", "--out", "unused", "--num-experts", "1"]) == 1
+    assert main(["evaluate", "unused"]) == 1
     error = capsys.readouterr().err
-    assert "fastdd experts: error: runs in one process, started by torchrun with WORLD_SIZE=2" in error
+    assert "fastdd evaluate: error: runs in one process, started by torchrun with WORLD_SIZE=2" in error
+
+
+def test_experts_from_two_processes_equal_those_from_one(tmp_path):
+    for processes in (1, 2):
+        run = subprocess.run(fastdd_command(processes, "experts", "--out", str(tmp_path / str(processes)),
+                                            "--num-experts", "3", "--epochs", "2", "--device", "cpu", "--quiet"),
+                             capture_output=True, text=True, env=ENV)
+        assert run.returncode == 0, run.stderr[-2000:]
+    for index in range(3):
+        one, two = (Trajectory.load(expert_path(tmp_path / str(p), index)) for p in (1, 2))
+        assert torch.equal(one.params, two.params)
