@@ -23,7 +23,7 @@ from fastdd.checks import boolean, nonnegative_int, one_of, positive_int
 from fastdd.config import RunConfig, device_name, path
 from fastdd.data import RealDataset, load_dataset
 from fastdd.data.zca import REGULARIZATION, whitened
-from fastdd.distributed import join, local_device
+from fastdd.distributed import World, join, local_device
 from fastdd.errors import UnsavedResultError, WriteError
 from fastdd.evaluation import AUGMENTS, EvalConfig, check_baseline, default_eval_config, evaluate_with_baseline
 from fastdd.io import atomic_write_json
@@ -119,9 +119,9 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
     run, provided its config.json equals this run's field by field (a ValueError names the fields that
     differ). ``progress``: show progress bars.
 
-    Started by torchrun with several processes (``--method dm``), every process joins the run
-    (:mod:`fastdd.distributed`): the classes are split between them, the first alone writes files and evaluates;
-    the others return ``evaluation=None``.
+    Started by torchrun with several processes (DC, DSA, DM, IDC), every process joins the run
+    (:mod:`fastdd.distributed`): the classes are split between them, and then the evaluation's networks; the first
+    alone writes files. Every process returns the whole result.
     """
     if not isinstance(config, RunConfig):
         raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
@@ -145,11 +145,11 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
                               checkpoint_every=config.checkpoint_every, resume=resume, overwrite=overwrite,
                               progress=progress)
     seconds = time.perf_counter() - began
-    if config.eval_models == 0 or not world.is_main:  # the first process evaluates
+    if config.eval_models == 0:
         return DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, None)
     try:
         evaluation = _evaluate_on(synset, run_dir / SYNSET, train, test, resolved.eval_config(), config.eval_models,
-                                  config.baseline, config.seed, run_dir / REPORT, progress)
+                                  config.baseline, config.seed, run_dir / REPORT, progress, world)
     except UnsavedResultError as err:
         result = DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, err.result)
         raise UnsavedResultError(str(err), result) from err
@@ -239,6 +239,8 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     boolean("overwrite (--overwrite)", overwrite)
     boolean("progress (--quiet)", progress)
     device = resolve_device(device)
+    world = join(device)
+    device = local_device(device)
     synset_path = None
     if not isinstance(synset, SyntheticSet):
         synset_path = Path(path("synset", synset))
@@ -260,20 +262,22 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     train, test = load_data(meta["dataset"], data_root, device, None, meta.get("zca"))
     if baseline:
         check_baseline(train, meta["ipc"])
-    return _evaluate_on(synset, synset_path, train, test, eval_config, models, baseline, seed, report_path, progress)
+    return _evaluate_on(synset, synset_path, train, test, eval_config, models, baseline, seed, report_path, progress,
+                        world)
 
 
 def _evaluate_on(synset: SyntheticSet, synset_path: Path | None, train: RealDataset, test: RealDataset,
                  eval_config: EvalConfig, models: int, baseline: bool, seed: int, report_path: Path | None,
-                 progress: bool) -> EvalResult:
-    """Evaluate ``synset`` against the loaded ``train`` / ``test`` sets; write the report to ``report_path``."""
+                 progress: bool, world: World) -> EvalResult:
+    """Evaluate ``synset`` against the loaded ``train`` / ``test`` sets, its networks split over ``world``'s
+    processes; the first writes the report to ``report_path``."""
     began = time.perf_counter()
-    report = evaluate_with_baseline(synset, train, test, eval_config, models, seed, baseline, progress)
+    report = evaluate_with_baseline(synset, train, test, eval_config, models, seed, baseline, progress, world)
     seconds = time.perf_counter() - began
     if synset_path is not None:
         report["synset"] = str(synset_path)
     result = EvalResult(synset, synset_path, report, eval_config, report_path, seconds)
-    if report_path is not None:
+    if report_path is not None and world.is_main:
         try:
             atomic_write_json(report_path, report)
         except WriteError as err:

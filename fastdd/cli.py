@@ -315,10 +315,12 @@ def show_plan(result: PlanResult) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    show_evaluate(evaluate(args.synset, models=args.models, model=args.eval_model, epochs=args.eval_epochs,
-                           augment=args.eval_augment, baseline=not args.no_baseline, seed=args.seed,
-                           data_root=args.data_root, device=args.device, report=args.report,
-                           overwrite=args.overwrite, progress=not args.quiet))
+    result = evaluate(args.synset, models=args.models, model=args.eval_model, epochs=args.eval_epochs,
+                      augment=args.eval_augment, baseline=not args.no_baseline, seed=args.seed,
+                      data_root=args.data_root, device=args.device, report=args.report, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    if is_main_process():  # the first of several processes shows the result
+        show_evaluate(result)
     return 0
 
 
@@ -414,9 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "bench": cmd_bench, "cache": cmd_cache}
     command = commands[args.command]
     processes = os.environ.get("WORLD_SIZE", "1")
-    if args.command not in ("distill", "experts") and processes != "1":
+    if args.command not in ("distill", "evaluate", "experts") and processes != "1":
         print(f"fastdd {args.command}: error: runs in one process, started by torchrun with WORLD_SIZE={processes}; "
-              "start it without torchrun (fastdd distill and experts split over processes: docs/distributed.md)",
+              "start it without torchrun (distill, evaluate and experts split over processes: docs/distributed.md)",
               file=sys.stderr)
         return 1
     if args.command in ("distill", "evaluate", "experts", "difficulty"):

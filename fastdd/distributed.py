@@ -66,6 +66,15 @@ class World:
                 dist.broadcast(staged, src=owner)
                 rows.copy_(staged)
 
+    def interleave(self, values: list[float]) -> list[float]:
+        """Every process's ``values`` (process r's being items r, r + N, ... of a list), as that list, on every
+        process; ``values`` itself in one process."""
+        if self.size == 1:
+            return values
+        shares: list[list[float]] = [[] for _ in range(self.size)]
+        dist.all_gather_object(shares, values)
+        return [shares[k % self.size][k // self.size] for k in range(sum(map(len, shares)))]
+
     def barrier(self) -> None:
         """Wait until every rank is here."""
         if self.size > 1:

@@ -37,6 +37,7 @@ from torch import nn
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_float, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
+from fastdd.distributed import SINGLE, World
 from fastdd.methods.multiformation import decode
 from fastdd.models import fused_blocks, get_network
 from fastdd.progress import progress_bar
@@ -236,14 +237,16 @@ def evaluate_synset(
     generator: torch.Generator,
     lr: float | None = None,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> EvalReport:
     """Evaluate a synthetic set (images float [N,C,H,W] normalised like ``train``, labels int64 [N], or soft
     labels float [N, num_classes] whose rows are distributions over the classes).
 
-    Trains ``num_models`` fresh ``config.model`` networks (each initialised from ``generator``, then
-    trained by :func:`train_and_test` on ``images.device``) and tests each on ``test``. ``lr``
-    overrides ``config.lr`` (MTT's learned lr). ``progress`` shows a tqdm bar over models with the
-    epoch as postfix.
+    Trains ``num_models`` fresh ``config.model`` networks (network k initialised and trained by
+    :func:`train_and_test` on ``images.device`` from a generator of its own, seeded with the k-th number drawn
+    from ``generator``) and tests each on ``test``. ``lr`` overrides ``config.lr`` (MTT's learned lr).
+    ``progress`` shows a tqdm bar over models with the epoch as postfix. Over several processes (``world``),
+    process r trains networks r, r + N, ... and every process returns all the accuracies, in network order.
     """
     positive_int("num_models", num_models)
     config.validate()
@@ -256,20 +259,25 @@ def evaluate_synset(
     if lr is not None:
         config = dataclasses.replace(config, lr=positive_float("lr", lr))
     began = time.perf_counter()
+    seeds = [int(torch.randint(2**62, (1,), generator=generator)) for _ in range(num_models)]
+    mine = range(world.rank, num_models, world.size)
     accuracies: list[float] = []
     c, h, w = train.image_shape
-    bar = progress_bar(range(num_models), desc=f"eval {config.model}", unit="model", disable=not progress, leave=False)
+    bar = progress_bar(mine, desc=f"eval {config.model}", unit="model", disable=not (progress and world.is_main),
+                       leave=False)
     every = max(1, config.epochs // 20)
 
     def show_epoch(done: int, loss: float) -> None:
         if done % every == 0 or done == config.epochs:
             bar.set_postfix_str(f"epoch {done}/{config.epochs} loss {loss:.3f}")
 
-    for _ in bar:
-        net = get_network(config.model, c, train.num_classes, (h, w), generator)
-        accuracies.append(train_and_test(net, images, labels, test, config, generator, on_epoch=show_epoch))
+    for k in bar:
+        network_generator = torch.Generator().manual_seed(seeds[k])
+        net = get_network(config.model, c, train.num_classes, (h, w), network_generator)
+        accuracies.append(train_and_test(net, images, labels, test, config, network_generator, on_epoch=show_epoch))
         bar.set_postfix_str(f"last acc {100 * accuracies[-1]:.2f}%")
     bar.close()
+    accuracies = world.interleave(accuracies)
     return EvalReport.from_accuracies(accuracies, config, time.perf_counter() - began,
                                       "soft" if labels.is_floating_point() else "hard")
 
@@ -308,11 +316,12 @@ def evaluate_random_real(
     num_models: int,
     generator: torch.Generator,
     progress: bool = True,
+    world: World = SINGLE,
 ) -> EvalReport:
     """The random-real baseline: one :func:`random_real` draw of ``ipc`` images per class, then the
     same protocol as :func:`evaluate_synset` (what distillation is compared against)."""
     images, labels = random_real(train, ipc, generator)
-    return evaluate_synset(images, labels, train, test, config, num_models, generator, progress=progress)
+    return evaluate_synset(images, labels, train, test, config, num_models, generator, progress=progress, world=world)
 
 
 # Evaluation protocol of each method's original code: (augmentation, epochs).
@@ -348,20 +357,22 @@ def training_data(synset: SyntheticSet, soft: bool = False) -> tuple[torch.Tenso
 
 def evaluate_with_baseline(synset: SyntheticSet, train: RealDataset, test: RealDataset, config: EvalConfig,
                            num_models: int, seed: int, baseline: bool = True,
-                           progress: bool = True) -> dict[str, Any]:
+                           progress: bool = True, world: World = SINGLE) -> dict[str, Any]:
     """Evaluate ``synset`` (its :func:`training_data`, on its soft labels when it has them) and, with
     ``baseline``, ``synset.meta["ipc"]`` random real images per class by the same protocol, on hard labels
     (for a multi-formation set: the same storage). Returns a JSON-able report: ``distilled``,
     ``random_real`` and ``gain`` (difference of the mean accuracies, a fraction); each part's ``labels``
-    says what its networks trained on. Each evaluation draws from a generator seeded with ``seed``."""
+    says what its networks trained on. Each evaluation draws from a generator seeded with ``seed``; over several
+    processes (``world``) the networks are split between them and every process returns the whole report."""
     device = train.images.device
     images, labels = training_data(synset, soft=True)
     distilled = evaluate_synset(images.to(device), labels.to(device), train, test, config,
-                                num_models, torch.Generator().manual_seed(seed), lr=synset.lr, progress=progress)
+                                num_models, torch.Generator().manual_seed(seed), lr=synset.lr, progress=progress,
+                                world=world)
     report: dict[str, Any] = {"distilled": distilled.to_dict()}
     if baseline:
         rand = evaluate_random_real(train, test, synset.meta["ipc"], config, num_models,
-                                    torch.Generator().manual_seed(seed), progress=progress)
+                                    torch.Generator().manual_seed(seed), progress=progress, world=world)
         report["random_real"] = rand.to_dict()
         report["gain"] = distilled.mean - rand.mean
     return report

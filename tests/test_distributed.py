@@ -3,6 +3,7 @@ CPU) against one process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -106,9 +107,9 @@ def test_a_killed_process_ends_the_run_and_its_checkpoint_resumes_in_one_process
 
 def test_other_commands_say_they_run_in_one_process(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["evaluate", "unused"]) == 1
+    assert main(["difficulty", "--dataset", "digits", "--out", "unused"]) == 1
     error = capsys.readouterr().err
-    assert "fastdd evaluate: error: runs in one process, started by torchrun with WORLD_SIZE=2" in error
+    assert "fastdd difficulty: error: runs in one process, started by torchrun with WORLD_SIZE=2" in error
 
 
 def test_experts_from_two_processes_equal_those_from_one(tmp_path):
@@ -120,3 +121,20 @@ def test_experts_from_two_processes_equal_those_from_one(tmp_path):
     for index in range(3):
         one, two = (Trajectory.load(expert_path(tmp_path / str(p), index)) for p in (1, 2))
         assert torch.equal(one.params, two.params)
+
+
+def test_evaluation_over_two_processes_equals_one(tmp_path):
+    """The evaluation after a distillation, and fastdd evaluate, split their networks over the processes."""
+    options = ("--method", "dm", "--ipc", "1", "--iterations", "1", "--eval-models", "3", "--eval-epochs", "2")
+    assert distill(tmp_path / "one", 1, *options).returncode == 0
+    two = distill(tmp_path / "two", 2, *options)
+    assert two.returncode == 0, two.stderr[-2000:]
+    reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two")]
+    for part in ("distilled", "random_real"):
+        assert reports[0][part]["accuracies"] == reports[1][part]["accuracies"]
+    again = subprocess.run(fastdd_command(2, "evaluate", str(tmp_path / "one"), "--models", "3", "--eval-epochs", "2",
+                                          "--device", "cpu", "--quiet", "--report", str(tmp_path / "again.json")),
+                           capture_output=True, text=True, env=ENV)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "again.json").read_text())["distilled"]["accuracies"] == \
+        reports[0]["distilled"]["accuracies"]
