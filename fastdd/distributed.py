@@ -75,6 +75,28 @@ class World:
         dist.all_gather_object(shares, values)
         return [shares[k % self.size][k // self.size] for k in range(sum(map(len, shares)))]
 
+    def share(self, count: int) -> slice:
+        """This process's share of ``count`` items: a contiguous slice, in rank order (an empty one when there are
+        fewer items than processes)."""
+        per, extra = divmod(count, self.size)
+        start = self.rank * per + min(self.rank, extra)
+        return slice(start, start + per + (self.rank < extra))
+
+    def sum_(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over the processes, in place (every process gets the sum); nothing in one process."""
+        if self.size > 1:
+            dist.all_reduce(tensor)
+
+    def replicated(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the same in every process) as the input of a computation split over the processes: itself
+        in the forward pass; its gradient is summed over the processes in the backward pass."""
+        return tensor if self.size == 1 else _Replicated.apply(tensor)
+
+    def summed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the processes of their parts ``tensor``, every process's result the same: its gradient
+        (the same in every process) passes back to each part unchanged."""
+        return tensor if self.size == 1 else _Summed.apply(tensor)
+
     def barrier(self) -> None:
         """Wait until every rank is here."""
         if self.size > 1:
@@ -113,3 +135,31 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
+
+
+class _Replicated(torch.autograd.Function):
+    """Identity forward; all-reduce (sum) of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _Summed(torch.autograd.Function):
+    """All-reduce (sum) forward; the gradient passes unchanged backward."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad

@@ -143,6 +143,7 @@ class MTT(Distiller):
     default_iterations = 5000
     default_lr_img = 1000.0
     default_init = "real"
+    distributed = True
 
     def __init__(
         self,
@@ -218,7 +219,9 @@ class MTT(Distiller):
 
     def student_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Cross-entropy of the student with flat parameters ``theta`` [P] on images x [b, C, H, W] against y: class
-        labels int64 [b] or distributions float [b, K]."""
+        labels int64 [b] or distributions float [b, K]; 0 for no image."""
+        if len(x) == 0:
+            return (theta * 0).sum()
         return F.cross_entropy(functional_call(self.student, self.student_params(theta), (x,)), y)
 
     def sdc_term(self, theta: Tensor) -> Tensor | None:
@@ -245,11 +248,12 @@ class MTT(Distiller):
         return [self.images, self.syn_lr, *([self.label_logits] if self.learn_soft_labels else [])]
 
     def batch(self, images: Tensor, step: tuple[Tensor, DSAParams]) -> tuple[Tensor, Tensor]:
-        """A step's augmented images [b, C, H, W] (differentiable w.r.t. ``images``) and their targets
-        (:meth:`targets`, rows ``idx``)."""
+        """This process's share (all of it in one process) of a step's augmented images [b, C, H, W]
+        (differentiable w.r.t. ``images``) and their targets (:meth:`targets`, rows ``idx``)."""
         idx, params = step
-        groups = torch.arange(len(idx), device=self.device)
-        return self.dsa.apply(images[idx], params, groups), self.targets()[idx]
+        share = self.world.share(len(idx))
+        groups = torch.arange(len(idx), device=self.device)[share]
+        return self.dsa.apply(images[idx[share]], params, groups), self.targets()[idx[share]]
 
     def sample_unroll(self) -> Unroll:
         """Draw an iteration's expert, start epoch, minibatches and augmentations from the generator."""
@@ -270,8 +274,10 @@ class MTT(Distiller):
         """``g_i`` [P]: the gradient of the student's loss at ``theta`` [P] (which must require grad) on
         ``step``'s batch of ``images``; with ``create_graph`` differentiable w.r.t. ``theta`` and ``images``."""
         x, y = self.batch(images, step)
-        (g,) = torch.autograd.grad(self.student_loss(theta, x, y), theta, create_graph=create_graph)
-        return g
+        theta = self.world.replicated(theta)  # several processes: each holds a share of the batch
+        loss = self.student_loss(theta, x, y) * (len(x) / len(step[0]))  # the share of the batch's mean loss
+        (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph)
+        return self.world.summed(g)
 
     def plain_unroll(self, unroll: Unroll, theta0: Tensor, keep: bool) -> tuple[list[Tensor], Tensor]:
         """The unroll without a graph: ``(students, theta_N)``, all detached [P]; ``students`` is
@@ -317,7 +323,9 @@ class MTT(Distiller):
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_optimizer.zero_grad(set_to_none=True)
         if self.mode == "exact":
-            return self._backward_exact(unroll, theta0, target, scale)
+            loss = self._backward_exact(unroll, theta0, target, scale)
+            self._sum_shared_gradients()
+            return loss
         students, theta_n = self.plain_unroll(unroll, theta0, keep=self.mode == "flat")
         adjoint = 2 * (theta_n - target) / scale  # dL/dtheta_N
         if self.mode == "flat":
@@ -328,7 +336,15 @@ class MTT(Distiller):
             for step in unroll.batches:
                 g, _ = self.backprop_step(theta, step, adjoint, through_theta=False)
                 theta = theta - lr * g
+        self._sum_shared_gradients()
         return ((theta_n - target).pow(2).sum() / scale).item()
+
+    def _sum_shared_gradients(self) -> None:
+        """Several processes: each image's (and soft label's) gradient came from the process whose share of a batch
+        held it; sum them, so that every process takes the same update. ``syn_lr``'s is already whole."""
+        for tensor in (self.images, *([self.label_logits] if self.learn_soft_labels else [])):
+            if tensor.grad is not None:
+                self.world.sum_(tensor.grad)
 
     def _backward_exact(self, unroll: Unroll, theta0: Tensor, target: Tensor, scale: Tensor) -> float:
         theta = theta0.clone().requires_grad_(True)
