@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdd.distributed import SINGLE, World
 from fastdd.models import fused_blocks
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -23,6 +24,7 @@ def train_epoch(
     batch_size: int = 256,
     augment: Augment | None = None,
     transform: Callable[[Tensor], Tensor] | None = None,
+    world: World = SINGLE,
 ) -> float:
     """Train ``net`` one epoch on (images [N,C,H,W], labels [N]) in shuffled minibatches.
 
@@ -30,24 +32,51 @@ def train_epoch(
     ``RealDataset.normalize`` for uint8 images) and then ``augment(x, generator)`` are applied to
     every batch when given. ConvNet blocks run fused (:func:`fastdd.models.fused_blocks`). Returns the
     mean cross-entropy over the epoch.
+
+    Over several processes (``world``; every process holding the same network, data and generator), each
+    batch is drawn and augmented whole in every process, each process back-propagates its share of the batch's
+    mean loss and the parameters' gradients are summed before the step (data-parallel): the same training as
+    one process's for networks that treat samples independently (not BatchNorm, whose statistics would
+    be the share's).
     """
     net.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
     total = 0.0
     for start in range(0, len(images), batch_size):
         idx = order[start : start + batch_size]
-        x = images[idx]
+        x, y = images[idx], labels[idx]
         if transform is not None:
             x = transform(x)
         if augment is not None:
             x = augment(x, generator)
-        with fused_blocks():
-            loss = F.cross_entropy(net(x), labels[idx])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if world.size == 1:
+            with fused_blocks():
+                loss = F.cross_entropy(net(x), y)
+            loss.backward()
+        else:
+            loss = _shared_backward(net, x, y, world)
         optimizer.step()
         total += loss.item() * len(idx)
     return total / len(images)
+
+
+def _shared_backward(net: nn.Module, x: Tensor, y: Tensor, world: World) -> Tensor:
+    """This process's share of the batch's mean cross-entropy, back-propagated, the parameters' gradients summed
+    over the processes; returns the batch's mean loss (summed too)."""
+    share = world.share(len(x))
+    with fused_blocks():
+        loss = F.cross_entropy(net(x[share]), y[share], reduction="sum") / len(x) if len(x[share]) else None
+    if loss is not None:
+        loss.backward()
+    for p in net.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            world.sum_(p.grad)
+    summed = torch.zeros((), dtype=torch.float64) if loss is None else loss.detach().double().cpu()
+    world.sum_(summed)
+    return summed
 
 
 def train_epochs(
@@ -63,6 +92,7 @@ def train_epochs(
     transform: Callable[[Tensor], Tensor] | None = None,
     done: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
+    world: World = SINGLE,
 ) -> None:
     """Train ``net`` epochs ``done + 1 .. epochs`` with :func:`train_epoch` (same arguments).
 
@@ -71,6 +101,6 @@ def train_epochs(
     number (1-based) and its mean cross-entropy.
     """
     for epoch in range(done + 1, epochs + 1):
-        loss = train_epoch(net, images, labels, optimizer, generator, batch_size, augment, transform)
+        loss = train_epoch(net, images, labels, optimizer, generator, batch_size, augment, transform, world)
         if on_epoch is not None:
             on_epoch(epoch, loss)

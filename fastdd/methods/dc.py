@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
+from fastdd.distributed import SINGLE
 from fastdd.methods.base import Distiller
 from fastdd.models import has_batchnorm
 from fastdd.ops import METRICS
@@ -126,7 +127,8 @@ class DC(Distiller):
                 break
             self.world.share_rows(self.images, self.ipc)  # every process trains on every class's images
             train_epochs(net, self.images.detach().clone(), self.labels, net_optimizer, self.generator,
-                         self.inner_loop, batch_size=self.batch_train, augment=self.dsa)
+                         self.inner_loop, batch_size=self.batch_train, augment=self.dsa,
+                         world=SINGLE if batchnorm else self.world)  # BatchNorm: every process trains it whole
         return {"loss": total / self.outer_loop}
 
 
