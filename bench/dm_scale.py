@@ -7,11 +7,11 @@ reference holds them); recorded under bench/results/ (dm_scale.md, newest first,
 Cases: CIFAR-100 shapes (100 classes of 3 x 32 x 32, 300 random images each, ConvNet, 256 real images
 per class) at IPC 10, 50 and 100; ImageNet-1K at 64 px shapes (1000 classes of 3 x 64 x 64, 30 random
 images each, ConvNetD4, 16 real images per class to keep an iteration within minutes on a CPU) at
-IPC 10. Every number comes from a fresh process: seconds, the median of ``repeat`` iterations after
-one warm-up, with :func:`fastdd.allocator.keep_freed_memory`; peak, :func:`fastdd.benchmarks.measure.
-peak_bytes` of one iteration (beyond the data and the synthetic set). A case whose unchunked
-iteration would not fit this machine's memory is not run that way (``-``); a process that fails is
-recorded as ``failed (exit status)``.
+IPC 10, and the same with ConvNetW32 (depth 3, width 32: a tenth of the compute, for a CPU). Every
+number comes from a fresh process: seconds, the median of ``repeat`` iterations after one warm-up, with
+:func:`fastdd.allocator.keep_freed_memory`; peak, :func:`fastdd.benchmarks.measure.peak_bytes` of one
+iteration (beyond the data and the synthetic set). A case whose unchunked iteration would not fit this
+machine's memory is not run that way (``-``); a process that fails is recorded as ``failed (exit status)``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ CASES = {
     "cifar100-ipc50": (100, 32, 300, "ConvNet", 50, 256, True),
     "cifar100-ipc100": (100, 32, 300, "ConvNet", 100, 256, False),
     "imagenet64-ipc10": (1000, 64, 30, "ConvNetD4", 10, 16, False),
+    "imagenet64-ipc10-w32": (1000, 64, 30, "ConvNetW32", 10, 16, False),
 }
 WAYS = ("chunked", "whole")
 
