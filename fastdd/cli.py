@@ -23,7 +23,7 @@ from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.data.cache import HEADER, REPORT, build_cache
 from fastdd.data.zca import REGULARIZATION
 from fastdd.difficulty import HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, scoring_networks
-from fastdd.distributed import is_main_process, join, local_device
+from fastdd.distributed import is_main_process, join, leave, local_device
 from fastdd.errors import NonFiniteError, UnsavedResultError, one_line
 from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
@@ -424,7 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("distill", "evaluate", "experts", "difficulty"):
         keep_freed_memory()
     try:
-        return command(args)
+        status = command(args)
+        leave()  # torchrun: every process finishes together
+        return status
     except UnsavedResultError as err:
         SHOW[args.command](err.result)
         print(f"fastdd {args.command}: error: {err}", file=sys.stderr)

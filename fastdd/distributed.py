@@ -125,6 +125,14 @@ def join(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def leave() -> None:
+    """Leave the process group, once every process is done (a process leaving while another still talks to it
+    can abort that one); nothing when none was joined."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main_process() -> bool:
     """True unless this process is a rank other than 0 of a joined group."""
     return not dist.is_initialized() or dist.get_rank() == 0
