@@ -46,15 +46,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch.nn.utils import parameters_to_vector
 
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import cell, commit, machine, median_seconds, peak_bytes, record_cases
+from fastdd.benchmarks.memory_plan import random_expert, random_set
 from fastdd.data import RealDataset
 from fastdd.methods import DC, DM, MTT, Distiller, get_loops
-from fastdd.models import get_network, has_batchnorm
+from fastdd.models import has_batchnorm
 from fastdd.train import train_epochs
-from fastdd.trajectory import Trajectory, expert_path
 
 RESULTS = Path(__file__).parent / "results"
 CLASSES, SIDE, PER_CLASS, MODEL = 100, 32, 300, "ConvNetW32"
@@ -66,24 +65,13 @@ CASES = {f"{method}-ipc{ipc}": (method, ipc) for method in ("dc", "dm", "mtt") f
 
 def cifar100_shaped() -> tuple[RealDataset, torch.Generator]:
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (CLASSES * PER_CLASS, 3, SIDE, SIDE), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(CLASSES).repeat_interleave(PER_CLASS)
-    train = RealDataset("cifar100-shaped", images, labels, CLASSES, (0.5071, 0.4866, 0.4409),
-                        (0.2673, 0.2564, 0.2762), [str(c) for c in range(CLASSES)])
-    return train, generator
+    return random_set(CLASSES, SIDE, PER_CLASS, generator), generator
 
 
 def mtt(train: RealDataset, ipc: int, generator: torch.Generator) -> MTT:
     """An MTT distiller (flat mode) with one random expert of ``MAX_START_EPOCH + EXPERT_EPOCHS - 1`` epochs."""
-    net = get_network(MODEL, 3, CLASSES, (SIDE, SIDE), generator)
-    start = parameters_to_vector(net.parameters()).detach()
-    steps = 0.01 * torch.randn(MAX_START_EPOCH + EXPERT_EPOCHS - 1, *start.shape, generator=generator)
-    rows = torch.cat([start[None], start + steps.cumsum(0)])
-    meta = {"dataset": train.name, "model": MODEL, "channels": 3, "num_classes": CLASSES, "im_size": [SIDE, SIDE],
-            "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "batch_size": 256, "epochs": len(rows) - 1,
-            "augment": "dsa", "seed": 0}
     with tempfile.TemporaryDirectory() as experts:
-        Trajectory(rows, meta).save(expert_path(experts, 0))
+        random_expert(train, MODEL, generator, experts, MAX_START_EPOCH + EXPERT_EPOCHS - 1)
         return MTT(train, ipc, generator, experts=experts, mode="flat", expert_epochs=EXPERT_EPOCHS,
                    max_start_epoch=MAX_START_EPOCH, batch_syn=MTT_BATCH_SYN.get(ipc), model=MODEL)
 

@@ -69,14 +69,16 @@ def random_set(classes: int, side: int, per_class: int, generator: torch.Generat
     return RealDataset("random", images, labels, classes, (0.5,) * 3, (0.25,) * 3, [str(c) for c in range(classes)])
 
 
-def random_expert(train: RealDataset, model: str, generator: torch.Generator, directory: str) -> None:
-    """One expert of one epoch with random rows in ``directory`` (a step's cost does not depend on the values)."""
+def random_expert(train: RealDataset, model: str, generator: torch.Generator, directory: str, epochs: int = 1) -> None:
+    """One expert of ``epochs`` epochs in ``directory``: a freshly drawn network, each later row 0.01 further in
+    every parameter (a step's cost does not depend on the values)."""
     net = get_network(model, train.channels, train.num_classes, (train.height, train.width), generator)
     start = parameters_to_vector(net.parameters()).detach()
     meta = {"dataset": train.name, "model": model, "channels": train.channels, "num_classes": train.num_classes,
             "im_size": [train.height, train.width], "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0,
-            "batch_size": 256, "epochs": 1, "augment": "dsa", "seed": 0}
-    Trajectory(torch.stack([start, start + 0.01]), meta).save(expert_path(directory, 0))
+            "batch_size": 256, "epochs": epochs, "augment": "dsa", "seed": 0}
+    rows = start + 0.01 * torch.arange(epochs + 1, dtype=start.dtype)[:, None]
+    Trajectory(rows, meta).save(expert_path(directory, 0))
 
 
 BUILDERS: dict[str, Callable[..., Distiller]] = {
