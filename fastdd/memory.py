@@ -26,15 +26,17 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastdd.allocator import process_memory
 from fastdd.methods.base import IMAGE_COPIES, Distiller, device_memory
 from fastdd.methods.dc import DC
 from fastdd.methods.dm import DM, REAL_CHUNK_PIXELS, SYN_CHUNK_PIXELS
 from fastdd.methods.idc import IDC
+from fastdd.methods.matching import MAX_BATCHED_PER_CLASS
 from fastdd.methods.mtt import MTT
 from fastdd.models import get_network
+from fastdd.ops.norm_relu_pool import MAX_FUSED_TAPS
 
 # A backward pass holds the gradients of the activations it walks through besides the saved ones: about this
 # multiple of the saved bytes of the pass (measured: DM's embedding pass 1.35, MTT's second-order step 1.55).
@@ -111,12 +113,15 @@ class ActivationBytes:
     first_order: a forward pass and the gradient of the cross-entropy w.r.t. the weights (real passes,
     network training). second_order: the same gradient taken with ``create_graph`` and then
     back-propagated (gradient matching, MTT's students). embedding: ``net.embed`` and its gradient w.r.t. the
-    input images (DM).
+    input images (DM). first_map: not saved, the first convolution's output, which a pass without gradients writes
+    whole (DM's real chunks), except where it is fused into its block and never written (at most
+    ``MAX_FUSED_TAPS`` taps, grey images: :mod:`fastdd.ops.norm_relu_pool`).
     """
 
     first_order: float
     second_order: float
     embedding: float
+    first_map: float
 
 
 def _saved_bytes(fn: Callable[[], object], skip: set[int]) -> int:
@@ -156,7 +161,12 @@ def activation_bytes(model: str, channels: int, num_classes: int, size: tuple[in
             return _saved_bytes(lambda: kind(x, torch.zeros(n, dtype=torch.long)), skip)
         return (saved(4) - saved(2)) / 2
 
-    return ActivationBytes(per_image(first_order), per_image(second_order), per_image(embedding))
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        written = first(torch.zeros(1, channels, *size)).numel() * 4
+    if first.weight.shape[1:].numel() <= MAX_FUSED_TAPS:
+        written = 0
+    return ActivationBytes(per_image(first_order), per_image(second_order), per_image(embedding), written)
 
 
 @functools.singledispatch
@@ -169,15 +179,33 @@ def _images(count: int, per_image: float) -> int:
     return round(count * per_image)
 
 
+def _matching(d: DC | IDC, act: ActivationBytes, per_class: int) -> Term:
+    """A gradient-matching step over ``per_class`` synthetic images a class, of this process's classes.
+
+    Where a class holds at most ``MAX_BATCHED_PER_CLASS`` images, one second-order pass over every class's images,
+    with :data:`REAL_PASS_SHARE` of a real class batch's first-order pass. Otherwise one class's second-order pass
+    and its backward at a time (:func:`fastdd.methods.matching.per_class_distance` takes each class's image gradient
+    at once), or that share of a real pass when larger (the real passes all run before the synthetic ones), and
+    every class's synthetic images twice meanwhile (their augmented copies and their gradients)."""
+    syn = len(d.own_classes) * per_class
+    real = _images(d.batch_real, REAL_PASS_SHARE * act.first_order)
+    what = f"matching step ({d.batch_real} real images, {syn} synthetic images"
+    options = ("a lower --ipc", "a lower --batch-real", "a smaller --model")
+    if per_class <= MAX_BATCHED_PER_CLASS:
+        return Term(f"{what} in one pass)", real + _images(syn, act.second_order), options)
+    image_bytes = 4 * d.train.channels * d.train.height * d.train.width
+    one_class = _images(per_class, BACKWARD_FACTOR * act.second_order)
+    return Term(f"{what}, {per_class} in a pass)", max(real, one_class) + 2 * syn * image_bytes, options)
+
+
 @step_terms.register
 def _dc(d: DC, act: ActivationBytes) -> list[Term]:
-    """A matching step: the synthetic second-order pass over every class, with :data:`REAL_PASS_SHARE` of a real
-    class batch's first-order pass; or, when larger, a training batch of the network."""
-    syn = d.num_classes * d.ipc
-    matching = Term(f"matching step ({d.batch_real} real images, {syn} synthetic images)",
-                    _images(d.batch_real, REAL_PASS_SHARE * act.first_order) + _images(syn, act.second_order),
-                    ("a lower --ipc", "a lower --batch-real", "a smaller --model"))
-    train = min(d.batch_train, syn)
+    """A matching step (:func:`_matching`) or, when larger, a training batch of the network (between outer steps:
+    none with one outer step)."""
+    matching = _matching(d, act, d.ipc)
+    if d.outer_loop == 1:
+        return [matching]
+    train = min(d.batch_train, d.num_classes * d.ipc)
     training = Term(f"network training ({train} images a batch)", _images(train, act.first_order),
                     ("a smaller --model",))
     return [max(matching, training, key=lambda term: term.bytes)]
@@ -185,25 +213,22 @@ def _dc(d: DC, act: ActivationBytes) -> list[Term]:
 
 @step_terms.register
 def _idc(d: IDC, act: ActivationBytes) -> list[Term]:
-    """As DC's matching step, with each class's decoded synthetic batch."""
-    syn = d.num_classes * min(d.ipc * d.factor**2, d.batch_syn)
-    return [Term(f"matching step ({d.batch_real} real images, {syn} decoded synthetic images)",
-                 _images(d.batch_real, REAL_PASS_SHARE * act.first_order) + _images(syn, act.second_order),
-                 ("a lower --ipc", "a lower --batch-real", "a smaller --model"))]
+    """A matching step (:func:`_matching`) over each class's decoded synthetic batch."""
+    return [_matching(d, act, min(d.ipc * d.factor**2, d.batch_syn))]
 
 
 @step_terms.register
 def _dm(d: DM, act: ActivationBytes) -> list[Term]:
-    """The synthetic embedding pass of one class chunk and its backward, or the real chunk's images (drawn and
-    augmented, float32) when larger; the two do not overlap."""
+    """The synthetic embedding pass of one class chunk and its backward, or the real chunk's pass when larger (its
+    images drawn and augmented, float32, and the first convolution's output); the two do not overlap."""
     chunks = d.class_chunks(d.world.shard(d.num_classes), d.ipc, SYN_CHUNK_PIXELS)
     syn = len(chunks[0]) * d.ipc
     embedding = Term(f"synthetic embedding pass ({syn} images{'' if len(chunks) == 1 else ', one class chunk'})",
                      _images(syn, BACKWARD_FACTOR * act.embedding), ("a lower --ipc", "a smaller --model"))
     real = len(d.class_chunks(range(d.num_classes), d.batch_real, REAL_CHUNK_PIXELS)[0]) * d.batch_real
     image_bytes = 4 * d.train.channels * d.train.height * d.train.width
-    real_chunk = Term(f"real chunk ({real} images, drawn and augmented)", 2 * real * image_bytes,
-                      ("a lower --batch-real",))
+    real_chunk = Term(f"real chunk ({real} images through the network)",
+                      _images(real, 2 * image_bytes + act.first_map), ("a lower --batch-real",))
     return [max(embedding, real_chunk, key=lambda term: term.bytes)]
 
 

@@ -18,7 +18,7 @@ from fastdd.methods.matching import (
     supports_class_batching,
 )
 from fastdd.models import ConvNet, fused_blocks, get_network
-from fastdd.ops import METRICS
+from fastdd.ops import METRICS, grad_match_distance
 
 PER_SAMPLE_NETS = ["ConvNetW32", "ConvNetLN", "ConvNetGN", "ConvNetNN", "ConvNetMP", "ConvNetNP", "ConvNetAS",
                    "ConvNetAL", "ConvNetD1"]
@@ -123,6 +123,27 @@ def test_class_batched_distance_equals_per_class_loop(metric, conv_weights_only)
     want = per_class_distance(net, weights, syn, targets, metric)
     torch.testing.assert_close(got, want, **EXACT)
     torch.testing.assert_close(torch.autograd.grad(got, images)[0], torch.autograd.grad(want, images)[0], **EXACT)
+
+
+def whole_graph_distance(net, weights, syn, targets, metric):
+    """The reference: every class's distance on one graph, differentiated once at the end."""
+    total = syn[0].new_zeros(())
+    for c, (x, target) in enumerate(zip(syn, targets)):
+        grads = torch.autograd.grad(F.cross_entropy(net(x), torch.full((len(x),), c)), weights, create_graph=True)
+        total = total + grad_match_distance(grads, target, metric)
+    return total
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("name", ["ConvNetW32", "ConvNetBN"])
+def test_per_class_distance_equals_one_graph_over_every_class(metric, name):
+    net, images, syn, targets = matching_case(name, classes=3, per_class=3)
+    weights = list(net.parameters())
+    got = per_class_distance(net, weights, [x * 1.5 for x in syn], targets, metric)  # an op before, as DSA's
+    want = whole_graph_distance(net, weights, [x * 1.5 for x in syn], targets, metric)
+    torch.testing.assert_close(got, want, **EXACT)
+    torch.testing.assert_close(torch.autograd.grad(3 * got, images)[0], torch.autograd.grad(3 * want, images)[0],
+                               **EXACT)
 
 
 @pytest.mark.parametrize("name, sizes, path", [

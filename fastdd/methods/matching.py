@@ -23,11 +23,12 @@ and the reference's loop over classes otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from fastdd.models import ConvNet, eager_block
 from fastdd.ops import grad_match_distance
@@ -113,16 +114,42 @@ def class_batched_distance(net: nn.Module, weights: Sequence[Tensor], syn: Seque
     return grad_match_distance(g_syn, [torch.stack(g) for g in zip(*targets)], metric, batched=True)
 
 
+class _GradientNow(torch.autograd.Function):
+    """``fn(x)``, a scalar, with its gradient w.r.t. x taken in the forward pass: ``fn``'s graph is freed at once
+    and only the gradient (x's size) waits for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            value = fn(leaf)
+            (grad,) = torch.autograd.grad(value, leaf)
+        ctx.save_for_backward(grad)
+        return value.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, upstream: Tensor) -> tuple[Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return upstream * grad, None
+
+
 def per_class_distance(net: nn.Module, weights: Sequence[Tensor], syn: Sequence[Tensor],
                        targets: Sequence[Sequence[Tensor]], metric: str,
                        classes: Sequence[int] | None = None) -> Tensor:
     """The same sum as :func:`class_batched_distance`, one forward and one backward per class (the
-    reference code's loop; any network, any number of images per class)."""
+    reference code's loop; any network, any number of images per class). Each class's distance is
+    differentiated w.r.t. its images as soon as it is computed, so a step holds one class's second-order graph at
+    a time, not every class's (the sum is differentiable w.r.t. the images only, not the weights)."""
     loss = syn[0].new_zeros(())
     for c, x, target in zip(range(len(syn)) if classes is None else classes, syn, targets, strict=True):
         y = torch.full((len(x),), c, dtype=torch.long, device=x.device)
-        g_syn = torch.autograd.grad(F.cross_entropy(net(x), y), weights, create_graph=True)
-        loss = loss + grad_match_distance(g_syn, target, metric)
+
+        def distance(images: Tensor, y: Tensor = y, target: Sequence[Tensor] = target) -> Tensor:
+            g_syn = torch.autograd.grad(F.cross_entropy(net(images), y), weights, create_graph=True)
+            return grad_match_distance(g_syn, target, metric)
+
+        loss = loss + (_GradientNow.apply(x, distance) if x.requires_grad else distance(x))
     return loss
 
 
