@@ -49,7 +49,7 @@ class World:
         """``value`` summed over the ranks (every rank gets the sum); ``value`` itself in one process."""
         if self.size == 1:
             return value
-        total = torch.tensor([value], dtype=torch.float64)
+        total = torch.tensor([value], dtype=torch.float64, device=collective_device())
         dist.all_reduce(total)
         return float(total.item())
 
@@ -65,6 +65,18 @@ class World:
                 staged = rows.cpu() if dist.get_backend() == "gloo" else rows
                 dist.broadcast(staged, src=owner)
                 rows.copy_(staged)
+
+    def gather_rows(self, rows: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Every class's rows [num_classes * per_class, ...] (class-major), on every rank, from each rank's own
+        classes' rows ``rows`` [len(shard) * per_class, ...]; ``rows`` itself in one process."""
+        if self.size == 1:
+            return rows
+        shard = self.shard(num_classes)
+        per_class = len(rows) // len(shard)
+        whole = rows.new_zeros((num_classes * per_class, *rows.shape[1:]))
+        whole[shard.start * per_class: shard.stop * per_class] = rows
+        self.share_rows(whole, per_class)
+        return whole
 
     def interleave(self, values: list[float]) -> list[float]:
         """Every process's ``values`` (process r's being items r, r + N, ... of a list), as that list, on every
@@ -116,6 +128,8 @@ def join(device: torch.device) -> World:
     if int(size) == 1:
         return SINGLE
     if not dist.is_initialized():
+        if device.type == "cuda":  # NCCL's own buffers go to the current device: this process's GPU
+            torch.cuda.set_device(local_device(device))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     kinds: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(kinds, device.type)
@@ -131,6 +145,13 @@ def leave() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def collective_device() -> torch.device:
+    """Where the group's collectives take their tensors: this process's GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_main_process() -> bool:

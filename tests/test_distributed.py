@@ -100,10 +100,29 @@ def test_mtt_over_two_processes_equals_one(tmp_path, mode):
     assert b.lr == pytest.approx(a.lr, rel=1e-6)
 
 
-def test_a_run_with_a_plug_in_says_it_runs_in_one_process(tmp_path):
-    run = distill(tmp_path / "run", 2, "--method", "dm", "--ipc", "1", "--plugin", "sdc")
+@pytest.mark.parametrize("method,options", [
+    ("dm", ("--ipc", "2", "--iterations", "3", "--plugin", "sdc")),
+    # masks mined again at every image update (--udd-every 1). Not with SDC too: SDC at its IDC weight (lambda
+    # 400) turns float32 rounding into 1e-1 over 100 matching steps (as one process on 1 and 2 threads does), and
+    # at a lower one its 1e-6 differences move a cell across UDD's threshold now and then
+    ("idc", ("--ipc", "1", "--iterations", "2", "--model", "ConvNetW32", "--plugin", "udd", "--udd-every", "1")),
+    ("dsa", ("--ipc", "2", "--iterations", "1", "--model", "ConvNetW32", "--plugin", "udd", "--udd-policy",
+             "response")),
+])
+def test_plug_ins_over_two_processes_equal_one(tmp_path, method, options):
+    """Each process adds its classes' share of the term; UDD's masks and prototypes come from every class."""
+    test_two_processes_equal_one(tmp_path, method, options)
+
+
+def test_mtt_with_sdc_says_it_runs_in_one_process(tmp_path):
+    experts = subprocess.run(fastdd_command(1, "experts", "--out", str(tmp_path / "experts"), "--num-experts", "1",
+                                            "--epochs", "2", "--device", "cpu", "--quiet"),
+                             capture_output=True, text=True, env=ENV)
+    assert experts.returncode == 0, experts.stderr[-2000:]
+    run = distill(tmp_path / "run", 2, "--method", "mtt", "--experts", str(tmp_path / "experts"), "--ipc", "1",
+                  "--expert-epochs", "1", "--max-start-epoch", "1", "--plugin", "sdc")
     assert run.returncode != 0
-    assert "--plugin sdc runs in one process; started by torchrun with 2 processes" in run.stderr
+    assert "--plugin sdc with --method mtt runs in one process; started by torchrun with 2 processes" in run.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -65,18 +65,14 @@ def check_training_set(train: RealDataset, ipc: int, init: str) -> None:
                          f"{device_memory(train.device) / 2**30:.1f} GiB; lower --ipc")
 
 
-def check_world(world: World, method: str, distributed: bool, num_classes: int,
-                plugins: Sequence[Plugin] = ()) -> World:
-    """``world`` if ``method`` can run over it: one process, or several for a distributed method without
-    ``plugins`` (their terms span every class), each with at least one class; else a ValueError saying what fits."""
+def check_world(world: World, method: str, distributed: bool, num_classes: int) -> World:
+    """``world`` if ``method`` can run over it: one process, or several for a distributed method, each with at
+    least one class; else a ValueError saying what fits."""
     if not isinstance(world, World):
         raise ValueError(f"world must be a fastdd.distributed.World, got {type(world).__name__}")
     if world.size > 1 and not distributed:
         raise ValueError(f"--method {method} runs in one process; started by torchrun with {world.size} processes, "
                          "only --method dm splits its classes over them")
-    if world.size > 1 and plugins:
-        raise ValueError(f"--plugin {plugins[0].name} runs in one process; started by torchrun with {world.size} "
-                         "processes, a run takes no plug-in")
     if world.size > num_classes:
         raise ValueError(f"{world.size} processes for {num_classes} classes: every process needs a class; start at "
                          f"most {num_classes} (torchrun --nproc-per-node)")
@@ -175,7 +171,7 @@ class Distiller(ABC):
         self.device = train.images.device
         self.num_classes = train.num_classes
         self.plugins = list(plugins)
-        self.world = check_world(world, self.name, self.distributed, self.num_classes, self.plugins)
+        self.world = check_world(world, self.name, self.distributed, self.num_classes)
         self.labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(ipc)
         self.images = self._initial_images().requires_grad_(True)
         self.last_real_batches: Sequence[Tensor] = ()
@@ -214,6 +210,15 @@ class Distiller(ABC):
         """The synthetic images networks train on, [M, C, H, W] (differentiable w.r.t. ``self.images``),
         and their labels [M]: the stored images themselves unless a method decodes them."""
         return self.images, self.labels
+
+    def own_training_images(self) -> tuple[Tensor, Tensor, float]:
+        """This process's classes' rows of :meth:`training_images` (every class holds as many), their labels, and
+        the share of all the training images they are (1.0 in one process): a plug-in's mean over the
+        training images is the sum over the processes of ``share * mean over its rows``."""
+        images, labels = self.training_images()
+        per_class, owned = len(images) // self.num_classes, self.own_classes
+        rows = slice(owned.start * per_class, owned.stop * per_class)
+        return images[rows], labels[rows], len(owned) / self.num_classes
 
     def real_batches(self) -> ClassBatches:
         """One batch of ``batch_real`` real images per class, normalised, read class by class when indexed (one

@@ -186,6 +186,9 @@ class MTT(Distiller):
             raise ValueError(f"MTT takes the sdc plug-in only, got {other}: the others need a network module, "
                              "and MTT's students are parameter vectors")
         super().__init__(train, ipc, generator, plugins=plugins, **kwargs)
+        if plugins and self.world.size > 1:
+            raise ValueError(f"--plugin sdc with --method mtt runs in one process; started by torchrun with "
+                             f"{self.world.size} processes, use one or leave the plug-in out")
         self.mode = mode
         self.syn_steps = syn_steps
         self.expert_epochs = expert_epochs

@@ -18,6 +18,9 @@ also lowers the synthetic images' gradient norms: it steers them toward easy sam
   the set grows; ``lambda = 0`` adds nothing and costs nothing.
 - MTT: the term at every unrolled student, averaged over the students (:mod:`fastdd.methods.mtt`),
   through :meth:`SDC.term`'s ``params``.
+- Under torchrun (DC, DSA, DM, IDC; :mod:`fastdd.distributed`) each process adds the term over its own
+  classes' images, weighted by their share of the set: the processes' terms sum to the one-process term.
+  MTT with SDC runs in one process.
 - Cost per image update: one forward and one backward pass over the synthetic images for the norms,
   and their double backward through the image update.
 """
@@ -114,7 +117,8 @@ class SDC(Plugin):
     def loss(self, distiller: Distiller, net: nn.Module) -> Tensor | None:
         if self.lam == 0:
             return None
-        return self.term(net, *distiller.training_images())
+        images, labels, share = distiller.own_training_images()  # under torchrun: this process's classes
+        return share * self.term(net, images, labels)
 
     def hparams(self) -> dict[str, Any]:
         return {"lambda": self.lam}

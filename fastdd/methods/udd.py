@@ -29,6 +29,11 @@ the mean over a class's real images of the globally average-pooled map) of the c
 ``tau``. The masks are mined again every ``every`` image updates (and at the first), against the cells
 of those same real images.
 
+Under torchrun (:mod:`fastdd.distributed`) each process mines its own classes' training images against the
+real reference images of every class (the same shifts in every process), and the masks go to every process;
+each maps its own classes' real images for their prototypes, summed over the processes, and adds the term
+over its own classes' images weighted by their share of the set: the one-process term, split.
+
 Outputs beside the synthetic set (:meth:`UDD.write_outputs`): the stored images with their underutilized
 regions outlined in red at the first mining (``udd_regions_start.png``) and at the latest
 (``udd_regions_latest.png``), and the underutilized share of the image area at every mining
@@ -51,6 +56,7 @@ from torch import Tensor, nn
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_float, one_of, open_fraction, positive_float, positive_int
 from fastdd.data import RealDataset
+from fastdd.distributed import is_main_process
 from fastdd.errors import DamagedFileError
 from fastdd.io import atomic_torch_save, load_torch_file
 from fastdd.methods.base import Distiller, Plugin
@@ -216,8 +222,9 @@ def proxy_network(train: RealDataset, model: str, seed: int) -> nn.Module:
         optimizer = torch.optim.SGD(net.parameters(), lr=PROXY_LR, momentum=PROXY_MOMENTUM)
         train_epochs(net, images, labels, optimizer, generator, PROXY_EPOCHS, batch_size=PROXY_BATCH,
                      augment=DSA(dsa_strategy_for(train.name)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"key": key, "state": net.state_dict()}, path)
+        if is_main_process():  # under torchrun every process trains the same proxy; the first one keeps it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"key": key, "state": net.state_dict()}, path)
     return net.eval()
 
 
@@ -282,29 +289,32 @@ class UDD(Plugin):
             self._proxy = proxy_network(distiller.train, distiller.model, self.proxy_seed)
         return self._proxy
 
-    def real_images(self, distiller: Distiller) -> tuple[Tensor, Tensor]:
-        """The first ``prototype_images`` of each class's current real batch [R, C, H, W] and their labels [R]."""
+    def real_images(self, distiller: Distiller, classes: range) -> tuple[Tensor, Tensor]:
+        """The first ``prototype_images`` of the current real batch of each class of ``classes`` [R, C, H, W] and
+        their labels [R]."""
         if not distiller.last_real_batches:
             raise RuntimeError("UDD: the distiller has drawn no real batch yet (its matching step draws them "
                                "before the plug-in's term)")
-        real = [batch[: self.prototype_images] for batch in distiller.last_real_batches]
+        real = [distiller.last_real_batches[c][: self.prototype_images] for c in classes]
         labels = torch.cat([torch.full((len(b),), c, dtype=torch.long, device=distiller.device)
-                            for c, b in enumerate(real)])
+                            for c, b in zip(classes, real)])
         return torch.cat(real), labels
 
     def mine(self, distiller: Distiller, net: nn.Module, images: Tensor) -> Tensor:
-        """Underutilized cells [M, 1, h, w] of the training images [M, C, H, W] by the policy, against the
-        current real images."""
-        reference, _ = self.real_images(distiller)
+        """Underutilized cells [M, 1, h, w] of training images [M, C, H, W] by the policy, against the current
+        real images of every class."""
+        reference, _ = self.real_images(distiller, range(distiller.num_classes))
         if self.policy == "response":
             return response_masks(self.proxy(distiller), images, reference, self.quantile)
         shift = default_max_shift(*images.shape[-2:])
         return jitter_masks(net, images, reference, self.quantile, self.jitters, shift, distiller.generator)
 
     def _remine(self, distiller: Distiller, net: nn.Module, images: Tensor) -> None:
-        self.masks = self.mine(distiller, net, images.detach())
+        """Mine this process's ``images`` (its classes' training images); every process then holds every mask."""
+        own = self.mine(distiller, net, images.detach())
+        self.masks = distiller.world.gather_rows(own, distiller.num_classes)
         self.history.append((self.updates, self.masks.mean().item()))
-        if self.start is None:
+        if self.start is None:  # the first mining comes before the first image update: no process changed any
             self.start = (distiller.images.detach().cpu().clone(), self.stored_masks(distiller).cpu())
 
     def stored_masks(self, distiller: Distiller) -> Tensor:
@@ -313,24 +323,31 @@ class UDD(Plugin):
 
     # ----------------------------------------------------------------------------- the term
     def prototypes(self, distiller: Distiller, net: nn.Module) -> tuple[Tensor, Tensor]:
-        """(prototypes [K, C'], present [K]) from the distiller's current real batches at ``net``."""
-        real, labels = self.real_images(distiller)
+        """(prototypes [K, C'], present [K]) from the distiller's current real batches at ``net``: each process
+        maps its own classes' images, the rows are summed over the processes."""
+        real, labels = self.real_images(distiller, distiller.own_classes)
         with torch.no_grad(), distiller.real_pass():
             features = feature_map(net, real)
-        return class_prototypes(features, labels, distiller.num_classes)
+        prototypes, present = class_prototypes(features, labels, distiller.num_classes)
+        present = present.to(prototypes.dtype)
+        distiller.world.sum_(prototypes)  # zero rows but this process's classes
+        distiller.world.sum_(present)
+        return prototypes, present > 0
 
     def loss(self, distiller: Distiller, net: nn.Module) -> Tensor | None:
         if distiller.name not in METHODS:
             raise ValueError(f"the UDD plug-in applies to {METHODS}, not to {distiller.name!r}")
         if self.beta == 0:
             return None
-        images, labels = distiller.training_images()
+        images, labels, share = distiller.own_training_images()  # under torchrun: this process's classes
         if self.masks is None or self.updates % self.every == 0:
             self._remine(distiller, net, images)
         self.updates += 1
         prototypes, present = self.prototypes(distiller, net)
-        term = region_contrastive(feature_map(net, images), self.masks, labels, prototypes, present, self.tau)
-        return None if term is None else self.beta * term
+        per_class, owned = len(self.masks) // distiller.num_classes, distiller.own_classes
+        masks = self.masks[owned.start * per_class: owned.stop * per_class]
+        term = region_contrastive(feature_map(net, images), masks, labels, prototypes, present, self.tau)
+        return None if term is None else self.beta * share * term
 
     # ----------------------------------------------------------------------------- outputs and state
     def write_outputs(self, distiller: Distiller, run_dir: Path) -> None:
