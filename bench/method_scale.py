@@ -41,7 +41,6 @@ import argparse
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,23 +48,16 @@ import torch
 
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import cell, commit, machine, median_seconds, peak_bytes, record_cases
-from fastdd.benchmarks.memory_plan import random_expert, random_set
+from fastdd.benchmarks.memory_plan import random_expert
+from fastdd.benchmarks.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step
 from fastdd.data import RealDataset
 from fastdd.methods import DC, DM, MTT, Distiller, get_loops
-from fastdd.models import has_batchnorm
-from fastdd.train import train_epochs
 
 RESULTS = Path(__file__).parent / "results"
-CLASSES, SIDE, PER_CLASS, MODEL = 100, 32, 300, "ConvNetW32"
 MTT_BATCH_SYN = {50: 2500, 100: 2500}  # IPC -> batch_syn where the default (all images) is too slow here
 EXPERT_EPOCHS, MAX_START_EPOCH = 2, 4
 # name -> (method, IPC)
 CASES = {f"{method}-ipc{ipc}": (method, ipc) for method in ("dc", "dm", "mtt") for ipc in (10, 50, 100)}
-
-
-def cifar100_shaped() -> tuple[RealDataset, torch.Generator]:
-    generator = torch.Generator().manual_seed(0)
-    return random_set(CLASSES, SIDE, PER_CLASS, generator), generator
 
 
 def mtt(train: RealDataset, ipc: int, generator: torch.Generator) -> MTT:
@@ -84,23 +76,6 @@ def distiller(case: str) -> Distiller:
     if method == "dm":
         return DM(train, ipc, generator, model=MODEL)
     return mtt(train, ipc, generator)
-
-
-def dc_outer_step(d: DC) -> Callable[[], None]:
-    """One outer step of ``DC.step`` (the body of its loop, through the distiller's own methods), on a
-    network drawn once that persists from call to call, as it does within an iteration."""
-    net = d.new_network()
-    net.train()
-    net_optimizer = torch.optim.SGD(net.parameters(), lr=d.lr_net)
-
-    def outer_step() -> None:
-        if has_batchnorm(net):
-            d._set_batchnorm_statistics(net)
-        d.update_images(d.matching_loss(net, d.real_batches(), d.augmentation_params()), net)
-        train_epochs(net, d.images.detach().clone(), d.labels, net_optimizer, d.generator, d.inner_loop,
-                     batch_size=d.batch_train, augment=d.dsa)
-
-    return outer_step
 
 
 def worker(case: str, what: str, repeat: int) -> float | None:

@@ -112,23 +112,29 @@ class DC(Distiller):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
 
+    def outer_step(self, net: nn.Module, net_optimizer: torch.optim.Optimizer, train_network: bool) -> float:
+        """One outer step on ``net``: the matching step of this process's classes (the image update), then, with
+        ``train_network``, ``inner_loop`` epochs of training ``net`` on the whole synthetic set (data-parallel
+        over the processes but with BatchNorm, which every process trains whole). Returns the step's loss, summed
+        over the processes."""
+        batchnorm = has_batchnorm(net)
+        if batchnorm:
+            self._set_batchnorm_statistics(net)
+        loss = self.matching_loss(net, self.real_batches(), self.augmentation_params())
+        total = self.world.sum(self.update_images(loss, net))
+        if train_network:
+            self.world.share_rows(self.images, self.ipc)  # every process trains on every class's images
+            train_epochs(net, self.images.detach().clone(), self.labels, net_optimizer, self.generator,
+                         self.inner_loop, batch_size=self.batch_train, augment=self.dsa,
+                         world=SINGLE if batchnorm else self.world)
+        return total
+
     def step(self, iteration: int) -> dict[str, float]:
         net = self.new_network()
         net.train()
         net_optimizer = torch.optim.SGD(net.parameters(), lr=self.lr_net)
-        batchnorm = has_batchnorm(net)
-        total = 0.0
-        for outer in range(self.outer_loop):
-            if batchnorm:
-                self._set_batchnorm_statistics(net)
-            loss = self.matching_loss(net, self.real_batches(), self.augmentation_params())
-            total += self.world.sum(self.update_images(loss, net))
-            if outer == self.outer_loop - 1:
-                break
-            self.world.share_rows(self.images, self.ipc)  # every process trains on every class's images
-            train_epochs(net, self.images.detach().clone(), self.labels, net_optimizer, self.generator,
-                         self.inner_loop, batch_size=self.batch_train, augment=self.dsa,
-                         world=SINGLE if batchnorm else self.world)  # BatchNorm: every process trains it whole
+        total = sum(self.outer_step(net, net_optimizer, train_network=outer < self.outer_loop - 1)
+                    for outer in range(self.outer_loop))
         return {"loss": total / self.outer_loop}
 
 
