@@ -22,8 +22,10 @@ from torch import Tensor, nn
 from fastdd.augment import DSA, DSAParams
 from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
+from fastdd.distributed import SINGLE
 from fastdd.methods.base import INITS, Distiller
 from fastdd.methods.multiformation import check_factor, decode, mix_init
+from fastdd.models import has_batchnorm
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
 
@@ -178,7 +180,8 @@ class IDC(Distiller):
             return
         idx = torch.randperm(len(self.train), generator=self.generator)[: self.net_images].to(self.device)
         images, labels = self.train.get(idx), self.train.labels[idx]
-        train_epoch(net, images, labels, optimizer, self.generator, self.batch_real, self._augment_real)
+        train_epoch(net, images, labels, optimizer, self.generator, self.batch_real, self._augment_real,
+                    world=SINGLE if has_batchnorm(net) else self.world)
 
     def step(self, iteration: int) -> dict[str, float]:
         with torch.no_grad():
