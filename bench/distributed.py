@@ -70,9 +70,9 @@ import torch.distributed as dist
 
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import cell, commit, machine, median_seconds, record_cases
-from fastdd.benchmarks.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step
+from fastdd.benchmarks.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step, gradient_settings
 from fastdd.distributed import World, join, leave
-from fastdd.methods import DC, DM, Distiller, get_loops
+from fastdd.methods import DC, DM, Distiller
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 1  # per process
@@ -221,14 +221,6 @@ def in_processes(case: str, processes: int, repeat: int) -> dict | str:
     return json.loads(lines[-1])
 
 
-def settings(case: str) -> dict:
-    method, ipc = CASES[case]
-    if method == "dc":
-        outer_loop, inner_loop = get_loops(ipc)
-        return {"outer_loop": outer_loop, "inner_loop": inner_loop, "batch_real": DC.default_batch_real}
-    return {"batch_real": DM.default_batch_real}
-
-
 def size(n: float | None) -> str:
     """Bytes, readably."""
     if n is None:
@@ -265,7 +257,7 @@ def main() -> None:
         speedup = one["seconds"] / many["seconds"] if isinstance(one, dict) and isinstance(many, dict) else None
         machines = [run["machine"] for run in runs.values() if isinstance(run, dict)]
         return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "case": case, "method": method,
-                "classes": CLASSES, "ipc": ipc, "model": MODEL, "settings": settings(case),
+                "classes": CLASSES, "ipc": ipc, "model": MODEL, "settings": gradient_settings(method, ipc),
                 "timed": "outer step" if method == "dc" else "iteration", "repeat": args.repeat,
                 "threads_per_process": THREADS, "processes": args.processes, "runs": runs, "speedup": speedup,
                 "machine": machines[0] if machines else machine("cpu"), "commit": commit()}

@@ -49,9 +49,9 @@ import torch
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import cell, commit, machine, median_seconds, peak_bytes, record_cases
 from fastdd.benchmarks.memory_plan import random_expert
-from fastdd.benchmarks.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step
+from fastdd.benchmarks.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step, gradient_settings
 from fastdd.data import RealDataset
-from fastdd.methods import DC, DM, MTT, Distiller, get_loops
+from fastdd.methods import DC, DM, MTT, Distiller
 
 RESULTS = Path(__file__).parent / "results"
 MTT_BATCH_SYN = {50: 2500, 100: 2500}  # IPC -> batch_syn where the default (all images) is too slow here
@@ -108,12 +108,9 @@ def in_fresh_process(case: str, what: str, repeat: int) -> float | str | None:
 
 def settings(case: str) -> dict:
     method, ipc = CASES[case]
-    if method == "dc":
-        outer_loop, inner_loop = get_loops(ipc)
-        return {"outer_loop": outer_loop, "inner_loop": inner_loop, "batch_real": DC.default_batch_real}
-    if method == "dm":
-        return {"batch_real": DM.default_batch_real}
-    return {"mode": "flat", "syn_steps": 20, "batch_syn": MTT_BATCH_SYN.get(ipc, CLASSES * ipc)}
+    if method == "mtt":
+        return {"mode": "flat", "syn_steps": 20, "batch_syn": MTT_BATCH_SYN.get(ipc, CLASSES * ipc)}
+    return gradient_settings(method, ipc)
 
 
 HEADER = ("| date | case | classes x IPC | model | settings | s/iteration | DC: s/outer step | "

@@ -185,18 +185,21 @@ class PlanResult:
 def plan(config: RunConfig, *, steps: int = 2, progress: bool = True) -> PlanResult:
     """The memory plan of the run of ``config`` and, when it fits, the measured time of ``steps`` of its
     iterations; writes nothing (the run directory is not looked at). The data is loaded and the distiller built
-    as :func:`distill` does; its iterations then run on a copy of the run's state that is thrown away."""
+    as :func:`distill` does; its iterations then run on a copy of the run's state that is thrown away. Under
+    torchrun every process plans its own part (its classes, its share of the machine's memory on CPU)."""
     if not isinstance(config, RunConfig):
         raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
     positive_int("steps", steps)
     boolean("progress (--quiet)", progress)
     device = resolve_device(config.device)
+    world = join(device)
+    device = local_device(device)
     train, _ = load_data(config.dataset, config.data_root, device, config.image_size,
                          REGULARIZATION if config.zca else None)
-    distiller = config.build_distiller(train)
+    distiller = config.build_distiller(train, world)
     memory = plan_memory(distiller)
     resolved = config.resolved(distiller)
-    if memory.peak_bytes > memory.capacity:
+    if world.sum(float(memory.peak_bytes > memory.capacity)) > 0:  # under torchrun: when any process lacks room
         return PlanResult(resolved, memory, None, 0, None)
     times = []
     for iteration in progress_bar(range(steps), desc="timing iterations", disable=not progress, unit="it"):

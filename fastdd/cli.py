@@ -276,7 +276,8 @@ def _evaluation_rows(evaluation: EvalResult) -> list[tuple[str, str]]:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.plan:
-        return show_plan(plan(config_from_args(args), progress=not args.quiet))
+        result = plan(config_from_args(args), progress=not args.quiet)
+        return show_plan(result) if is_main_process() else 0  # the first of several processes shows its part
     result = distill(config_from_args(args), resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if is_main_process():  # the first of several processes shows the run
         show_distill(result)

@@ -21,6 +21,7 @@ Plug-ins' terms (SDC, UDD) are not counted.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -179,14 +180,15 @@ def _images(count: int, per_image: float) -> int:
     return round(count * per_image)
 
 
-def _matching(d: DC | IDC, act: ActivationBytes, per_class: int) -> Term:
+def _matching(d: DC | IDC, act: ActivationBytes, per_class: int, copies: int) -> Term:
     """A gradient-matching step over ``per_class`` synthetic images a class, of this process's classes.
 
     Where a class holds at most ``MAX_BATCHED_PER_CLASS`` images, one second-order pass over every class's images,
     with :data:`REAL_PASS_SHARE` of a real class batch's first-order pass. Otherwise one class's second-order pass
     and its backward at a time (:func:`fastdd.methods.matching.per_class_distance` takes each class's image gradient
     at once), or that share of a real pass when larger (the real passes all run before the synthetic ones), and
-    every class's synthetic images twice meanwhile (their augmented copies and their gradients)."""
+    ``copies`` of every class's synthetic images meanwhile (their gradients, and their augmented copies where the
+    method augments)."""
     syn = len(d.own_classes) * per_class
     real = _images(d.batch_real, REAL_PASS_SHARE * act.first_order)
     what = f"matching step ({d.batch_real} real images, {syn} synthetic images"
@@ -195,14 +197,14 @@ def _matching(d: DC | IDC, act: ActivationBytes, per_class: int) -> Term:
         return Term(f"{what} in one pass)", real + _images(syn, act.second_order), options)
     image_bytes = 4 * d.train.channels * d.train.height * d.train.width
     one_class = _images(per_class, BACKWARD_FACTOR * act.second_order)
-    return Term(f"{what}, {per_class} in a pass)", max(real, one_class) + 2 * syn * image_bytes, options)
+    return Term(f"{what}, {per_class} in a pass)", max(real, one_class) + copies * syn * image_bytes, options)
 
 
 @step_terms.register
 def _dc(d: DC, act: ActivationBytes) -> list[Term]:
     """A matching step (:func:`_matching`) or, when larger, a training batch of the network (between outer steps:
     none with one outer step)."""
-    matching = _matching(d, act, d.ipc)
+    matching = _matching(d, act, d.ipc, copies=1 if d.dsa is None else 2)
     if d.outer_loop == 1:
         return [matching]
     train = min(d.batch_train, d.num_classes * d.ipc)
@@ -214,7 +216,7 @@ def _dc(d: DC, act: ActivationBytes) -> list[Term]:
 @step_terms.register
 def _idc(d: IDC, act: ActivationBytes) -> list[Term]:
     """A matching step (:func:`_matching`) over each class's decoded synthetic batch."""
-    return [_matching(d, act, min(d.ipc * d.factor**2, d.batch_syn))]
+    return [_matching(d, act, min(d.ipc * d.factor**2, d.batch_syn), copies=2)]
 
 
 @step_terms.register
@@ -265,4 +267,12 @@ def plan_memory(distiller: Distiller) -> MemoryPlan:
                  (IMAGE_COPIES - 1) * images.numel() * images.element_size(), ("a lower --ipc",))
     held = Term("held now (interpreter, data, synthetic images)", held_bytes(distiller.device))
     return MemoryPlan(distiller.device, held, state, tuple(step_terms(distiller, act)),
-                      device_memory(distiller.device))
+                      process_share(distiller.device))
+
+
+def process_share(device: torch.device) -> int:
+    """The memory this process may plan with, bytes: all of ``device`` when it is a GPU (one per process); on CPU
+    the machine's memory divided among the processes torchrun started on it (``LOCAL_WORLD_SIZE``)."""
+    if device.type == "cuda":
+        return device_memory(device)
+    return device_memory(device) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -16,6 +16,7 @@ import torch
 
 from fastdd.cli import main
 from fastdd.distributed import World
+from fastdd.memory import process_share
 from fastdd.methods.base import check_world
 from fastdd.synset import SyntheticSet
 from fastdd.trajectory import Trajectory, expert_path
@@ -108,6 +109,20 @@ def test_mtt_over_two_processes_equals_one(tmp_path, mode):
 def test_plug_ins_over_two_processes_equal_one(tmp_path, method, options):
     """Each process adds its classes' share of the term; UDD's masks and prototypes come from every class."""
     test_two_processes_equal_one(tmp_path, method, options)
+
+
+def test_plan_under_torchrun_plans_each_process_and_prints_once(tmp_path):
+    run = subprocess.run(command(tmp_path / "run", 2, "--method", "dm", "--ipc", "2", "--plan"), capture_output=True,
+                         text=True, env=ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("fastdd distill --plan") == 1 and "s per iteration" in run.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_process_plans_with_its_share_of_the_machine(monkeypatch):
+    whole = process_share(torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert process_share(torch.device("cpu")) == whole // 4
 
 
 def test_mtt_with_sdc_says_it_runs_in_one_process(tmp_path):

@@ -45,7 +45,7 @@ class PlanCase:
 
 SMALL_MODEL = "ConvNetW32"
 CASES = {
-    "dc": PlanCase("dc", 10, 32, 10, SMALL_MODEL, {"batch_real": 32}),
+    "dc": PlanCase("dc", 10, 32, 20, SMALL_MODEL, {"batch_real": 32}),
     "idc": PlanCase("idc", 10, 32, 2, SMALL_MODEL, {"batch_real": 32}),
     "dm": PlanCase("dm", 10, 32, 10, SMALL_MODEL, {"batch_real": 32}),
     "mtt-exact": PlanCase("mtt", 10, 32, 10, SMALL_MODEL, {"mode": "exact", "syn_steps": 5, "batch_syn": 50}),

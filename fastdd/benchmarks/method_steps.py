@@ -13,7 +13,7 @@ import torch
 
 from fastdd.benchmarks.memory_plan import random_set
 from fastdd.data import RealDataset
-from fastdd.methods import DC
+from fastdd.methods import DC, DM, get_loops
 
 CLASSES, SIDE, PER_CLASS, MODEL = 100, 32, 300, "ConvNetW32"
 
@@ -32,3 +32,11 @@ def dc_outer_step(d: DC) -> Callable[[], None]:
     net.train()
     net_optimizer = torch.optim.SGD(net.parameters(), lr=d.lr_net)
     return lambda: d.outer_step(net, net_optimizer, train_network=True)
+
+
+def gradient_settings(method: str, ipc: int) -> dict:
+    """The defaults a DC (``"dc"``) or DM (``"dm"``) case at ``ipc`` runs with, for the tables."""
+    if method == "dc":
+        outer_loop, inner_loop = get_loops(ipc)
+        return {"outer_loop": outer_loop, "inner_loop": inner_loop, "batch_real": DC.default_batch_real}
+    return {"batch_real": DM.default_batch_real}
