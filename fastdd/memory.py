@@ -163,11 +163,10 @@ def activation_bytes(model: str, channels: int, num_classes: int, size: tuple[in
         return (saved(4) - saved(2)) / 2
 
     first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    fused_whole = first.weight.shape[1:].numel() <= MAX_FUSED_TAPS
     with torch.no_grad():
-        written = first(torch.zeros(1, channels, *size)).numel() * 4
-    if first.weight.shape[1:].numel() <= MAX_FUSED_TAPS:
-        written = 0
-    return ActivationBytes(per_image(first_order), per_image(second_order), per_image(embedding), written)
+        first_map = 0 if fused_whole else first(torch.zeros(1, channels, *size)).numel() * 4
+    return ActivationBytes(per_image(first_order), per_image(second_order), per_image(embedding), first_map)
 
 
 @functools.singledispatch

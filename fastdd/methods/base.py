@@ -72,7 +72,7 @@ def check_world(world: World, method: str, distributed: bool, num_classes: int) 
         raise ValueError(f"world must be a fastdd.distributed.World, got {type(world).__name__}")
     if world.size > 1 and not distributed:
         raise ValueError(f"--method {method} runs in one process; started by torchrun with {world.size} processes, "
-                         "only --method dm splits its classes over them")
+                         "start it without torchrun (docs/distributed.md: the methods that split)")
     if world.size > num_classes:
         raise ValueError(f"{world.size} processes for {num_classes} classes: every process needs a class; start at "
                          f"most {num_classes} (torchrun --nproc-per-node)")
@@ -216,9 +216,12 @@ class Distiller(ABC):
         the share of all the training images they are (1.0 in one process): a plug-in's mean over the
         training images is the sum over the processes of ``share * mean over its rows``."""
         images, labels = self.training_images()
-        per_class, owned = len(images) // self.num_classes, self.own_classes
-        rows = slice(owned.start * per_class, owned.stop * per_class)
-        return images[rows], labels[rows], len(owned) / self.num_classes
+        return self.own_rows(images), self.own_rows(labels), len(self.own_classes) / self.num_classes
+
+    def own_rows(self, tensor: Tensor) -> Tensor:
+        """The rows of this process's classes of a class-major ``tensor`` whose classes hold as many rows each."""
+        per_class, owned = len(tensor) // self.num_classes, self.own_classes
+        return tensor[owned.start * per_class: owned.stop * per_class]
 
     def real_batches(self) -> ClassBatches:
         """One batch of ``batch_real`` real images per class, normalised, read class by class when indexed (one

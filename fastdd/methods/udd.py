@@ -344,8 +344,7 @@ class UDD(Plugin):
             self._remine(distiller, net, images)
         self.updates += 1
         prototypes, present = self.prototypes(distiller, net)
-        per_class, owned = len(self.masks) // distiller.num_classes, distiller.own_classes
-        masks = self.masks[owned.start * per_class: owned.stop * per_class]
+        masks = distiller.own_rows(self.masks)
         term = region_contrastive(feature_map(net, images), masks, labels, prototypes, present, self.tau)
         return None if term is None else self.beta * share * term
 
