@@ -86,6 +86,13 @@ def open_fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+def fraction(name: str, value: Any) -> float:
+    """``value`` as a float if it is a number in [0, 1)."""
+    if not _is_finite(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {shown(value)}")
+    return float(value)
+
+
 def one_of(name: str, value: T, choices: Iterable[Any]) -> T:
     """``value`` if it is one of ``choices`` (listed in the error in their order)."""
     choices = list(choices)

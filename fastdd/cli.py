@@ -66,9 +66,9 @@ def _add_eval_options(p: argparse.ArgumentParser, models_flag: str) -> None:
                    help="networks trained and tested; mean and std over them (default 5%s)"
                    % (", 0 skips evaluation" if models_flag == "--eval-models" else ""))
     g.add_argument("--eval-epochs", type=int, default=None, metavar="E",
-                   help="training epochs per network (default: 300 for dc, 1000 for dsa, dm, idc and mtt)")
+                   help="training epochs per network (default: 300 for dc and dcc, 1000 for the other methods)")
     g.add_argument("--eval-augment", choices=["none", "dsa"], default=None,
-                   help="augmentation while training (default: none for dc, dsa for dsa, dm, idc and mtt)")
+                   help="augmentation while training (default: none for dc and dcc, dsa for the other methods)")
     g.add_argument("--eval-model", default="ConvNet", help="architecture to evaluate with (default ConvNet)")
     g.add_argument("--no-baseline", action="store_true",
                    help="skip the random-real baseline (IPC random real images per class, same protocol)")
@@ -90,15 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default="dc", choices=sorted(METHODS), help="distiller (default dc)")
     d.add_argument("--ipc", type=int, default=10, help="synthetic images per class (default 10)")
     d.add_argument("--iterations", type=int, default=None,
-                   help="outer iterations (default: 1000 for dc and dsa, 20000 for dm, 2000 for idc, 5000 for mtt)")
+                   help="outer iterations (default: 1000 for dc, dsa, dcc and dsac, 20000 for dm, 2000 for idc, 5000 "
+                        "for mtt, ftd and datm)")
     d.add_argument("--lr-img", type=float, default=None,
-                   help="image learning rate (default: 0.1 dc/dsa, 1.0 dm, 1000 mtt; idc: by metric and IPC, "
-                        "see docs/methods.md)")
+                   help="image learning rate (default: 0.1 dc/dsa/dcc/dsac, 1.0 dm, 1000 mtt/ftd/datm; idc: by "
+                        "metric and IPC, see docs/methods.md)")
     d.add_argument("--batch-real", type=int, default=None,
                    help="real images per class per step (default 256; 64 for idc)")
-    d.add_argument("--init", choices=["real", "noise", "mix"], default=None,
-                   help="start from random real images, from noise, or (idc) from grids of shrunken real "
-                        "images (default real; mix for idc)")
+    d.add_argument("--init", choices=["real", "noise", "mix", "correct"], default=None,
+                   help="start from random real images, from noise, (idc) from grids of shrunken real images, or "
+                        "(datm) from real images an expert classifies correctly (default real; mix for idc, correct "
+                        "for datm)")
     d.add_argument("--model", default="ConvNet", help="network to distill with (default ConvNet)")
     d.add_argument("--zca", action="store_true", help=ZCA_HELP)
     d.add_argument("--real-precision", choices=["float32", "bfloat16"], default="float32",
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plan", action="store_true",
                    help="print the run's memory plan and the measured time of two iterations, then stop (writes "
                         "nothing; see docs/scale.md)")
-    m = d.add_argument_group("MTT (--method mtt only; defaults and their sources in docs/methods.md)")
+    m = d.add_argument_group("MTT, FTD and DATM (--method mtt, ftd, datm only; defaults and their sources in "
+                             "docs/methods.md)")
     m.add_argument("--experts", default=None, metavar="DIR",
                    help="expert trajectories for this data set and model (made by `fastdd experts`); required")
     m.add_argument("--mtt-mode", choices=list(MTT_MODES), default=None,
@@ -128,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--syn-steps", type=int, default=None, help="student steps per iteration (default 20)")
     m.add_argument("--expert-epochs", type=int, default=None, help="expert epochs to match (default 2)")
     m.add_argument("--max-start-epoch", type=int, default=None,
-                   help="start epochs are drawn below this (default 2 at IPC 1, else 4)")
+                   help="start epochs are drawn below this (default 2 at IPC 1, else 4; datm: the final bound of "
+                        "its range, by IPC)")
     m.add_argument("--batch-syn", type=int, default=None, help="synthetic images per student step (default all)")
     m.add_argument("--syn-lr", type=float, default=None, help="initial learned learning rate (default 0.01)")
     m.add_argument("--lr-lr", type=float, default=None, help="learning rate of the learned rate (default 1e-5)")
@@ -137,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "the initial images (TESLA; docs/methods.md)")
     m.add_argument("--learn-soft-labels", action="store_true", default=None,
                    help="learn the soft labels' logits with the images, at --lr-img (needs --soft-labels)")
+    m.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                   help="ftd: the synthetic set is the images' moving average with this decay (default: a window of "
+                        "40%% of the iterations, 0.9995 at 5000)")
+    m.add_argument("--min-start-epoch", type=int, default=None,
+                   help="datm: start epochs are drawn from this epoch on (default by IPC)")
+    m.add_argument("--initial-max-start-epoch", type=int, default=None,
+                   help="datm: the range's upper bound at the first iteration, widened to --max-start-epoch "
+                        "(default by IPC)")
+    m.add_argument("--expansion-end", type=float, default=None, metavar="SHARE",
+                   help="datm: share of the iterations after which the range is widest, in [0, 1) (default by IPC)")
+    m.add_argument("--lr-labels", type=float, default=None,
+                   help="datm: learning rate of the learned soft labels (default 5 at IPC 1, 2 up to IPC 50, else 10)")
     add_plugin_options(d)
     _add_eval_options(d, "--eval-models")
 
@@ -166,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--epochs", type=int, default=50, metavar="E", help="training epochs per expert (default 50)")
     x.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default 0.01; momentum 0, no decay)")
     x.add_argument("--batch-size", type=int, default=256, help="minibatch size (default 256)")
+    x.add_argument("--flat", type=float, default=0.0, metavar="RADIUS",
+                   help="train sharpness-aware with this perturbation radius, as FTD does (GSAM, adaptive; FTD used "
+                        "0.01; about twice the time); --method ftd needs such experts (default 0: plain SGD)")
     x.add_argument("--model", default="ConvNet", help="network (default ConvNet)")
     x.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
     x.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -232,7 +251,7 @@ def add_plugin_options(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("plug-ins (docs/methods.md)")
     s.add_argument("--plugin", dest="plugins", action="append", choices=PLUGINS, default=None,
                    help="add a plug-in's term to the method's loss: sdc (sample difficulty correction, steers the "
-                        "images toward easy samples; dc, dsa, dm, idc, mtt), udd (mines underutilized regions and "
+                        "images toward easy samples; every method), udd (mines underutilized regions and "
                         f"makes them discriminative; {', '.join(UDD_METHODS)}); may be given twice")
     s.add_argument("--sdc-lambda", type=float, default=None, metavar="X",
                    help="weight of the SDC term (default: "
@@ -340,12 +359,13 @@ def cmd_experts(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     paths = train_experts(train, args.out, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, model=args.model, seed=args.seed, test=test,
-                          progress=not args.quiet, world=world)
+                          progress=not args.quiet, world=world, flat=args.flat)
     if not world.is_main:
         return 0
     _print_summary("fastdd experts", [
         ("data set", f"{args.dataset} ({len(train)} train images, {train.num_classes} classes)"),
-        ("experts", f"{len(paths)} x {args.epochs} epochs, {args.model}, lr {args.lr}, seed {args.seed}"),
+        ("experts", f"{len(paths)} x {args.epochs} epochs, {args.model}, lr {args.lr}, seed {args.seed}"
+                    + (f", flat (radius {args.flat})" if args.flat else "")),
         ("time", f"{time.perf_counter() - began:.1f} s on {device}"),
         ("trajectories", str(args.out))])
     return 0

@@ -1,4 +1,5 @@
-"""The reference utilities of the DC / DSA / DM research code, by name and signature, on fastdd.
+"""The reference utilities of the DC / DSA / DM research code and of FTD's and DATM's, by name and signature, on
+fastdd.
 
 For forks of the original code: ``from fastdd.compat import match_loss, DiffAugment, ...`` in place of
 ``from utils import ...`` (docs/porting.md). What runs underneath is fastdd's: the fused
@@ -12,6 +13,9 @@ For forks of the original code: ``from fastdd.compat import match_loss, DiffAugm
 - ``epoch`` in test mode runs under ``torch.no_grad`` (same outputs, no wasted graph).
 - DC's non-differentiable evaluation augmentation (``args.dc_aug_param`` with a strategy other than
   'none') is not provided: a clear error says to use DSA.
+- ``evaluate_synset`` takes DATM's ``train_criterion`` (e.g. ``SoftCrossEntropy`` with soft labels [N, K]); with
+  soft labels, ``epoch``'s training accuracy counts the label distribution's most likely class (DATM's code
+  reports 1).
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from fastdd.methods.dc import get_loops
 from fastdd.models import get_network as _fastdd_network
 from fastdd.ops import grad_match_distance
 
-__all__ = ["DiffAugment", "ParamDiffAug", "TensorDataset", "distance_wb", "epoch", "evaluate_synset",
-           "get_loops", "get_network", "match_loss"]
+__all__ = ["DiffAugment", "ModelEmaV2", "ParamDiffAug", "SoftCrossEntropy", "TensorDataset", "distance_wb", "epoch",
+           "evaluate_synset", "get_loops", "get_network", "match_loss"]
 
 
 def _fresh_seed() -> int:
@@ -122,13 +126,15 @@ def epoch(mode: str, dataloader: Any, net: nn.Module, optimizer: torch.optim.Opt
     loss_sum, correct, seen = 0.0, 0, 0
     with torch.set_grad_enabled(mode == "train"):
         for images, labels in dataloader:
-            images, labels = images.float().to(args.device), labels.long().to(args.device)
+            images, labels = images.float().to(args.device), labels.to(args.device)
+            labels = labels.float() if labels.is_floating_point() else labels.long()
             if aug:
                 images = _augment(images, args)
             output = net(images)
             loss = criterion(output, labels)
             loss_sum += loss.item() * len(labels)
-            correct += int(np.sum(output.argmax(-1).cpu().numpy() == labels.cpu().numpy()))
+            classes = labels.argmax(-1) if labels.dim() > 1 else labels  # soft labels: their most likely class
+            correct += int(np.sum(output.argmax(-1).cpu().numpy() == classes.cpu().numpy()))
             seen += len(labels)
             if mode == "train":
                 optimizer.zero_grad()
@@ -148,10 +154,12 @@ def _augment(images: Tensor, args: Any) -> Tensor:
 
 
 def evaluate_synset(it_eval: int, net: nn.Module, images_train: Tensor, labels_train: Tensor,
-                    testloader: Any, args: Any) -> tuple[nn.Module, float, float]:
+                    testloader: Any, args: Any, train_criterion: Any = None) -> tuple[nn.Module, float, float]:
     """The reference evaluation: ``args.epoch_eval_train + 1`` epochs of SGD (momentum 0.9, weight decay
     5e-4, lr ``args.lr_net`` divided by 10 after epoch ``epoch_eval_train // 2 + 1``, the optimizer
-    re-created then as the reference does), then the test accuracy. Returns (net, train acc, test acc)."""
+    re-created then as the reference does), then the test accuracy. Returns (net, train acc, test acc).
+    ``train_criterion`` (DATM's): the training loss, default cross-entropy; ``SoftCrossEntropy`` trains on soft
+    labels [N, K] (logits)."""
     net = net.to(args.device)
     lr, epochs = float(args.lr_net), int(args.epoch_eval_train)
 
@@ -159,7 +167,7 @@ def evaluate_synset(it_eval: int, net: nn.Module, images_train: Tensor, labels_t
         return torch.optim.SGD(net.parameters(), lr=rate, momentum=0.9, weight_decay=0.0005)
 
     optimizer = sgd(lr)
-    criterion = nn.CrossEntropyLoss().to(args.device)
+    criterion = nn.CrossEntropyLoss().to(args.device) if train_criterion is None else train_criterion
     loader = torch.utils.data.DataLoader(TensorDataset(images_train.to(args.device), labels_train.to(args.device)),
                                          batch_size=args.batch_train, shuffle=True, num_workers=0)
     acc_train = 0.0
@@ -168,6 +176,39 @@ def evaluate_synset(it_eval: int, net: nn.Module, images_train: Tensor, labels_t
         if ep == epochs // 2 + 1:
             lr *= 0.1
             optimizer = sgd(lr)
-    _, acc_test = epoch("test", testloader, net, optimizer, criterion, args, aug=False)
+    _, acc_test = epoch("test", testloader, net, optimizer, nn.CrossEntropyLoss().to(args.device), args, aug=False)
     print(f"Evaluate_{it_eval:02d}: epoch = {epochs:04d} train acc = {acc_train:.4f}, test acc = {acc_test:.4f}")
     return net, acc_train, acc_test
+
+
+def SoftCrossEntropy(inputs: Tensor, target: Tensor, reduction: str = "average") -> Tensor:  # noqa: N802
+    """DATM's loss: the cross-entropy of logits ``inputs`` [B, K] against ``softmax(target)`` (``target``: label
+    logits [B, K]), averaged over the batch."""
+    if reduction != "average":
+        raise ValueError(f"reduction must be 'average' (the only one DATM's SoftCrossEntropy computes), got "
+                         f"{reduction!r}")
+    if inputs.shape != target.shape or inputs.dim() != 2:
+        raise ValueError(f"inputs and target must both be [B, K] logits, got {tuple(inputs.shape)} and "
+                         f"{tuple(target.shape)}")
+    return torch.nn.functional.cross_entropy(inputs, target.softmax(1))
+
+
+class ModelEmaV2:
+    """FTD's moving average of tensors (its synthetic images): ``module`` holds a copy of ``params``; ``update``
+    moves it to ``decay * module + (1 - decay) * params`` (the average FTD evaluates and saves)."""
+
+    def __init__(self, params: Sequence[Tensor], decay: float = 0.9999) -> None:
+        if not 0 <= decay <= 1:
+            raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+        self.decay = decay
+        self.module = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: Sequence[Tensor]) -> None:
+        for average, p in zip(self.module, params, strict=True):
+            average.lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def set(self, params: Sequence[Tensor]) -> None:
+        for average, p in zip(self.module, params, strict=True):
+            average.copy_(p.detach())

@@ -27,6 +27,7 @@ import torch
 
 from fastdd.checks import (
     boolean,
+    fraction,
     nonnegative_float,
     nonnegative_int,
     one_of,
@@ -56,15 +57,23 @@ UNRECORDED_FIELDS = ("data_root", "out", "checkpoint_every", "device", "eval_mod
 MTT_KEYWORDS = {"experts": "experts", "mtt_mode": "mode", "syn_steps": "syn_steps", "expert_epochs": "expert_epochs",
                 "max_start_epoch": "max_start_epoch", "batch_syn": "batch_syn", "syn_lr": "syn_lr", "lr_lr": "lr_lr",
                 "soft_labels": "soft_labels", "learn_soft_labels": "learn_soft_labels"}
+# The methods with options of their own: method -> (RunConfig field -> keyword argument of its distiller). FTD and
+# DATM are MTT's and take its options (DATM's max_start_epoch is its range's final bound).
+METHOD_KEYWORDS = {"mtt": MTT_KEYWORDS, "ftd": {**MTT_KEYWORDS, "ema_decay": "ema_decay"},
+                   "datm": {**MTT_KEYWORDS, "min_start_epoch": "min_start_epoch",
+                            "initial_max_start_epoch": "initial_max_start_epoch", "expansion_end": "expansion_end",
+                            "lr_labels": "lr_labels"}}
+METHOD_FIELDS = tuple(dict.fromkeys(field for keywords in METHOD_KEYWORDS.values() for field in keywords))
 # The plug-ins' options: plug-in -> (RunConfig field -> key of the plug-in's hparams())
 PLUGIN_OPTIONS = {"sdc": {"sdc_lambda": "lambda"},
                   "udd": {"udd_policy": "policy", "udd_beta": "beta", "udd_tau": "tau", "udd_quantile": "quantile",
                           "udd_every": "every"}}
 # RunConfig field -> key of Distiller.hparams() holding the value a run uses (the method's default when the field
-# is None); a key the method lacks (MTT's batch_real) leaves the field as it is, and MTT's options are read for
-# method mtt only (IDC's hparams hold a batch_syn of its own)
+# is None); a key the method lacks (MTT's batch_real) leaves the field as it is, and a method's own options
+# (METHOD_KEYWORDS; their hparams() name them as their keyword arguments) are read for that method only (IDC's
+# hparams hold a batch_syn of its own)
 HPARAM_KEYS = {"iterations": "iterations", "lr_img": "lr_img", "batch_real": "batch_real", "init": "init",
-               **MTT_KEYWORDS,  # MTT's hparams() names its options as its keyword arguments
+               **{field: keyword for keywords in METHOD_KEYWORDS.values() for field, keyword in keywords.items()},
                **{field: f"{plugin}.{key}" for plugin, options in PLUGIN_OPTIONS.items()
                   for field, key in options.items()}}
 FLAGS = {"plugins": "--plugin", "baseline": "--no-baseline"}  # fields whose option is not --field-name
@@ -141,6 +150,11 @@ FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "lr_lr": _optional(positive_float),
     "soft_labels": _optional(boolean),
     "learn_soft_labels": _optional(boolean),
+    "ema_decay": _optional(fraction),
+    "min_start_epoch": _optional(nonnegative_int),
+    "initial_max_start_epoch": _optional(positive_int),
+    "expansion_end": _optional(fraction),
+    "lr_labels": _optional(positive_float),
     "plugins": _plugin_names,
     "sdc_lambda": _optional(nonnegative_float),
     "udd_policy": _optional(_choice((*UDD_POLICIES, "auto"))),
@@ -163,16 +177,18 @@ class RunConfig:
     Data: ``dataset`` (one of ``fastdd.data.DATASETS``), ``data_root`` (folder of its files; None: the
     data set's default), ``image_size`` (pixels per side, imagefolder only), ``zca`` (whiten with ZCA of
     regularization 0.1 fitted on the training set).
-    Distillation: ``method`` (dc, dsa, dm, idc, mtt), ``ipc`` (synthetic images per class),
+    Distillation: ``method`` (one of ``fastdd.methods.METHODS``), ``ipc`` (synthetic images per class),
     ``iterations`` (outer iterations), ``lr_img`` (image learning rate), ``batch_real`` (real images
     per class per step), ``init`` (real, noise; mix for idc), ``model`` (network name),
     ``real_precision`` (float32 or bfloat16 passes over real images), ``seed`` (the run's one seed).
     Run: ``out`` (run directory; None: ``runs/DATASET-METHOD-ipcN``), ``checkpoint_every``
     (iterations between checkpoints), ``device`` ("auto", "cpu", "cuda", "cuda:N").
-    MTT (``method="mtt"`` only, docs/methods.md): ``experts`` (directory of expert trajectories;
-    required), ``mtt_mode`` (exact, flat, lean), ``syn_steps``, ``expert_epochs``, ``max_start_epoch``,
-    ``batch_syn``, ``syn_lr``, ``lr_lr``, ``soft_labels``, ``learn_soft_labels`` (TESLA's soft labels, and
-    whether they are learned).
+    MTT, FTD and DATM (``method`` mtt, ftd, datm only, docs/methods.md): ``experts`` (directory of expert
+    trajectories; required), ``mtt_mode`` (exact, flat, lean), ``syn_steps``, ``expert_epochs``,
+    ``max_start_epoch``, ``batch_syn``, ``syn_lr``, ``lr_lr``, ``soft_labels``, ``learn_soft_labels`` (TESLA's soft
+    labels, and whether they are learned). FTD only: ``ema_decay`` (the images' moving average). DATM only:
+    ``min_start_epoch``, ``initial_max_start_epoch``, ``expansion_end`` (its widening range of start epochs,
+    ``max_start_epoch`` being the final bound), ``lr_labels`` (its learned soft labels' learning rate).
     Plug-ins (docs/methods.md): ``plugins`` (names among sdc, udd; each once), ``sdc_lambda``,
     ``udd_policy`` (response, jitter, auto), ``udd_beta``, ``udd_tau``, ``udd_quantile``, ``udd_every``;
     a plug-in's options need the plug-in.
@@ -210,6 +226,11 @@ class RunConfig:
     lr_lr: float | None = None
     soft_labels: bool | None = None
     learn_soft_labels: bool | None = None
+    ema_decay: float | None = None
+    min_start_epoch: int | None = None
+    initial_max_start_epoch: int | None = None
+    expansion_end: float | None = None
+    lr_labels: float | None = None
     plugins: tuple[str, ...] = ()
     sdc_lambda: float | None = None
     udd_policy: str | None = None
@@ -231,20 +252,22 @@ class RunConfig:
 
     def _check_relations(self) -> None:
         """The checks between fields: options that belong to a method or a plug-in, MTT's needs."""
-        for field in MTT_KEYWORDS:
-            if self.method != "mtt" and getattr(self, field) is not None:
-                raise ValueError(f"{flag(field)} is an option of --method mtt only; {field} must be None "
+        own = METHOD_KEYWORDS.get(self.method, {})
+        for field in METHOD_FIELDS:
+            if field not in own and getattr(self, field) is not None:
+                methods = ", ".join(m for m, keywords in METHOD_KEYWORDS.items() if field in keywords)
+                raise ValueError(f"{flag(field)} is an option of --method {methods}; {field} must be None "
                                  f"for method {self.method!r}")
-        if self.method == "mtt":
+        if own:  # the trajectory matchers
             if self.experts is None:
-                raise ValueError("--method mtt needs --experts DIR (experts): expert trajectories made by "
+                raise ValueError(f"--method {self.method} needs --experts DIR (experts): expert trajectories made by "
                                  "`fastdd experts`")
             if self.batch_real is not None:
-                raise ValueError("batch_real (--batch-real) does not apply to --method mtt, which draws no real "
-                                 "batches (see batch_syn)")
+                raise ValueError(f"batch_real (--batch-real) does not apply to --method {self.method}, which draws no "
+                                 "real batches (see batch_syn)")
             if self.real_precision != "float32":
-                raise ValueError("real_precision (--real-precision) does not apply to --method mtt, which makes no "
-                                 f"pass over real images, got {self.real_precision!r}")
+                raise ValueError(f"real_precision (--real-precision) does not apply to --method {self.method}, which "
+                                 f"makes no pass over real images, got {self.real_precision!r}")
         if self.init is not None:
             one_of(f"init (--init) of --method {self.method}", self.init, get_distiller(self.method).inits)
         for plugin, options in PLUGIN_OPTIONS.items():
@@ -297,12 +320,12 @@ class RunConfig:
         """The distiller of ``method`` on ``train`` (on the run's device), its generator seeded with ``seed``,
         with :meth:`build_plugins`, over the processes of ``world``; options left None take the method's defaults.
         MTT loads its experts here."""
-        mtt = {keyword: getattr(self, field) for field, keyword in MTT_KEYWORDS.items()
+        own = {keyword: getattr(self, field) for field, keyword in METHOD_KEYWORDS.get(self.method, {}).items()
                if getattr(self, field) is not None}
         return get_distiller(self.method)(
             train, self.ipc, torch.Generator().manual_seed(self.seed), model=self.model, iterations=self.iterations,
             lr_img=self.lr_img, batch_real=self.batch_real, init=self.init, real_precision=self.real_precision,
-            plugins=self.build_plugins(), world=world, **mtt)
+            plugins=self.build_plugins(), world=world, **own)
 
     def eval_config(self) -> EvalConfig:
         """The evaluation protocol: ``fastdd.evaluation.default_eval_config`` of the method (epochs and augmentation
@@ -314,6 +337,7 @@ class RunConfig:
         and its plug-ins use (:data:`HPARAM_KEYS`), and the evaluation's epochs and augmentation."""
         hparams = distiller.hparams()
         protocol = self.eval_config()
+        own = METHOD_KEYWORDS.get(self.method, {})
         used = {field: hparams[key] for field, key in HPARAM_KEYS.items()
-                if key in hparams and (self.method == "mtt" or field not in MTT_KEYWORDS)}
+                if key in hparams and (field in own or field not in METHOD_FIELDS)}
         return dataclasses.replace(self, **used, eval_epochs=protocol.epochs, eval_augment=protocol.augment)

@@ -325,8 +325,9 @@ def evaluate_random_real(
 
 
 # Evaluation protocol of each method's original code: (augmentation, epochs).
-METHOD_PROTOCOLS = {"dc": ("none", 300), "dsa": ("dsa", 1000), "dm": ("dsa", 1000), "idc": ("dsa", 1000),
-                    "mtt": ("dsa", 1000)}
+METHOD_PROTOCOLS = {"dc": ("none", 300), "dsa": ("dsa", 1000), "dcc": ("none", 300), "dsac": ("dsa", 1000),
+                    "dm": ("dsa", 1000), "idc": ("dsa", 1000), "mtt": ("dsa", 1000), "ftd": ("dsa", 1000),
+                    "datm": ("dsa", 1000)}
 
 
 def default_eval_config(method: str, model: str = "ConvNet", epochs: int | None = None,

@@ -8,6 +8,14 @@ MTT code (github.com/GeorgeCazenavette/mtt-distillation, ``buffer.py``): SGD wit
 The DSA strategy is :func:`fastdd.augment.dsa_strategy_for` the data set (no flip for digit sets);
 the original uses its ``dsa_strategy`` argument, flip included, for every set.
 
+Flat experts (``flat`` > 0, ``fastdd experts --flat``): FTD (Du et al., CVPR 2023,
+github.com/AngusDujw/FTD-distillation, ``buffer/buffer_FTD.py``) trains its experts sharpness-aware, GSAM
+with ASAM's adaptive perturbation around the same SGD: :class:`fastdd.flat.SharpnessAware` with radius
+``flat`` (FTD's rho 0.01, constant; alpha :data:`fastdd.flat.GSAM_ALPHA` 0.4; adaptive), two
+forward-backward passes per batch. ``meta`` holds ``"flat"`` only when ``flat`` > 0, so plain experts keep
+the ``meta`` they had before the option existed: a file without the key is plain SGD, and a plain run
+continues a directory made before.
+
 Randomness: expert ``i`` draws everything (initialisation, minibatch order, augmentation) from its
 own CPU generator seeded with :func:`expert_seed` ``(seed, i)``, so an expert does not depend on how
 many were trained before it; running again with a larger ``num_experts`` adds experts.
@@ -36,6 +44,7 @@ from fastdd.data import RealDataset
 from fastdd.distributed import SINGLE, World
 from fastdd.errors import DamagedFileError, NonFiniteError
 from fastdd.evaluation import compute_accuracy
+from fastdd.flat import SharpnessAware
 from fastdd.io import atomic_torch_save, load_torch_file
 from fastdd.models import get_network
 from fastdd.progress import progress_bar
@@ -69,7 +78,7 @@ def human_bytes(n: float) -> str:
 
 
 def _validate(num_experts: int, epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
-              augment: str, seed: int) -> None:
+              augment: str, seed: int, flat: float) -> None:
     for name, value in (("num_experts", num_experts), ("epochs", epochs), ("batch_size", batch_size)):
         positive_int(name, value)
     positive_float("lr", lr)
@@ -77,6 +86,7 @@ def _validate(num_experts: int, epochs: int, lr: float, momentum: float, weight_
     nonnegative_float("weight_decay", weight_decay)
     one_of("augment", augment, AUGMENTS)
     integer("seed", seed)
+    nonnegative_float("flat (--flat)", flat)
 
 
 def _stored_meta(path: Path) -> dict[str, Any]:
@@ -150,8 +160,8 @@ def _train_expert(
     generator = torch.Generator().manual_seed(expert_seed(meta["seed"], index))
     net = get_network(meta["model"], train.channels, train.num_classes, tuple(meta["im_size"]), generator)
     net = net.to(train.device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=meta["lr"], momentum=meta["momentum"],
-                                weight_decay=meta["weight_decay"])
+    sgd = torch.optim.SGD(net.parameters(), lr=meta["lr"], momentum=meta["momentum"], weight_decay=meta["weight_decay"])
+    optimizer = SharpnessAware(sgd, meta.get("flat", 0.0), net)  # radius 0: the SGD's own steps
     epochs = meta["epochs"]
     params = torch.empty(epochs + 1, sum(p.numel() for p in net.parameters()))
     params[0] = parameters_to_vector(net.parameters()).detach().cpu()
@@ -200,6 +210,7 @@ def train_experts(
     test: RealDataset | None = None,
     progress: bool = True,
     world: World = SINGLE,
+    flat: float = 0.0,
 ) -> list[Path]:
     """Train experts 0 .. num_experts - 1 on ``train`` and write their trajectories into ``out_dir``.
 
@@ -210,14 +221,15 @@ def train_experts(
     takes ``num_experts * (epochs + 1) * P * 4`` bytes; this and the free space are printed first,
     and a ValueError is raised when the experts still to write do not fit. Finished experts are
     skipped, a partial one continues (module docstring). With ``test``, each trained expert's final
-    test accuracy is printed. Returns the paths of the expert files.
+    test accuracy is printed. ``flat``: 0 trains with plain SGD, > 0 sharpness-aware with that radius
+    (module docstring; FTD used 0.01), about twice the time. Returns the paths of the expert files.
     """
-    _validate(num_experts, epochs, lr, momentum, weight_decay, batch_size, augment, seed)
+    _validate(num_experts, epochs, lr, momentum, weight_decay, batch_size, augment, seed, flat)
     out_dir = Path(out_dir)
     strategy = dsa_strategy_for(train.name) if augment == "dsa" else None
     meta = {**run_setup(train, model), "train_size": len(train), "lr": float(lr), "momentum": float(momentum),
             "weight_decay": float(weight_decay), "batch_size": batch_size, "epochs": epochs, "augment": augment,
-            "dsa_strategy": strategy, "seed": seed}
+            "dsa_strategy": strategy, "seed": seed, **({"flat": float(flat)} if flat > 0 else {})}
     num_params = sum(p.numel() for p in get_network(model, train.channels, train.num_classes,
                                                     (train.height, train.width), torch.Generator()).parameters())
     if out_dir.is_dir():

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from fastdd.allocator import process_memory
 from fastdd.methods.base import IMAGE_COPIES, Distiller, device_memory
 from fastdd.methods.dc import DC
+from fastdd.methods.dcc import DCC
 from fastdd.methods.dm import DM, REAL_CHUNK_PIXELS, SYN_CHUNK_PIXELS
 from fastdd.methods.idc import IDC
 from fastdd.methods.matching import MAX_BATCHED_PER_CLASS
@@ -210,6 +211,20 @@ def _dc(d: DC, act: ActivationBytes) -> list[Term]:
     training = Term(f"network training ({train} images a batch)", _images(train, act.first_order),
                     ("a smaller --model",))
     return [max(matching, training, key=lambda term: term.bytes)]
+
+
+@step_terms.register
+def _dcc(d: DCC, act: ActivationBytes) -> list[Term]:
+    """DC's working set (:func:`_dc`: the warm-up's matching steps, the network's training) or, when larger, a
+    contrastive matching step: :data:`REAL_PASS_SHARE` of a real class batch's first-order pass, one second-order pass
+    over every synthetic image of this process's classes with its backward, and with DSA their augmented copies."""
+    (dc,) = _dc(d, act)
+    syn = len(d.own_classes) * d.ipc
+    image_bytes = 4 * d.train.channels * d.train.height * d.train.width
+    passes = _images(d.batch_real, REAL_PASS_SHARE * act.first_order) + _images(syn, BACKWARD_FACTOR * act.second_order)
+    contrastive = Term(f"contrastive matching step ({d.batch_real} real images, {syn} synthetic images in one pass)",
+                       passes + (0 if d.dsa is None else syn * image_bytes), _matching(d, act, d.ipc, copies=1).options)
+    return [max(dc, contrastive, key=lambda term: term.bytes)]
 
 
 @step_terms.register

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd.distributed import SINGLE, World
+from fastdd.flat import SharpnessAware
 from fastdd.models import fused_blocks
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
@@ -19,7 +20,7 @@ def train_epoch(
     net: nn.Module,
     images: Tensor,
     labels: Tensor,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | SharpnessAware,
     generator: torch.Generator,
     batch_size: int = 256,
     augment: Augment | None = None,
@@ -30,8 +31,10 @@ def train_epoch(
 
     The order comes from ``torch.randperm(generator=generator)``; ``transform(x)`` (e.g.
     ``RealDataset.normalize`` for uint8 images) and then ``augment(x, generator)`` are applied to
-    every batch when given. ConvNet blocks run fused (:func:`fastdd.models.fused_blocks`). Returns the
-    mean cross-entropy over the epoch.
+    every batch when given. ConvNet blocks run fused (:func:`fastdd.models.fused_blocks`). Each batch is one
+    ``optimizer.step(closure)`` after ``optimizer.zero_grad()``, the closure back-propagating the batch's loss:
+    a torch optimizer calls it once, a :class:`fastdd.flat.SharpnessAware` twice (on the same augmented
+    batch). Returns the mean cross-entropy over the epoch (with SharpnessAware, at the unperturbed weights).
 
     Over several processes (``world``; every process holding the same network, data and generator), each
     batch is drawn and augmented whole in every process, each process back-propagates its share of the batch's
@@ -50,15 +53,20 @@ def train_epoch(
         if augment is not None:
             x = augment(x, generator)
         optimizer.zero_grad(set_to_none=True)
-        if world.size == 1:
-            with fused_blocks():
-                loss = F.cross_entropy(net(x), y)
-            loss.backward()
-        else:
-            loss = _shared_backward(net, x, y, world)
-        optimizer.step()
+        loss = optimizer.step(lambda: _backward(net, x, y, world))
         total += loss.item() * len(idx)
     return total / len(images)
+
+
+def _backward(net: nn.Module, x: Tensor, y: Tensor, world: World) -> Tensor:
+    """The batch's mean cross-entropy, back-propagated into the parameters' gradients (summed over the processes,
+    :func:`_shared_backward`, when there are several); returns the loss. The optimizer's closure: zeroes nothing."""
+    if world.size > 1:
+        return _shared_backward(net, x, y, world)
+    with fused_blocks():
+        loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    return loss
 
 
 def _shared_backward(net: nn.Module, x: Tensor, y: Tensor, world: World) -> Tensor:
@@ -86,7 +94,7 @@ def train_epochs(
     net: nn.Module,
     images: Tensor,
     labels: Tensor,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | SharpnessAware,
     generator: torch.Generator,
     epochs: int,
     *,

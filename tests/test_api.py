@@ -76,8 +76,14 @@ def test_config_stores_plain_values():
     ({"sdc_lambda": 1.0}, "--sdc-lambda is an option of --plugin sdc; sdc_lambda must be None"),
     ({"plugins": ["udd"], "udd_quantile": 1.0}, "udd_quantile (--udd-quantile) must be a number in (0, 1)"),
     ({"plugins": ["udd"], "method": "dm"}, "--plugin udd applies to --method dc, dsa, idc, not dm"),
-    ({"syn_steps": 5}, "--syn-steps is an option of --method mtt only; syn_steps must be None"),
+    ({"syn_steps": 5}, "--syn-steps is an option of --method mtt, ftd, datm; syn_steps must be None"),
     ({"method": "mtt"}, "--method mtt needs --experts DIR (experts)"),
+    ({"method": "ftd"}, "--method ftd needs --experts DIR (experts)"),
+    ({"method": "mtt", "experts": "e", "ema_decay": 0.9}, "--ema-decay is an option of --method ftd; ema_decay must"),
+    ({"method": "ftd", "experts": "e", "lr_labels": 2.0}, "--lr-labels is an option of --method datm; lr_labels must"),
+    ({"method": "ftd", "experts": "e", "ema_decay": 1.0}, "ema_decay (--ema-decay) must be a number in [0, 1), got 1"),
+    ({"method": "datm", "experts": "e", "expansion_end": -0.1}, "expansion_end (--expansion-end) must be a number in"),
+    ({"method": "datm", "experts": "e", "init": "mix"}, "init (--init) of --method datm must be one of 'correct', "),
     ({"method": "mtt", "experts": "e", "batch_real": 8}, "batch_real (--batch-real) does not apply to --method mtt"),
 ])
 def test_a_bad_field_is_one_line_naming_it(fields, message):

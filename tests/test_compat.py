@@ -9,7 +9,9 @@ import torch
 
 from fastdd.compat import (
     DiffAugment,
+    ModelEmaV2,
     ParamDiffAug,
+    SoftCrossEntropy,
     TensorDataset,
     distance_wb,
     epoch,
@@ -110,3 +112,32 @@ def test_tensor_dataset_epoch_and_evaluate_synset():
     with pytest.raises(ValueError, match="dc_aug_param"):
         epoch("train", test_loader, net, torch.optim.SGD(net.parameters(), 0.01), torch.nn.CrossEntropyLoss(), args,
               aug=True)
+
+
+def test_soft_cross_entropy_is_datms_definition():
+    g = torch.Generator().manual_seed(0)
+    inputs, target = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g,
+                                                                                      dtype=torch.float64)
+    want = torch.sum(-torch.log_softmax(inputs, 1) * torch.softmax(target, 1)) / 5
+    torch.testing.assert_close(SoftCrossEntropy(inputs, target), want, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="reduction must be 'average'"):
+        SoftCrossEntropy(inputs, target, reduction="sum")
+
+
+def test_model_ema_v2_averages_the_tensors():
+    x = torch.zeros(3)
+    ema = ModelEmaV2([x], decay=0.75)
+    for value in (4.0, 8.0):
+        x.fill_(value)
+        ema.update([x])
+    torch.testing.assert_close(ema.module[0], torch.full((3,), 0.75 * (0.25 * 4.0) + 0.25 * 8.0))
+
+
+def test_evaluate_synset_trains_on_soft_labels_with_datms_criterion():
+    torch.manual_seed(0)
+    images, soft = torch.randn(20, 1, 28, 28), torch.randn(20, 10)
+    test_loader = torch.utils.data.DataLoader(TensorDataset(images, torch.arange(10).repeat(2)), batch_size=8)
+    args = SimpleNamespace(device="cpu", lr_net=0.01, epoch_eval_train=1, batch_train=256, dsa=False)
+    net = get_network("ConvNet", 1, 10, (28, 28))
+    _, acc_train, acc_test = evaluate_synset(0, net, images, soft, test_loader, args, train_criterion=SoftCrossEntropy)
+    assert 0 <= acc_train <= 1 and 0 <= acc_test <= 1

@@ -111,7 +111,7 @@ def assert_grads_close(got, want):
 
 def test_exact_mode_matches_the_hand_unrolled_reference(tiny, experts):
     d = make(tiny, experts)
-    unroll = d.sample_unroll()
+    unroll = d.sample_unroll(0)
     assert [len(idx) for idx, _ in unroll.batches] == [4, 2, 4]  # chunks of a permutation, then a new one
     loss = d.backward(unroll)
     want_loss, want_images, want_lr = reference(d, unroll, experts)
@@ -123,7 +123,7 @@ def test_exact_mode_matches_the_hand_unrolled_reference(tiny, experts):
 
 def test_lean_mode_equals_the_reference_with_detached_starting_points(tiny, experts):
     lean, exact = make(tiny, experts, mode="lean"), make(tiny, experts)
-    unroll = lean.sample_unroll()
+    unroll = lean.sample_unroll(0)
     loss = lean.backward(unroll)
     want_loss, want_images, want_lr = reference(lean, unroll, experts, detach_start=True)
     assert loss == pytest.approx(want_loss, rel=1e-5)
@@ -140,7 +140,7 @@ def test_sdc_term_at_every_student_matches_the_hand_unrolled_reference(tiny, exp
     """With the SDC plug-in: the exact and flat modes differentiate the term through the whole unroll; the lean mode
     holds each student constant, as it does for the matching gradient (so syn_lr gets no part of it)."""
     d = make(tiny, experts, mode=mode, plugins=[SDC(0.5)])
-    unroll = d.sample_unroll()
+    unroll = d.sample_unroll(0)
     loss = d.backward(unroll)
     want_loss, want_images, want_lr = reference(d, unroll, experts, detach_start=mode == "lean", sdc=0.5)
     assert loss == pytest.approx(want_loss, rel=1e-5)
@@ -167,7 +167,7 @@ def test_lean_mode_misses_exactly_the_hessian_term_of_the_later_step(tiny, exper
     """For two steps P_0 = I - alpha H_1, so exact - lean = alpha^2 J_0^T H_1 lambda for the images and
     alpha g_0^T H_1 lambda for the rate (module docstring), with no higher-order rest."""
     lean, exact = make(tiny, experts, mode="lean", syn_steps=2), make(tiny, experts, syn_steps=2)
-    unroll = lean.sample_unroll()
+    unroll = lean.sample_unroll(0)
     lean.backward(unroll)
     exact.backward(unroll)
     alpha, rows = exact.syn_lr.detach(), exact.expert_rows[unroll.expert]
@@ -193,7 +193,7 @@ def test_lean_image_gradient_error_shrinks_with_the_step_size(tiny, experts):
     shrinks in proportion to the rate."""
     def relative_error(rate):
         lean, exact = make(tiny, experts, mode="lean", syn_lr=rate), make(tiny, experts, syn_lr=rate)
-        unroll = lean.sample_unroll()
+        unroll = lean.sample_unroll(0)
         lean.backward(unroll)
         exact.backward(unroll)
         return float((exact.images.grad - lean.images.grad).norm() / exact.images.grad.norm())
@@ -203,7 +203,7 @@ def test_lean_image_gradient_error_shrinks_with_the_step_size(tiny, experts):
 
 def test_lean_mode_is_exact_for_one_step(tiny, experts):
     lean, exact = make(tiny, experts, mode="lean", syn_steps=1), make(tiny, experts, syn_steps=1)
-    unroll = lean.sample_unroll()
+    unroll = lean.sample_unroll(0)
     assert lean.backward(unroll) == pytest.approx(exact.backward(unroll), rel=1e-6)
     assert_grads_close(lean.images.grad, exact.images.grad)
     assert_grads_close(lean.syn_lr.grad, exact.syn_lr.grad)
@@ -260,7 +260,7 @@ def in_float64(d: MTT) -> MTT:
 ], ids=["batch_syn<all", "batch_syn=all", "sdc"])
 def test_flat_mode_equals_the_exact_mode_in_float64(tiny, experts, kwargs):
     exact, flat = (in_float64(make(tiny, experts, mode=mode, **kwargs)) for mode in ("exact", "flat"))
-    unroll = exact.sample_unroll()
+    unroll = exact.sample_unroll(0)
     assert len({int(params.op[0]) for _, params in unroll.batches}) > 1  # several augmentations, replayed
     assert flat.backward(unroll) == pytest.approx(exact.backward(unroll), rel=1e-14)
     for got, want in ((flat.images.grad, exact.images.grad), (flat.syn_lr.grad, exact.syn_lr.grad)):
@@ -305,7 +305,7 @@ def test_saved_activation_memory_grows_with_syn_steps_in_the_exact_mode_only(tin
     peaks = []
     for steps in (2, 8):
         d = make(tiny, experts, mode=mode, syn_steps=steps, batch_syn=None)
-        unroll = d.sample_unroll()
+        unroll = d.sample_unroll(0)
         counter = SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
             d.backward(Unroll(unroll.expert, unroll.start, unroll.batches[:1] * steps))
@@ -333,7 +333,7 @@ def test_learned_soft_labels_get_the_hand_unrolled_references_gradients_in_float
     """Every mode's gradients for the images, the rate and the label logits against the reference (the lean mode:
     with detached starting points), with the SDC term, which uses the class labels."""
     d = in_float64(make(tiny, experts, mode=mode, soft_labels=True, learn_soft_labels=True, plugins=[SDC(0.5)]))
-    unroll = d.sample_unroll()
+    unroll = d.sample_unroll(0)
     loss = d.backward(unroll)
     want_loss, *want = reference(d, unroll, experts, detach_start=mode == "lean", sdc=0.5)
     assert loss == pytest.approx(want_loss, rel=1e-12)
@@ -460,7 +460,7 @@ def test_cli_distills_with_mtt_and_resumes(tmp_path, capsys):
     assert main([*args, "--resume"]) == 0
     capsys.readouterr()
     assert main([*args[:4], "dc", *args[5:]]) == 1
-    assert "--experts is an option of --method mtt only" in capsys.readouterr().err
+    assert "--experts is an option of --method mtt, ftd, datm;" in capsys.readouterr().err
     assert main([*args[:5], *args[7:]]) == 1
     assert "--method mtt needs --experts" in capsys.readouterr().err
 

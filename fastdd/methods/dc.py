@@ -112,15 +112,22 @@ class DC(Distiller):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
 
-    def outer_step(self, net: nn.Module, net_optimizer: torch.optim.Optimizer, train_network: bool) -> float:
-        """One outer step on ``net``: the matching step of this process's classes (the image update), then, with
-        ``train_network``, ``inner_loop`` epochs of training ``net`` on the whole synthetic set (data-parallel
-        over the processes but with BatchNorm, which every process trains whole). Returns the step's loss, summed
-        over the processes."""
+    def step_loss(self, net: nn.Module, real: Sequence[Tensor], params, iteration: int, step: int) -> Tensor:
+        """The loss of matching step ``step`` (0-based) of outer iteration ``iteration``: :meth:`matching_loss` at
+        every step (DCC's changes with the step, :mod:`fastdd.methods.dcc`)."""
+        return self.matching_loss(net, real, params)
+
+    def outer_step(self, net: nn.Module, net_optimizer: torch.optim.Optimizer, train_network: bool,
+                   iteration: int = 0, step: int = 0) -> float:
+        """One outer step on ``net``, matching step ``step`` of outer iteration ``iteration`` (default the run's first;
+        DC's loss does not depend on them): the matching step of this process's classes (the image update, on
+        :meth:`step_loss`), then, with ``train_network``, ``inner_loop`` epochs of training ``net`` on the whole
+        synthetic set (data-parallel over the processes but with BatchNorm, which every process trains whole).
+        Returns the step's loss, summed over the processes."""
         batchnorm = has_batchnorm(net)
         if batchnorm:
             self._set_batchnorm_statistics(net)
-        loss = self.matching_loss(net, self.real_batches(), self.augmentation_params())
+        loss = self.step_loss(net, self.real_batches(), self.augmentation_params(), iteration, step)
         total = self.world.sum(self.update_images(loss, net))
         if train_network:
             self.world.share_rows(self.images, self.ipc)  # every process trains on every class's images
@@ -133,8 +140,8 @@ class DC(Distiller):
         net = self.new_network()
         net.train()
         net_optimizer = torch.optim.SGD(net.parameters(), lr=self.lr_net)
-        total = sum(self.outer_step(net, net_optimizer, train_network=outer < self.outer_loop - 1)
-                    for outer in range(self.outer_loop))
+        total = sum(self.outer_step(net, net_optimizer, train_network=outer < self.outer_loop - 1, iteration=iteration,
+                                    step=outer) for outer in range(self.outer_loop))
         return {"loss": total / self.outer_loop}
 
 

@@ -81,18 +81,23 @@ def default_max_start_epoch(ipc: int) -> int:
     return 2 if ipc == 1 else 4
 
 
-def load_expert_rows(directory: str | Path, rows: int, setup: dict[str, Any]) -> Tensor:
+def load_expert_rows(directory: str | Path, rows: int, setup: dict[str, Any], method: str = "mtt",
+                     flat: bool = False) -> Tensor:
     """Rows ``0 .. rows - 1`` of every expert in ``directory``: float32 [experts, rows, P] on CPU.
 
     Files are read one at a time and only these rows are kept. Each expert must have been made in the
-    run's ``setup`` (:func:`fastdd.trajectory.run_setup`) and hold at least ``rows - 1`` epochs; a
-    ValueError says what differs.
+    run's ``setup`` (:func:`fastdd.trajectory.run_setup`), hold at least ``rows - 1`` epochs and, with ``flat``,
+    have been trained sharpness-aware (``fastdd experts --flat``, ``meta["flat"] > 0``); a ValueError says what
+    differs (``method``: the distiller named in it).
     """
     paths = expert_paths(directory)
     kept = []
     for path in paths:
         expert = Trajectory.load(path)
         check_setup(expert, path, setup)
+        if flat and not expert.meta.get("flat", 0) > 0:
+            raise ValueError(f"experts: {path} was trained with plain SGD; --method {method} matches flat "
+                             f"trajectories: make them with `fastdd experts --flat 0.01 --out DIR ...`")
         if expert.params.shape[0] < rows:
             raise ValueError(f"max_start_epoch + expert_epochs - 1 = {rows - 1} epochs are needed, but {path} holds "
                              f"{expert.epochs}: lower max_start_epoch or expert_epochs, or train longer experts")
@@ -144,6 +149,7 @@ class MTT(Distiller):
     default_lr_img = 1000.0
     default_init = "real"
     distributed = True
+    flat_experts = False  # whether the experts must have been trained sharpness-aware (fastdd experts --flat)
 
     def __init__(
         self,
@@ -187,7 +193,7 @@ class MTT(Distiller):
                              "and MTT's students are parameter vectors")
         super().__init__(train, ipc, generator, plugins=plugins, **kwargs)
         if plugins and self.world.size > 1:
-            raise ValueError(f"--plugin sdc with --method mtt runs in one process; started by torchrun with "
+            raise ValueError(f"--plugin sdc with --method {self.name} runs in one process; started by torchrun with "
                              f"{self.world.size} processes, use one or leave the plug-in out")
         self.mode = mode
         self.syn_steps = syn_steps
@@ -198,7 +204,7 @@ class MTT(Distiller):
         self.syn_lr_init = syn_lr
         self.experts = Path(experts)
         self.expert_rows = load_expert_rows(self.experts, max_start_epoch + expert_epochs,
-                                            run_setup(train, self.model))
+                                            run_setup(train, self.model), self.name, self.flat_experts)
         self.student = self.new_network().requires_grad_(False).train()
         named = list(self.student.named_parameters())
         self._names = [n for n, _ in named]
@@ -234,12 +240,15 @@ class MTT(Distiller):
                  if p.lam > 0]
         return torch.stack(terms).sum() / self.syn_steps if terms else None
 
+    def final_expert(self) -> dict[str, Tensor]:
+        """The parameters of the first expert's network after its final epoch, as the student's named tensors."""
+        return self.student_params(Trajectory.load(expert_paths(self.experts)[0]).params[-1].to(self.device))
+
     def expert_logits(self) -> Tensor:
-        """The logits float32 [N, K] of the first expert's network after its final epoch on the current synthetic
-        images (not augmented): the soft labels' starting point."""
-        final = Trajectory.load(expert_paths(self.experts)[0]).params[-1].to(self.device)
+        """The logits float32 [N, K] of :meth:`final_expert` on the current synthetic images (not augmented): the
+        soft labels' starting point."""
         with torch.no_grad():
-            return functional_call(self.student, self.student_params(final), (self.images.detach(),))
+            return functional_call(self.student, self.final_expert(), (self.images.detach(),))
 
     def targets(self) -> Tensor:
         """What the students train towards: the class labels int64 [N], or with soft labels the distributions
@@ -258,10 +267,16 @@ class MTT(Distiller):
         groups = torch.arange(len(idx), device=self.device)[share]
         return self.dsa.apply(images[idx[share]], params, groups), self.targets()[idx[share]]
 
-    def sample_unroll(self) -> Unroll:
-        """Draw an iteration's expert, start epoch, minibatches and augmentations from the generator."""
+    def start_epochs(self, iteration: int) -> range:
+        """The start epochs iteration ``iteration`` (0-based) draws from: ``0 .. max_start_epoch - 1``."""
+        return range(self.max_start_epoch)
+
+    def sample_unroll(self, iteration: int) -> Unroll:
+        """Draw iteration ``iteration``'s expert, start epoch (from :meth:`start_epochs`), minibatches and
+        augmentations from the generator."""
         expert = int(torch.randint(len(self.expert_rows), (1,), generator=self.generator))
-        start = int(torch.randint(self.max_start_epoch, (1,), generator=self.generator))
+        epochs = self.start_epochs(iteration)
+        start = int(torch.randint(epochs.start, epochs.stop, (1,), generator=self.generator))
         chunks: list[Tensor] = []
         batches = []
         for _ in range(self.syn_steps):
@@ -323,8 +338,8 @@ class MTT(Distiller):
         theta0 = rows[unroll.start].to(self.device)
         target = rows[unroll.start + self.expert_epochs].to(self.device)
         scale = (theta0 - target).pow(2).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_optimizer.zero_grad(set_to_none=True)
+        for tensor in self.learned():
+            tensor.grad = None
         if self.mode == "exact":
             loss = self._backward_exact(unroll, theta0, target, scale)
             self._sum_shared_gradients()
@@ -369,17 +384,23 @@ class MTT(Distiller):
                                  f"(0, {limit:.6g}] (initial {self.syn_lr_init:.6g}); the run stopped. "
                                  "Try a lower --lr-lr.")
 
-    def step(self, iteration: int) -> dict[str, float]:
-        unroll = self.sample_unroll()
-        loss = self.backward(unroll)
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"iteration {iteration}: the MTT loss is {loss} (expert {unroll.expert}, start epoch "
-                                 f"{unroll.start}, learned lr {self.syn_lr.item():.6g}); the run stopped before "
-                                 "updating. Try a lower --lr-img or --lr-lr, or check the experts.")
+    def update(self, loss: float) -> dict[str, float]:
+        """Step the optimisers of the :meth:`learned` tensors, whose gradients are set; returns extra metrics."""
         self.optimizer.step()
         self.lr_optimizer.step()
+        return {}
+
+    def step(self, iteration: int) -> dict[str, float]:
+        unroll = self.sample_unroll(iteration)
+        loss = self.backward(unroll)
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"iteration {iteration}: the {self.name.upper()} loss is {loss} (expert "
+                                 f"{unroll.expert}, start epoch {unroll.start}, learned lr {self.syn_lr.item():.6g}); "
+                                 "the run stopped before updating. Try a lower --lr-img or --lr-lr, or check the "
+                                 "experts.")
+        metrics = self.update(loss)
         self.check_learned_lr(iteration)
-        return {"loss": loss, "syn_lr": self.syn_lr.item(), "start_epoch": float(unroll.start)}
+        return {"loss": loss, "syn_lr": self.syn_lr.item(), "start_epoch": float(unroll.start), **metrics}
 
     # ----------------------------------------------------------------------------- state
     def hparams(self) -> dict[str, Any]:
