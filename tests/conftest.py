@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny random real data set that every distiller test can use; NaN-poisoned
-kernel outputs; Triton kernels interpreted on CPU when no GPU is present."""
+kernel outputs; Triton kernels interpreted on CPU when no GPU is present; a script run over two processes."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -37,3 +40,15 @@ def make_dataset(num_classes: int = 3, per_class: int = 12, channels: int = 1, s
 @pytest.fixture
 def tiny() -> RealDataset:
     return make_dataset()
+
+
+def run_on_two_processes(script: str, tmp_path: Path) -> None:
+    """Run the Python ``script`` under torchrun with two gloo processes of one thread each, leaving the process group
+    at its end (a process exiting while the other still holds the group can abort it); both must succeed and print
+    "equal" (the script compares a split computation with one process's)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(script + "\nfrom fastdd.distributed import leave\nleave()\n")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(worker)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("equal") == 2  # one line from each process, possibly interleaved

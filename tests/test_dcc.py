@@ -5,15 +5,12 @@ bad arguments."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_dataset
+from conftest import make_dataset, run_on_two_processes
 from fastdd.data import load_dataset
 from fastdd.evaluation import default_eval_config
 from fastdd.memory import activation_bytes, step_terms
@@ -174,12 +171,7 @@ def test_bad_warmup_is_named(tiny, warmup):
 def test_two_processes_equal_one(tmp_path):
     """Two iterations (the first in the warm-up) of two matching steps with network training between them, DCC with
     the SDC plug-in and DSAC, under torchrun with two processes against one: images and reported losses."""
-    worker = tmp_path / "dcc.py"
-    worker.write_text(TWO_PROCESSES)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(worker)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("equal") == 2
+    run_on_two_processes(TWO_PROCESSES, tmp_path)
 
 
 TWO_PROCESSES = """

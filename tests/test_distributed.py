@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_on_two_processes
 from fastdd.cli import main
 from fastdd.distributed import World
 from fastdd.memory import process_share
@@ -77,18 +78,23 @@ def test_two_processes_equal_one(tmp_path, method, options):
     one, two = distill(tmp_path / "one", 1, *options), distill(tmp_path / "two", 2, *options)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-2000:]
     a, b = (SyntheticSet.load(tmp_path / run / "synset.safetensors") for run in ("one", "two"))
-    torch.testing.assert_close(b.images, a.images, rtol=1e-5, atol=1e-5)
+    # 1e-4: each process's class-batched pass covers its own classes (5 of 10), so the convolutions sum in another
+    # order; on some CPUs (Intel Xeon, one thread) that rounding reaches 6e-5 on DC's images after two iterations
+    torch.testing.assert_close(b.images, a.images, rtol=1e-4, atol=1e-4)
     assert two.stdout.count("fastdd distill") == 1  # one summary, from the first process
 
 
-@pytest.mark.parametrize("mode", ["exact", "flat", "lean"])
-def test_mtt_over_two_processes_equals_one(tmp_path, mode):
-    """Each student step's batch is split over the processes; the images' gradients are summed."""
+@pytest.mark.parametrize("method,mode", [("mtt", "exact"), ("mtt", "flat"), ("mtt", "lean"), ("ftd", "exact"),
+                                         ("datm", "lean")])
+def test_mtt_over_two_processes_equals_one(tmp_path, method, mode):
+    """Each student step's batch is split over the processes; the images' (and DATM's labels') gradients are
+    summed."""
+    flat = ("--flat", "0.01") if method == "ftd" else ()
     experts = subprocess.run(fastdd_command(1, "experts", "--out", str(tmp_path / "experts"), "--num-experts", "1",
-                                            "--epochs", "2", "--device", "cpu", "--quiet"),
+                                            "--epochs", "2", "--device", "cpu", "--quiet", *flat),
                              capture_output=True, text=True, env=ENV)
     assert experts.returncode == 0, experts.stderr[-2000:]
-    options = ("--method", "mtt", "--experts", str(tmp_path / "experts"), "--ipc", "2", "--iterations", "1",
+    options = ("--method", method, "--experts", str(tmp_path / "experts"), "--ipc", "2", "--iterations", "1",
                "--syn-steps", "3", "--expert-epochs", "1", "--max-start-epoch", "1", "--batch-syn", "7",
                "--mtt-mode", mode)
     one, two = distill(tmp_path / "one", 1, *options), distill(tmp_path / "two", 2, *options)
@@ -98,6 +104,8 @@ def test_mtt_over_two_processes_equals_one(tmp_path, mode):
     # between one process on one thread and on two as well
     torch.testing.assert_close(b.images, a.images, rtol=1e-4, atol=1e-4)
     assert b.lr == pytest.approx(a.lr, rel=1e-6)
+    if method == "datm":
+        torch.testing.assert_close(b.soft_labels, a.soft_labels, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method,options", [
@@ -192,25 +200,16 @@ def test_evaluation_over_two_processes_equals_one(tmp_path):
         reports[0]["distilled"]["accuracies"]
 
 
-def test_data_parallel_training_equals_one_process(tmp_path):
-    worker = tmp_path / "train.py"
-    worker.write_text(TRAINING)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(worker)], capture_output=True, text=True, env=ENV)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("equal") == 2  # one line from each process, possibly interleaved
+@pytest.mark.parametrize("radius", [0.0, 0.01], ids=["sgd", "sharpness-aware"])
+def test_data_parallel_training_equals_one_process(tmp_path, radius):
+    run_on_two_processes(TRAINING.replace("RADIUS", str(radius)), tmp_path)
 
 
 def test_idc_over_two_processes_equals_one(tmp_path):
     """Three matching steps, with the UDD plug-in on the decoded images: IDC's 100 an iteration turn rounding into
     differences of 1e-1 (data-parallel training sums the gradients in another order; one process on 1 and on 2
     threads differs as much)."""
-    worker = tmp_path / "idc.py"
-    worker.write_text(IDC_RUN)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(worker)], capture_output=True, text=True, env=ENV)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.count("equal") == 2
+    run_on_two_processes(IDC_RUN, tmp_path)
 
 
 # Each process runs two IDC iterations of 3 matching steps (UDD mining at every update) in one process and split over
@@ -237,11 +236,14 @@ print("equal")
 """
 
 
-# Each process trains a network 20 epochs with DSA alone and data-parallel, and compares the two.
+# Each process trains a network 3 epochs with DSA alone and data-parallel, and compares the two; its SGD is
+# sharpness-aware with radius RADIUS (0: plain). Longer training grows the rounding differences of the gradients'
+# sums (taken in another order) past the tolerance with momentum 0.9 on some CPUs.
 TRAINING = """
 import torch
 from fastdd.augment import DSA
 from fastdd.distributed import SINGLE, join
+from fastdd.flat import SharpnessAware
 from fastdd.models import get_network
 from fastdd.train import train_epochs
 
@@ -251,8 +253,8 @@ y = torch.arange(37) % 10
 trained = []
 for w in (SINGLE, world):
     net = get_network("ConvNetW32", 3, 10, (16, 16), torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    train_epochs(net, x, y, optimizer, torch.Generator().manual_seed(3), 20, batch_size=16, augment=DSA("color_crop"),
+    optimizer = SharpnessAware(torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), RADIUS, net)
+    train_epochs(net, x, y, optimizer, torch.Generator().manual_seed(3), 3, batch_size=16, augment=DSA("color_crop"),
                  world=w)
     trained.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
 torch.testing.assert_close(trained[1], trained[0], rtol=1e-5, atol=1e-6)

@@ -54,8 +54,9 @@ def test_same_seed_same_trajectories_and_experts_independent_of_count(tiny, tmp_
     assert not torch.equal(a.params[0], c.params[0])
 
 
-def test_resume_after_kill_gives_the_same_files(tiny, tmp_path, monkeypatch):
-    run(tiny, tmp_path / "full")
+@pytest.mark.parametrize("flat", [0.0, 0.01], ids=["plain", "flat"])
+def test_resume_after_kill_gives_the_same_files(tiny, tmp_path, monkeypatch, flat):
+    run(tiny, tmp_path / "full", flat=flat)
     train_epoch = fastdd.train.train_epoch
     calls = {"n": 0}
 
@@ -67,14 +68,14 @@ def test_resume_after_kill_gives_the_same_files(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(fastdd.train, "train_epoch", dies_in_fifth_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny, tmp_path / "killed")
+        run(tiny, tmp_path / "killed", flat=flat)
     monkeypatch.setattr(fastdd.train, "train_epoch", train_epoch)
     killed = tmp_path / "killed"
     assert expert_path(killed, 0).exists() and not expert_path(killed, 1).exists()
     partial = torch.load(partial_path(killed, 1), weights_only=True)
     assert partial["rows"].shape[0] == 2  # the initialisation and epoch 1
 
-    run(tiny, killed)
+    run(tiny, killed, flat=flat)
     assert not partial_path(killed, 1).exists()
     for i in range(2):
         assert expert_path(killed, i).read_bytes() == expert_path(tmp_path / "full", i).read_bytes()

@@ -26,7 +26,7 @@ from fastdd.models import get_network
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epochs
 from fastdd.trajectory import Trajectory, expert_paths
-from test_mtt import MODEL, in_float64, reference, write_experts
+from test_mtt import MODEL, assert_float64_reference, in_float64, write_experts
 
 ARGS = {"ipc": 2, "syn_steps": 3, "expert_epochs": 2, "batch_syn": 4}
 
@@ -79,12 +79,7 @@ def test_ftd_default_decay_keeps_a_window_of_two_fifths_of_the_run():
 
 
 def test_ftd_gradients_are_mtts_and_its_state_resumes_bit_for_bit(tiny, flat):
-    d = in_float64(make(FTD, tiny, flat, plugins=[SDC(0.5)]))
-    unroll = d.sample_unroll(0)
-    loss = d.backward(unroll)
-    want_loss, want_images, want_lr = reference(d, unroll, flat, sdc=0.5)
-    assert loss == pytest.approx(want_loss, rel=1e-12)
-    torch.testing.assert_close(d.images.grad, want_images, rtol=1e-10, atol=1e-10 * float(want_images.abs().max()))
+    assert_float64_reference(in_float64(make(FTD, tiny, flat, plugins=[SDC(0.5)])), flat, 0.5)
 
     a = make(FTD, tiny, flat, ema_decay=0.5)
     a.step(0)
@@ -161,14 +156,7 @@ def test_datm_refuses_a_class_the_expert_never_recognises(tmp_path, tiny, flat):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_datm_soft_labels_get_the_hand_unrolled_references_gradients_in_float64(tiny, flat, mode):
-    d = in_float64(make(DATM, tiny, flat, mode=mode, plugins=[SDC(0.5)]))
-    unroll = d.sample_unroll(0)
-    loss = d.backward(unroll)
-    want_loss, *want = reference(d, unroll, flat, detach_start=mode == "lean", sdc=0.5)
-    assert loss == pytest.approx(want_loss, rel=1e-12)
-    for got, expected in zip((d.images.grad, d.syn_lr.grad, d.label_logits.grad), want, strict=True):
-        assert expected.abs().max() > 0
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+    assert_float64_reference(in_float64(make(DATM, tiny, flat, mode=mode, plugins=[SDC(0.5)])), flat, 0.5)
 
 
 def test_datm_updates_nothing_when_the_loss_exceeds_the_threshold(tiny, flat, monkeypatch):

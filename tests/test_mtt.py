@@ -328,18 +328,25 @@ def test_soft_labels_start_as_the_logits_of_the_first_experts_final_network(tiny
     torch.testing.assert_close(soft, d.label_logits.softmax(1))
 
 
+def assert_float64_reference(d: MTT, experts: Path, sdc: float) -> None:
+    """``d`` (:func:`in_float64`) on its first unroll: the loss and the gradients of the images, the rate and the label
+    logits (when there are some) equal the reference's (the lean mode's with detached starting points) to 1e-10."""
+    unroll = d.sample_unroll(0)
+    loss = d.backward(unroll)
+    want_loss, *want = reference(d, unroll, experts, detach_start=d.mode == "lean", sdc=sdc)
+    assert loss == pytest.approx(want_loss, rel=1e-12)
+    got = (d.images.grad, d.syn_lr.grad, *(() if d.label_logits is None else (d.label_logits.grad,)))
+    for grad, expected in zip(got, want, strict=True):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_learned_soft_labels_get_the_hand_unrolled_references_gradients_in_float64(tiny, experts, mode):
     """Every mode's gradients for the images, the rate and the label logits against the reference (the lean mode:
     with detached starting points), with the SDC term, which uses the class labels."""
     d = in_float64(make(tiny, experts, mode=mode, soft_labels=True, learn_soft_labels=True, plugins=[SDC(0.5)]))
-    unroll = d.sample_unroll(0)
-    loss = d.backward(unroll)
-    want_loss, *want = reference(d, unroll, experts, detach_start=mode == "lean", sdc=0.5)
-    assert loss == pytest.approx(want_loss, rel=1e-12)
-    for got, expected in zip((d.images.grad, d.syn_lr.grad, d.label_logits.grad), want, strict=True):
-        assert expected.abs().max() > 0
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+    assert_float64_reference(d, experts, 0.5)
 
 
 def test_learned_soft_labels_resume_bit_for_bit(tiny, experts):
