@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd.allocator import process_memory
-from fastdd.methods.base import IMAGE_COPIES, Distiller, device_memory
+from fastdd.methods.base import Distiller, device_memory
 from fastdd.methods.dc import DC
 from fastdd.methods.dcc import DCC
 from fastdd.methods.dm import DM, REAL_CHUNK_PIXELS, SYN_CHUNK_PIXELS
@@ -277,8 +277,9 @@ def plan_memory(distiller: Distiller) -> MemoryPlan:
     train = distiller.train
     act = activation_bytes(distiller.model, train.channels, distiller.num_classes, (train.height, train.width))
     images = distiller.images
-    state = Term(f"synthetic images' gradient, momentum, checkpoint copy ({len(images)} images)",
-                 (IMAGE_COPIES - 1) * images.numel() * images.element_size(), ("a lower --ipc",))
+    others = distiller.image_copies[1:]  # the images themselves are held now
+    state = Term(f"synthetic images' {', '.join(others)} ({len(images)} images)",
+                 len(others) * images.numel() * images.element_size(), ("a lower --ipc",))
     held = Term("held now (interpreter, data, synthetic images)", held_bytes(distiller.device))
     return MemoryPlan(distiller.device, held, state, tuple(step_terms(distiller, act)),
                       process_share(distiller.device))

@@ -17,6 +17,7 @@ from torch.nn.utils import parameters_to_vector
 import fastdd.methods.datm as datm_module
 from fastdd.cli import main
 from fastdd.data import load_dataset
+from fastdd.memory import plan_memory
 from fastdd.methods import DATM, FTD
 from fastdd.methods.datm import StartRange, default_start_range, start_range
 from fastdd.methods.ftd import default_ema_decay
@@ -70,6 +71,8 @@ def test_ftd_set_is_the_moving_average_of_the_images(tiny, flat):
     torch.testing.assert_close(synset.images, average, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(synset.images, d.images.detach(), atol=1e-3)  # the average, not the last images
     assert synset.lr == d.syn_lr.item() and synset.meta["hparams"]["ema_decay"] == 0.8
+    state = plan_memory(d).image_state  # the average and its checkpoint copy besides MTT's copies
+    assert state.bytes == 5 * d.images.numel() * 4 and "moving average" in state.what
 
 
 def test_ftd_default_decay_keeps_a_window_of_two_fifths_of_the_run():

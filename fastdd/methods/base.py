@@ -30,9 +30,8 @@ from fastdd.synset import SyntheticSet
 
 INITS = ("real", "noise")
 REAL_PRECISIONS = ("float32", "bfloat16")
-# Copies of the synthetic images a run holds at once: the images, their gradient, the optimiser's momentum
-# and the copy a checkpoint takes.
-IMAGE_COPIES = 4
+# The copies of the synthetic images a run holds at once (Distiller.image_copies; a method may hold more)
+IMAGE_COPIES = ("images", "gradient", "momentum", "checkpoint copy")
 
 
 def device_memory(device: torch.device) -> int:
@@ -42,7 +41,7 @@ def device_memory(device: torch.device) -> int:
     return physical_memory()
 
 
-def check_training_set(train: RealDataset, ipc: int, init: str) -> None:
+def check_training_set(train: RealDataset, ipc: int, init: str, copies: int = len(IMAGE_COPIES)) -> None:
     """ValueError unless every class of ``train`` holds the real images a run draws from it: at least one
     (real batches are drawn every step), and ``ipc`` distinct ones to start from with ``init="real"``;
     and unless ``ipc`` images per class fit in the memory of ``train``'s device."""
@@ -58,7 +57,7 @@ def check_training_set(train: RealDataset, ipc: int, init: str) -> None:
             raise ValueError(f"train: {shown}; every class needs training images ({len(short)} class(es) lack them)")
         raise ValueError(f"ipc (--ipc) {ipc}: {shown}, and init 'real' starts from {ipc} distinct real images per "
                          f"class; lower --ipc to at most {min(sizes)} or use --init noise")
-    need_bytes = IMAGE_COPIES * train.num_classes * ipc * train.channels * train.height * train.width * 4
+    need_bytes = copies * train.num_classes * ipc * train.channels * train.height * train.width * 4
     if need_bytes > device_memory(train.device):
         raise ValueError(f"ipc (--ipc) {ipc}: {train.num_classes} classes x {ipc} images need about "
                          f"{need_bytes / 2**30:.1f} GiB, more than the {train.device.type} memory of "
@@ -140,6 +139,7 @@ class Distiller(ABC):
     default_init: str = "real"
     inits: tuple[str, ...] = INITS
     distributed: bool = False  # whether the method splits its classes over several processes
+    image_copies: tuple[str, ...] = IMAGE_COPIES  # what the run holds of the images' size
 
     def __init__(
         self,
@@ -158,7 +158,7 @@ class Distiller(ABC):
     ) -> None:
         self.ipc = positive_int("ipc", ipc)
         self.init = one_of("init", self.default_init if init is None else init, self.inits)
-        check_training_set(train, ipc, self.init)
+        check_training_set(train, ipc, self.init, len(self.image_copies))
         if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
         self.real_precision = one_of("real_precision", real_precision, REAL_PRECISIONS)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from fastdd.checks import fraction
 from fastdd.data import RealDataset
+from fastdd.methods.base import IMAGE_COPIES
 from fastdd.methods.mtt import MTT
 from fastdd.synset import SyntheticSet
 
@@ -47,6 +48,7 @@ class FTD(MTT):
 
     name = "ftd"
     flat_experts = True
+    image_copies = (*IMAGE_COPIES, "moving average", "its checkpoint copy")
 
     def __init__(self, train: RealDataset, ipc: int, generator: torch.Generator, *,
                  ema_decay: float | None = None, **kwargs: Any) -> None:
