@@ -150,13 +150,15 @@ def backend(op: str, device: str) -> str:
 
 
 def commit() -> str:
-    """Short hash of the checked-out commit, with ``-dirty`` when tracked files differ from it."""
+    """Short hash of the checked-out commit, with ``-dirty`` when tracked files other than the result tables
+    (``bench/results``, which benchmarks write while others run) differ from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip()
 
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)bench/results")
+    return rev + ("-dirty" if changed else "")
 
 
 def cell(value: float | str | None, scale: float, digits: int) -> str:
