@@ -43,7 +43,7 @@ CHUNK_SIZE = 256  # samples per per_sample_grad_norm pass
 # lambda at IPC 1 by method: a DC sweep for DC and DSA, the term's pull on the images for the others (docs/methods.md;
 # bench/sdc_pull.py)
 LAMBDA0 = {"dc": 10.0, "dsa": 10.0, "dcc": 3.0, "dsac": 3.0, "dm": 20.0, "idc": 400.0, "mtt": 0.002, "ftd": 0.002,
-           "datm": 0.002}
+           "datm": 0.0013}
 
 
 @contextlib.contextmanager
