@@ -206,6 +206,7 @@ class MTT(Distiller):
         self.expert_rows = load_expert_rows(self.experts, max_start_epoch + expert_epochs,
                                             run_setup(train, self.model), self.name, self.flat_experts)
         self.student = self.new_network().requires_grad_(False).train()
+        self._final_expert: dict[str, Tensor] | None = None
         named = list(self.student.named_parameters())
         self._names = [n for n, _ in named]
         self._shapes = [p.shape for _, p in named]
@@ -241,8 +242,12 @@ class MTT(Distiller):
         return torch.stack(terms).sum() / self.syn_steps if terms else None
 
     def final_expert(self) -> dict[str, Tensor]:
-        """The parameters of the first expert's network after its final epoch, as the student's named tensors."""
-        return self.student_params(Trajectory.load(expert_paths(self.experts)[0]).params[-1].to(self.device))
+        """The parameters of the first expert's network after its final epoch, as the student's named tensors (read
+        from its file on the first call, kept after)."""
+        if self._final_expert is None:
+            final = Trajectory.load(expert_paths(self.experts)[0]).params[-1].to(self.device)
+            self._final_expert = self.student_params(final)
+        return self._final_expert
 
     def expert_logits(self) -> Tensor:
         """The logits float32 [N, K] of :meth:`final_expert` on the current synthetic images (not augmented): the
