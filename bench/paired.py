@@ -7,7 +7,8 @@ plug-in ("dc + sdc (lambda 10)") with the row of the method alone ("dc") made wi
 data set, IPC, iterations, evaluation models, evaluation protocol and machine (where a case was run more than
 once, its newest row counts). For each variant: the seeds, the mean accuracy of both sides, and the mean and
 sample standard deviation over the seeds of the difference (variant minus method alone; each seed's two runs
-share the networks, batches and evaluation seed, so the pairing removes what they share). Rewrites
+share the networks, batches, evaluation seed and machine, so the pairing removes what they share; the seeds of
+one variant may come from different machines, all of them listed). Rewrites
 ``bench/results/paired.md`` and prints it.
 """
 
@@ -28,8 +29,8 @@ HEADER = ("| method | variant | data set | IPC | iterations | models | eval | se
 
 
 def case(row: dict) -> tuple:
-    """What two rows must share to be paired, besides the seed."""
-    return (row["dataset"], row["ipc"], row["iterations"], row["models"], row["eval"], row["machine"])
+    """What the pairs of one variant share (each pair also shares its seed and machine)."""
+    return (row["dataset"], row["ipc"], row["iterations"], row["models"], row["eval"])
 
 
 def main() -> None:
@@ -41,18 +42,19 @@ def main() -> None:
     for row in rows:  # in the order written: a later row of the same case and seed replaces an earlier one
         if row["date"] >= args.since and row.get("seed") is not None:
             method, _, variant = row["method"].partition(" + ")
-            newest[(method, variant, case(row), row["seed"])] = row
+            newest[(method, variant, case(row), row["seed"], row["machine"])] = row
     pairs: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
-    for (method, variant, shared, seed), row in newest.items():
-        alone = newest.get((method, "", shared, seed))
+    for (method, variant, shared, seed, machine), row in newest.items():
+        alone = newest.get((method, "", shared, seed, machine))
         if variant and alone is not None:
             pairs[(method, variant, shared)].append((alone, row))
     lines = []
     for (method, variant, shared), matched in sorted(pairs.items(), key=lambda item: (item[0][0], item[0][1])):
-        matched.sort(key=lambda pair: pair[0]["seed"])
+        matched.sort(key=lambda pair: (pair[0]["seed"], pair[0]["machine"]))
         diffs = [100 * (row["distilled"]["mean"] - alone["distilled"]["mean"]) for alone, row in matched]
         spread = f" +- {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
-        dataset, ipc, iterations, models, protocol, machine = shared
+        dataset, ipc, iterations, models, protocol = shared
+        machines = sorted({alone["machine"] for alone, _ in matched})
         commits = sorted({r["commit"] for pair in matched for r in pair})
         lines.append(
             f"| {method} | {variant} | {dataset} | {ipc} | {iterations} | {models} | {protocol} "
@@ -60,7 +62,7 @@ def main() -> None:
             f"| {statistics.mean(100 * a['distilled']['mean'] for a, _ in matched):.2f} "
             f"| {statistics.mean(100 * r['distilled']['mean'] for _, r in matched):.2f} "
             f"| {statistics.mean(diffs):+.2f}{spread} ({len(diffs)}) | {', '.join(f'{d:+.2f}' for d in diffs)} "
-            f"| {machine} | {', '.join(commits)} |\n")
+            f"| {'; '.join(machines)} | {', '.join(commits)} |\n")
     table = HEADER + "".join(lines)
     atomic_write_bytes(RESULTS / "paired.md", table.encode())
     print(table, end="")
