@@ -259,6 +259,27 @@ def test_plugin_state_resumes_bit_for_bit(tmp_path, tiny):
     assert resumed.plugins[0].history == whole.plugins[0].history
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_plugin_leaves_the_runs_draws_alone(tmp_path, monkeypatch, tiny, policy):
+    """With the plug-in the method draws what it draws without it (networks, real batches): the plug-in's
+    randomness is a stream of its own, so a run with it pairs with the run of the same seed without it."""
+    monkeypatch.setenv("FASTDD_CACHE", str(tmp_path))
+
+    def generator_states(plugins: list) -> list[torch.Tensor]:
+        d = get_distiller("idc")(tiny, 1, torch.Generator().manual_seed(4), model=MODEL, batch_real=4, factor=2,
+                                 match_steps=2, iterations=2, plugins=plugins)
+        states = []
+        for it in range(2):
+            d.step(it)
+            states.append(d.generator.get_state())
+        return states
+
+    udd = UDD(policy, 100.0, every=1)
+    with_udd = generator_states([udd])
+    assert len(udd.history) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(generator_states([]), with_udd))
+
+
 def test_proxy_is_trained_once_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDD_CACHE", str(tmp_path))
     train = make_dataset(per_class=20)

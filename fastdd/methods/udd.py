@@ -12,13 +12,17 @@ mined, and the share falls as synthesis puts information into the idle cells. Ma
 [N, 1, h, w], 1 on underutilized cells. Two policies:
 
 - ``"response"`` (:func:`response_masks`): the responses of a proxy network trained briefly on real
-  data (:func:`proxy_network`; its seed is drawn once from the run's generator, so one seed gives one
+  data (:func:`proxy_network`; its seed is drawn once from the plug-in's stream, so one seed gives one
   proxy, cached on disk and reused).
 - ``"jitter"`` (:func:`jitter_masks`): the responses of the method's network at that update to the image
   and to ``jitters`` copies shifted by random whole pixels (zero fill, up to an eighth of the image
   side), each shifted back onto the image's grid at image resolution; a cell counts by its largest
   response over these views (the reference images go through the same shifts). Cells that are low
   only because of where they sit are not marked.
+
+Randomness (the shifts, the proxy's seed) comes from the plug-in's own generator, seeded with the run
+generator's seed plus :data:`STREAM` (:meth:`UDD.generator`): the method's draws (networks, real batches,
+augmentations) are the same with and without the plug-in, so a run with it pairs with the run without it.
 
 The term. At every image update the plug-in adds ``beta * L_c`` to the method's matching loss. ``L_c``
 (:func:`region_contrastive`) is ``masked_feature_contrastive`` of the synthetic training images' feature
@@ -72,6 +76,7 @@ METHODS = ("dc", "dsa", "idc")  # gradient matching; UDD is defined on IDC, and 
 BETA0 = {"dc": 200.0, "dsa": 200.0, "idc": 6000.0}  # provisional: the term's pull on the images (docs/methods.md)
 # ``--udd-policy auto``: jitter beat response on Fashion-MNIST IDC at IPC 1 (docs/methods.md), and needs no proxy
 AUTO_POLICY = "jitter"
+STREAM = 0x55DD  # the plug-in's generator is seeded with the run generator's seed plus this
 START_PICTURE, LATEST_PICTURE, SHARE_PLOT = "udd_regions_start.png", "udd_regions_latest.png", "udd_share.png"
 PROXY_IMAGES = 10_000  # random real training images the proxy sees
 PROXY_EPOCHS = 1
@@ -279,12 +284,20 @@ class UDD(Plugin):
         self.start: tuple[Tensor, Tensor] | None = None  # stored images and their masks at the first mining
         self.proxy_seed: int | None = None
         self._proxy: nn.Module | None = None
+        self._generator: torch.Generator | None = None
+
+    def generator(self, distiller: Distiller) -> torch.Generator:
+        """The plug-in's own CPU generator (module docstring, "Randomness"), made at its first use."""
+        if self._generator is None:
+            seed = (distiller.generator.initial_seed() + STREAM) % 2**64
+            self._generator = torch.Generator().manual_seed(seed)
+        return self._generator
 
     # ----------------------------------------------------------------------------- mining
     def proxy(self, distiller: Distiller) -> nn.Module:
         """The response policy's proxy network for this run (trained or loaded from the cache once)."""
         if self.proxy_seed is None:
-            self.proxy_seed = int(torch.randint(2**62, (1,), generator=distiller.generator))
+            self.proxy_seed = int(torch.randint(2**62, (1,), generator=self.generator(distiller)))
         if self._proxy is None:
             self._proxy = proxy_network(distiller.train, distiller.model, self.proxy_seed)
         return self._proxy
@@ -307,7 +320,7 @@ class UDD(Plugin):
         if self.policy == "response":
             return response_masks(self.proxy(distiller), images, reference, self.quantile)
         shift = default_max_shift(*images.shape[-2:])
-        return jitter_masks(net, images, reference, self.quantile, self.jitters, shift, distiller.generator)
+        return jitter_masks(net, images, reference, self.quantile, self.jitters, shift, self.generator(distiller))
 
     def _remine(self, distiller: Distiller, net: nn.Module, images: Tensor) -> None:
         """Mine this process's ``images`` (its classes' training images); every process then holds every mask."""
@@ -365,8 +378,13 @@ class UDD(Plugin):
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": self.updates, "masks": self.masks, "history": list(self.history), "start": self.start,
-                "proxy_seed": self.proxy_seed}
+                "proxy_seed": self.proxy_seed,
+                "generator": None if self._generator is None else self._generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates, self.masks = state["updates"], state["masks"]
         self.history, self.start, self.proxy_seed = list(state["history"]), state["start"], state["proxy_seed"]
+        self._generator = None
+        if state["generator"] is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])
