@@ -2,12 +2,18 @@
 
     python bench/accuracy.py --dataset fashion-mnist --method dc --ipc 1 --iterations 60 --models 5
     python bench/accuracy.py --method idc --ipc 1 --iterations 2 --models 3 --plugin udd --udd-policy jitter
+    python bench/accuracy.py --method dc --iterations 1000 --models 10 --name fmnist-ipc1-dc-it1000-s0 \
+        --out RUN_DIR --results DIR
 
 Distills with ``fastdd.distill`` (any option of ``fastdd distill`` is taken; the data set defaults to
 Fashion-MNIST and the IPC to 1 here), evaluates the set and IPC random real images per
 class with the same protocol, and adds one row at the top of ``bench/results/accuracy.md`` (newest
 first) and one JSON line to ``bench/results/accuracy.jsonl``: method, data set, IPC, mean, std,
-random-real baseline, iterations, models, wall time, machine, commit, and the published value.
+random-real baseline, iterations, models, wall time, machine, threads, commit, and the published value.
+A run directory that holds a run of the same configuration is resumed. With ``--name`` the row carries that
+name (``run``) and the distilled set is copied to ``RESULTS/sets/NAME.safetensors``; ``--results`` puts the rows
+and sets in another ``bench/results`` (``bench/campaign.py`` runs a pinned copy of this script that writes into
+the working tree's).
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 import fastdd
 from fastdd.allocator import keep_freed_memory
 from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.cli import build_parser, config_from_args
+from fastdd.io import atomic_write_bytes
 from fastdd.methods import Plugin
-from fastdd.run import CONFIG
+from fastdd.run import CONFIG, SYNSET
 
 RESULTS = Path(__file__).parent / "results"
 HEADER = (
@@ -53,12 +62,12 @@ def published(method: str, dataset: str, ipc: int) -> str:
     return "-" if values is None or column is None else f"{values[column]:.1f}"
 
 
-def add_row(r: dict) -> None:
+def add_row(r: dict, results: Path) -> None:
     pct = lambda d: f"{100 * d['mean']:.2f} +- {100 * d['std']:.2f}"  # noqa: E731
     row = (f"| {r['date']} | {r['method']} | {r['dataset']} | {r['ipc']} | {pct(r['distilled'])} "
            f"| {pct(r['random_real'])} | {r['published']} | {r['iterations']} | {r['eval']} | {r['models']} "
            f"| {r['distill_seconds']:.0f} | {r['eval_seconds']:.0f} | {r['machine']} | {r['commit']} |\n")
-    record(RESULTS, "accuracy", HEADER, row, [r])
+    record(results, "accuracy", HEADER, row, [r])
 
 
 def key_hparams(plugin: Plugin) -> dict:
@@ -71,6 +80,8 @@ def main() -> None:
                                 epilog="Every other option is an option of `fastdd distill` (its --help lists them).")
     p.add_argument("--iterations", type=int, required=True, help="the budget (the methods' defaults are 1000+)")
     p.add_argument("--models", type=int, default=5, help="evaluation models (fastdd distill's --eval-models)")
+    p.add_argument("--name", help="the run's name: in the row, and the set copied to RESULTS/sets/NAME.safetensors")
+    p.add_argument("--results", type=Path, default=RESULTS, help=f"where rows and sets go (default {RESULTS})")
     args, distill_options = p.parse_known_args()
     parsed = build_parser().parse_args(["distill", "--dataset", "fashion-mnist", "--ipc", "1", *distill_options,
                                         "--iterations", str(args.iterations), "--eval-models", str(args.models)])
@@ -100,9 +111,12 @@ def main() -> None:
         "distilled": evaluation["distilled"], "random_real": evaluation["random_real"],
         "published": published(config.method, config.dataset, config.ipc),
         "distill_seconds": result.seconds, "eval_seconds": result.evaluation.seconds,
-        "machine": machine(), "commit": code,
+        "machine": machine(), "threads": torch.get_num_threads(), "commit": code,
     }
-    add_row(row)
+    if args.name:
+        row["run"] = args.name
+        atomic_write_bytes(args.results / "sets" / f"{args.name}.safetensors", (config.run_dir() / SYNSET).read_bytes())
+    add_row(row, args.results)
     print(json.dumps({k: row[k] for k in ("method", "dataset", "ipc", "iterations", "published")}),
           f"distilled {100 * evaluation['distilled']['mean']:.2f}, "
           f"random real {100 * evaluation['random_real']['mean']:.2f}")

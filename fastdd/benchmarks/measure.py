@@ -182,11 +182,17 @@ def record_cases(results: Path, name: str, header: str, cases: Sequence[object],
 
 def record(results: Path, name: str, header: str, table_rows: str, rows: list[dict]) -> None:
     """Put ``table_rows`` at the top of ``results/<name>.md`` (newest first, under ``header``) and
-    append ``rows`` to ``results/<name>.jsonl``."""
+    append ``rows`` to ``results/<name>.jsonl``, holding ``results/.<name>.lock`` so that benchmarks finishing
+    together (the campaign's workers) do not drop each other's rows."""
+    import fcntl
+
     from fastdd.io import append_jsonl, atomic_write_bytes
 
-    table = results / f"{name}.md"
-    old = table.read_text()[len(header):] if table.exists() else ""
-    atomic_write_bytes(table, (header + table_rows + old).encode())
-    for row in rows:
-        append_jsonl(results / f"{name}.jsonl", row)
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table = results / f"{name}.md"
+        old = table.read_text()[len(header):] if table.exists() else ""
+        atomic_write_bytes(table, (header + table_rows + old).encode())
+        for row in rows:
+            append_jsonl(results / f"{name}.jsonl", row)
