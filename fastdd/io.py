@@ -32,6 +32,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def write_point(path: Path, stage: str) -> None:
+    """Marks a point at which a write of ``path`` can be cut short by a kill or fail for a full disk; every
+    write of a file fastdd keeps passes such points (``stage`` names where: "create", "data", "rename",
+    "renamed", "append"). It does nothing here: the crash tests replace it (``fastdd.io.write_point``) to
+    stop the process, or raise ENOSPC, at each point in turn and check that the same command run again ends
+    with the uninterrupted result."""
+
+
 def _fsync_dir(directory: Path) -> None:
     """Persist a rename by syncing its directory (no-op where directories cannot be opened)."""
     try:
@@ -50,6 +58,7 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
     """Call ``write(file)`` on a temp file beside ``path``, then atomically move it to ``path``."""
     path = Path(path)
     try:
+        write_point(path, "create")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -59,8 +68,10 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
             if hasattr(os, "fchmod"):  # POSIX
                 os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             write(f)
+            write_point(path, "data")
             f.flush()
             os.fsync(f.fileno())
+        write_point(path, "rename")
         os.replace(tmp_name, path)
     except BaseException as e:
         try:
@@ -70,6 +81,7 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise WriteError(f"could not write {path}: {e.strerror or e}; its previous version is kept") from e
         raise
+    write_point(path, "renamed")
     _fsync_dir(path.parent)
 
 
@@ -105,6 +117,7 @@ def append_jsonl(path: str | os.PathLike[str], record: Any) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        write_point(path, "append")
         with open(path, "ab") as f:
             f.write(line)
             f.flush()
