@@ -3,12 +3,14 @@
 //
 // Per plane x [H, W] (L = H * W), with per-channel gamma, beta:
 //   forward:  mean, rstd = 1 / sqrt(var + eps) (biased variance, two passes over the plane while it is in cache);
-//             z = a x + b with a = rstd gamma, b = beta - mean a; y = max(z, 0);
+//             z = a x + b with a = rstd gamma, b = beta - mean a; y = relu(z) (NaN kept, as torch.relu);
 //             out[i, j] = (y[2i, 2j] + y[2i, 2j+1] + y[2i+1, 2j] + y[2i+1, 2j+1]) / 4 (rows and columns past
 //             2 * (H // 2), 2 * (W // 2) are dropped, as AvgPool2d does).
-//   backward: gz = [z > 0] * grad_out[h / 2, w / 2] / 4 (0 on dropped rows and columns); xhat = (x - mean) rstd;
-//             s1 = sum gz, s2 = sum gz xhat; grad_x = rstd gamma (gz - s1 / L - xhat s2 / L);
-//             per plane s2 and s1 are the contributions to grad_gamma and grad_beta (summed over samples by torch).
+//   backward: gz = [not z <= 0] * grad_out[h / 2, w / 2] / 4 (0 on dropped rows and columns; a NaN z passes, as
+//             torch's threshold_backward); xhat = (x - mean) rstd; s1 = sum gz, s2 = sum gz xhat;
+//             grad_x = rstd gamma (gz - s1 / L - xhat s2 / L), computed as ATen's GroupNorm backward does
+//             (plane_backward); per plane s2 and s1 are the contributions to grad_gamma and grad_beta (summed
+//             over samples by torch).
 // Accumulation in float for float32 and bfloat16, in double for float64 (at::opmath_type).
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
@@ -65,6 +67,15 @@ void load<at::BFloat16, float>(const at::BFloat16* src, float* dst, int64_t n) {
   }
 }
 
+// ReLU as torch.relu: NaN stays NaN (a single max instruction; max(z, 0) written z > 0 ? z : 0 would drop it).
+template <typename acc>
+acc relu(acc z) { return z < 0 ? acc(0) : z; }
+
+// Whether ReLU's backward passes the gradient at z, as torch's threshold_backward: everywhere but z <= 0 (NaN
+// included, so that a NaN plane's gradient is NaN, not 0).
+template <typename acc>
+bool relu_passes(acc z) { return !(z <= 0); }
+
 template <typename in_t, typename acc>
 void plane_stats(const in_t* x, int64_t l, double eps, acc& mean, acc& rstd) {
   acc sum = 0;
@@ -92,7 +103,7 @@ void plane_forward(const in_t* x, int64_t h, int64_t w, acc gamma, acc beta, dou
 #pragma omp simd
     for (int64_t k = 0; k < 2 * wo; ++k) {
       const acc z0 = a * static_cast<acc>(r0[k]) + b, z1 = a * static_cast<acc>(r1[k]) + b;
-      row[k] = (z0 > 0 ? z0 : acc(0)) + (z1 > 0 ? z1 : acc(0));
+      row[k] = relu(z0) + relu(z1);
     }
     for (int64_t j = 0; j < wo; ++j) out[i * wo + j] = static_cast<out_t>(acc(0.25) * (row[2 * j] + row[2 * j + 1]));
   }
@@ -109,25 +120,30 @@ void widen(const acc* grad_out, int64_t h, int64_t w, acc* up) {
   }
 }
 
-// One plane x [l] backward, in two vectorised passes: the first sums s1 = sum gz and s2 = sum gz xhat (the
-// plane's contributions to grad_beta and grad_gamma), the second writes gx; gz = [z > 0] up is recomputed in both.
+// One plane x [l] backward, in two vectorised passes, in ATen's GroupNorm backward formulation (so that
+// infinities meet as they do there: an infinite gamma gives NaN where ATen's does). The first pass sums
+// db = sum gz and ds = sum gz x; s1 = db and s2 = (ds - db mean) rstd are the plane's contributions to grad_beta
+// and grad_gamma. The second writes gx = c1 gz + c2 x + c3 with c1 = rstd gamma,
+// c2 = (db gamma mean - ds gamma) rstd^3 / l, c3 = -c2 mean - db gamma rstd / l. gz = [not z <= 0] up is
+// recomputed in both.
 template <typename acc>
 void plane_backward(const acc* x, const acc* up, int64_t l, acc gamma, acc beta, acc mean, acc rstd, acc* gx,
                     acc& s1, acc& s2) {
   const acc a = rstd * gamma, b = beta - mean * a;
-  s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
+  acc db = 0, ds = 0;
+#pragma omp simd reduction(+ : db, ds)
   for (int64_t k = 0; k < l; ++k) {
-    const acc v = a * x[k] + b > 0 ? up[k] : acc(0);
-    s1 += v;
-    s2 += v * (x[k] - mean);
+    const acc v = relu_passes(a * x[k] + b) ? up[k] : acc(0);
+    db += v;
+    ds += v * x[k];
   }
-  s2 *= rstd;
-  const acc m1 = s1 / l, m2r = s2 / l * rstd;
+  s1 = db, s2 = (ds - db * mean) * rstd;
+  const acc db_gamma = db * gamma, ds_gamma = ds * gamma;
+  const acc c2 = (db_gamma * mean - ds_gamma) * rstd * rstd * rstd / l, c3 = -c2 * mean - db_gamma * rstd / l;
 #pragma omp simd
   for (int64_t k = 0; k < l; ++k) {
-    const acc v = a * x[k] + b > 0 ? up[k] : acc(0);
-    gx[k] = a * (v - m1 - (x[k] - mean) * m2r);
+    const acc v = relu_passes(a * x[k] + b) ? up[k] : acc(0);
+    gx[k] = a * v + c2 * x[k] + c3;
   }
 }
 

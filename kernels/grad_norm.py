@@ -49,6 +49,8 @@ def _conv_weight_sq_norm_kernel(
             acc += tl.dot(g_tile, u_tile, input_precision="ieee")
         else:  # fp16 / bf16 inputs, fp32 accumulation
             acc += tl.dot(g_tile, u_tile)
+    # the tile's rows past p and columns past d hold 0 * (an input), NaN when that input is infinite: not summed
+    acc = tl.where((offs_p[:, None] < p) & (offs_d[None, :] < d), acc, 0.0)
     tiles_p, tiles_d = tl.num_programs(1), tl.num_programs(2)
     tl.store(out_ptr + (n * tiles_p + tile_p) * tiles_d + tile_d, tl.sum(acc * acc))
 

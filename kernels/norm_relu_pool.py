@@ -1,10 +1,13 @@
 """Triton kernels of instance_norm_relu_pool: one program per (sample, channel) plane of L = H * W values.
 
 Forward: the plane's mean and rstd, then each 2x2 window of ``relu(a x + b)`` (a = rstd gamma, b = beta -
-mean a) averaged into the output. Backward: ``gz = [a x + b > 0] grad_out[h / 2, w / 2] / 4`` (0 on the rows
-and columns AvgPool2d drops), ``s1 = sum gz``, ``s2 = sum gz xhat``, ``grad_x = rstd gamma (gz - s1 / L -
-xhat s2 / L)``; s2 and s1 per plane are the contributions to grad_gamma and grad_beta. The plane is held
-whole in one block (the op sends planes above 128 x 128 to torch); statistics in float32 (float64 for float64).
+mean a; NaN kept, as torch.relu) averaged into the output. Backward: ``gz = [not a x + b <= 0] grad_out[h / 2,
+w / 2] / 4`` (0 on the rows and columns AvgPool2d drops; a NaN passes, as in torch's threshold_backward),
+``db = sum gz``, ``ds = sum gz x``, and in ATen's GroupNorm formulation (so that infinities meet as there)
+``grad_x = c1 gz + c2 x + c3`` with ``c1 = a``, ``c2 = (db gamma mean - ds gamma) rstd^3 / L``, ``c3 = -c2 mean -
+db gamma rstd / L``; per plane ``(ds - db mean) rstd`` and ``db`` are the contributions to grad_gamma and
+grad_beta. The plane is held whole in one block (the op sends planes above 128 x 128 to torch); statistics in
+float32 (float64 for float64).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _forward_kernel(x_ptr, gamma_ptr, beta_ptr, out_ptr, mean_ptr, rstd_ptr, C, 
     for dh in tl.static_range(2):
         for dw in tl.static_range(2):
             v = tl.load(corner + dh * W + dw, mask=o_inside, other=0.0).to(ACC)
-            total += tl.maximum(a * v + b, 0.0)
+            total += tl.maximum(a * v + b, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN kept, as torch.relu
     tl.store(out_ptr + plane * (H // 2) * wo + o, (0.25 * total).to(out_ptr.dtype.element_ty), mask=o_inside)
 
 
@@ -64,14 +67,16 @@ def _backward_kernel(grad_out_ptr, x_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_pt
     a = rstd * gamma
     b = tl.load(beta_ptr + c).to(ACC) - mean * a
     g = tl.load(grad_out_ptr + plane * ho * wo + (h // 2) * wo + w // 2, mask=pooled, other=0.0).to(ACC)
-    gz = tl.where(a * x + b > 0, 0.25 * g, 0.0)
-    xhat = tl.where(inside, (x - mean) * rstd, 0.0)
-    s1 = tl.sum(gz, axis=0)
-    s2 = tl.sum(gz * xhat, axis=0)
-    dx = a * (gz - s1 / length - xhat * s2 / length)
+    gz = tl.where(a * x + b <= 0, 0.0, 0.25 * g)  # as torch's threshold_backward: a NaN z passes the gradient
+    db = tl.sum(gz, axis=0)
+    ds = tl.sum(gz * x, axis=0)
+    # ATen's formulation (see the module docstring)
+    c2 = (db * gamma * mean - ds * gamma) * rstd * rstd * rstd / length
+    c3 = -c2 * mean - db * gamma * rstd / length
+    dx = a * gz + c2 * x + c3
     tl.store(grad_x_ptr + plane * length + offs, dx.to(grad_x_ptr.dtype.element_ty), mask=inside)
-    tl.store(grad_gamma_ptr + plane, s2)
-    tl.store(grad_beta_ptr + plane, s1)
+    tl.store(grad_gamma_ptr + plane, (ds - db * mean) * rstd)
+    tl.store(grad_beta_ptr + plane, db)
 
 
 def forward(x: Tensor, gamma: Tensor, beta: Tensor, eps: float, out: Tensor, mean: Tensor, rstd: Tensor) -> None:

@@ -15,7 +15,10 @@ form evaluates all layers (and, with ``batched=True``, all classes) in one kerne
 - "cos" couples a whole class: backward turns the row sums into per-row coefficients and a second
   kernel writes ``grad_a = alpha a + beta b``.
 
-Torch's conventions at zero hold: a zero row's norm has gradient 0, ``|0|`` has gradient 0.
+Torch's conventions at zero hold: a zero row's norm has gradient 0, ``|0|`` has gradient 0. Non-finite values
+in either list, or a NaN upstream gradient, give the reference's NaN and infinities; an infinite upstream gradient
+of "ours" gives +-inf where the reference's chain rule meets inf - inf and gives NaN (the unit gradient is
+scaled; both non-finite).
 """
 
 from __future__ import annotations
@@ -228,13 +231,15 @@ def _cos_grads(a: Sequence[Tensor], b: Sequence[Tensor], plan: _Plan, sums: Tens
     return _unflatten(flat_a, a), _unflatten(flat_b, b)
 
 
-def _scaled(units: list[Tensor] | None, grad: Tensor) -> list[Tensor] | None:
+def _scaled(units: list[Tensor] | None, grad: Tensor, unread: list[bool]) -> list[Tensor] | None:
     """Unit-upstream gradients times the upstream gradient; as they are when that is a plain CPU 1 (the
-    usual ``loss.backward()``; functorch-wrapped tensors cannot be branched on)."""
+    usual ``loss.backward()``; functorch-wrapped tensors cannot be branched on). ``unread[i]``: the distance never
+    reads layer i (a vector under "ours"), whose zero gradient stays 0 (not NaN) for a NaN or infinite upstream
+    gradient, as the reference's."""
     if units is None or (grad.device.type == "cpu" and not torch._C._functorch.is_functorch_wrapped_tensor(grad)
                          and bool(grad == 1)):
         return units
-    return [u * grad.to(u.dtype) for u in units]
+    return [u if skip else u * grad.to(u.dtype) for u, skip in zip(units, unread)]
 
 
 def _first_order_only(grads: tuple[Tensor | None, ...], differentiable: bool) -> tuple[Tensor | None, ...]:
@@ -298,7 +303,8 @@ class _GradMatchDistance(torch.autograd.Function):
         else:
             unit_a = units[:n] if ctx.write[0] else None
             unit_b = units[-n:] if ctx.write[1] else None
-            grad_a, grad_b = _scaled(unit_a, grad_distance), _scaled(unit_b, grad_distance)
+            unread = [ctx.metric == "ours" and t.dim() - ctx.batched <= 1 for t in a]
+            grad_a, grad_b = _scaled(unit_a, grad_distance, unread), _scaled(unit_b, grad_distance, unread)
         return tuple(grad_a or [None] * n) + tuple(grad_b or [None] * n)
 
     @staticmethod

@@ -6,6 +6,8 @@ norm is either taken directly (``|G U^T|^2``, tile by tile in the fused kernels)
 ``<U^T U, G^T G>`` over T x T positions, whichever needs fewer FLOPs: ghost when ``T (D + p) < D p``.
 :func:`matmul_sq_norms` is the plain-torch form for any ``U``, ``G``; :func:`conv2d_weight_sq_norms` the
 Conv2d form on every backend (padding modes, stride, dilation, groups), differentiable w.r.t. its inputs.
+Non-finite inputs: the direct form gives the NaN or +inf norms of the formed per-sample gradients; the ghost form
+gives NaN for NaN, and may give NaN where they give +inf (its sums add infinities of both signs).
 """
 
 from __future__ import annotations
