@@ -11,6 +11,7 @@ replaced unasked, before any work. A result whose report cannot be written is no
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +20,19 @@ from typing import Any
 import torch
 
 from fastdd.allocator import process_memory
-from fastdd.checks import boolean, nonnegative_int, one_of, positive_int
+from fastdd.checks import boolean, one_of, positive_int, seed_value
 from fastdd.config import RunConfig, device_name, path
 from fastdd.data import RealDataset, load_dataset
 from fastdd.data.zca import REGULARIZATION, whitened
 from fastdd.distributed import World, join, local_device
 from fastdd.errors import UnsavedResultError, WriteError
 from fastdd.evaluation import AUGMENTS, EvalConfig, check_baseline, default_eval_config, evaluate_with_baseline
-from fastdd.io import atomic_write_json
-from fastdd.memory import MemoryPlan, plan_memory
+from fastdd.io import atomic_write_json, read_json_file, remove_temporaries
+from fastdd.lock import FolderInUseError, folder_lock, run_lock
+from fastdd.memory import MemoryPlan, check_image_fits, plan_memory
 from fastdd.models import NETWORK_NAMES
 from fastdd.progress import progress_bar
-from fastdd.run import GRID, REPORT, SYNSET, check_run_dir, run_distillation
+from fastdd.run import CONFIG, GRID, REPORT, SYNSET, check_run_dir, checkpoint_iteration, run_distillation
 from fastdd.synset import SyntheticSet
 
 __all__ = ["DistillResult", "EvalResult", "PlanResult", "distill", "evaluate", "load_data", "plan", "resolve_device"]
@@ -100,6 +102,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_size_fits(config: RunConfig, device: torch.device) -> None:
+    """With ``config.image_size``, refuse (ValueError) a size whose one image and its pass through ``config.model``
+    cannot fit in this process's memory, before any image is read at that size (:func:`check_image_fits`)."""
+    if config.image_size is not None:
+        check_image_fits(config.model, 3, (config.image_size, config.image_size), device)
+
+
 def load_data(dataset: str, data_root: str | None, device: torch.device, image_size: int | None = None,
               zca: float | None = None) -> tuple[RealDataset, RealDataset]:
     """The data set's (train, test) on ``device`` (``fastdd.data.load_dataset``), whitened with ZCA of
@@ -117,7 +126,8 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
     missing or empty, unless ``overwrite`` (the files a run writes there are replaced, others kept) or
     ``resume``: the run in it continues from its last checkpoint, to the same set as an uninterrupted
     run, provided its config.json equals this run's field by field (a ValueError names the fields that
-    differ). ``progress``: show progress bars.
+    differ). ``progress``: show progress bars. The directory is locked (:mod:`fastdd.lock`) for the whole
+    call, before it is looked at: another process using it is refused (FolderInUseError).
 
     Started by torchrun with several processes (DC, DSA, DM, IDC), every process joins the run
     (:mod:`fastdd.distributed`): the classes are split between them, and then the evaluation's networks; the first
@@ -130,8 +140,15 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
     boolean("progress (--quiet)", progress)
     device = resolve_device(config.device)
     world = join(device)
-    device = local_device(device)
+    with run_lock(config.run_dir(), "out (--out)", world):
+        return _distill(config, world, local_device(device), resume, overwrite, progress)
+
+
+def _distill(config: RunConfig, world: World, device: torch.device, resume: bool, overwrite: bool,
+             progress: bool) -> DistillResult:
+    """:func:`distill` once its arguments are checked and the run directory is held."""
     check_run_dir(config.run_dir(), resume=resume, overwrite=overwrite)
+    check_size_fits(config, device)
     train, test = load_data(config.dataset, config.data_root, device, config.image_size,
                             REGULARIZATION if config.zca else None)
     distiller = config.build_distiller(train, world)
@@ -149,7 +166,7 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
         return DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, None)
     try:
         evaluation = _evaluate_on(synset, run_dir / SYNSET, train, test, resolved.eval_config(), config.eval_models,
-                                  config.baseline, config.seed, run_dir / REPORT, progress, world)
+                                  config.baseline, config.seed, run_dir / REPORT, True, progress, world)
     except UnsavedResultError as err:
         result = DistillResult(synset, resolved, run_dir, device, len(train), len(test), seconds, err.result)
         raise UnsavedResultError(str(err), result) from err
@@ -194,6 +211,7 @@ def plan(config: RunConfig, *, steps: int = 2, progress: bool = True) -> PlanRes
     device = resolve_device(config.device)
     world = join(device)
     device = local_device(device)
+    check_size_fits(config, device)
     train, _ = load_data(config.dataset, config.data_root, device, config.image_size,
                          REGULARIZATION if config.zca else None)
     distiller = config.build_distiller(train, world)
@@ -228,7 +246,8 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     data set (``meta["dataset"]``, from ``data_root``) is whitened as the set was (``meta["zca"]``).
     Randomness comes from ``seed``. The report goes to ``report``, by default report.json beside a set
     read from disk; a set given in memory without ``report`` is not written. An existing report file is
-    refused (FileExistsError) unless ``overwrite``.
+    refused (FileExistsError) unless ``overwrite``; it is written holding its folder's lock (:mod:`fastdd.lock`).
+    A run directory without its set is refused (FileNotFoundError).
     """
     positive_int("models (--models)", models)
     one_of("model (--eval-model)", model, NETWORK_NAMES)
@@ -237,17 +256,15 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     if augment is not None:
         one_of("augment (--eval-augment)", augment, AUGMENTS)
     boolean("baseline (--no-baseline)", baseline)
-    nonnegative_int("seed (--seed)", seed)
+    seed_value("seed (--seed)", seed)
     data_root = None if data_root is None else path("data_root (--data-root)", data_root)
     boolean("overwrite (--overwrite)", overwrite)
     boolean("progress (--quiet)", progress)
     device = resolve_device(device)
     world = join(device)
     device = local_device(device)
-    synset_path = None
-    if not isinstance(synset, SyntheticSet):
-        synset_path = Path(path("synset", synset))
-        synset_path = synset_path / SYNSET if synset_path.is_dir() else synset_path
+    synset_path = None if isinstance(synset, SyntheticSet) else _set_file(path("synset", synset))
+    if synset_path is not None:
         synset = SyntheticSet.load(synset_path)
     if report is not None:
         report_path = Path(path("report (--report)", report))
@@ -265,15 +282,38 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     train, test = load_data(meta["dataset"], data_root, device, None, meta.get("zca"))
     if baseline:
         check_baseline(train, meta["ipc"])
-    return _evaluate_on(synset, synset_path, train, test, eval_config, models, baseline, seed, report_path, progress,
-                        world)
+    return _evaluate_on(synset, synset_path, train, test, eval_config, models, baseline, seed, report_path,
+                        overwrite, progress, world)
+
+
+def _set_file(given: str) -> Path:
+    """The file of the synthetic set ``given``: a .safetensors file, or a run directory's synset.safetensors;
+    FileNotFoundError naming the directory when it holds none. The set of a run that has not reached its last
+    iteration is an intermediate one: a line on stderr says so."""
+    folder = Path(given)
+    if not folder.is_dir():
+        return folder
+    if not (folder / SYNSET).is_file():
+        hint = (f"its run has not written it: continue the run with fastdd distill --out {folder} --resume"
+                if (folder / CONFIG).is_file() else "give a run directory or a .safetensors file")
+        raise FileNotFoundError(f"synset: {folder} holds no synthetic set ({SYNSET}); {hint}")
+    if (folder / CONFIG).is_file():
+        recorded = read_json_file(folder / CONFIG, "run configuration")
+        iterations = recorded.get("iterations") if isinstance(recorded, dict) else None
+        reached = checkpoint_iteration(folder)
+        if type(iterations) is int and reached < iterations:
+            print(f"fastdd: {folder}: its run has not finished (checkpoint at iteration {reached} of {iterations}): "
+                  f"evaluating an intermediate set; fastdd distill --out {folder} --resume finishes it",
+                  file=sys.stderr)
+    return folder / SYNSET
 
 
 def _evaluate_on(synset: SyntheticSet, synset_path: Path | None, train: RealDataset, test: RealDataset,
                  eval_config: EvalConfig, models: int, baseline: bool, seed: int, report_path: Path | None,
-                 progress: bool, world: World) -> EvalResult:
+                 overwrite: bool, progress: bool, world: World) -> EvalResult:
     """Evaluate ``synset`` against the loaded ``train`` / ``test`` sets, its networks split over ``world``'s
-    processes; the first writes the report to ``report_path``."""
+    processes; the first writes the report to ``report_path`` (:func:`_write_report`), or raises
+    UnsavedResultError carrying the result when it cannot."""
     began = time.perf_counter()
     report = evaluate_with_baseline(synset, train, test, eval_config, models, seed, baseline, progress, world)
     seconds = time.perf_counter() - began
@@ -282,7 +322,22 @@ def _evaluate_on(synset: SyntheticSet, synset_path: Path | None, train: RealData
     result = EvalResult(synset, synset_path, report, eval_config, report_path, seconds)
     if report_path is not None and world.is_main:
         try:
-            atomic_write_json(report_path, report)
-        except WriteError as err:
+            _write_report(report_path, report, overwrite)
+        except (WriteError, FolderInUseError, FileExistsError) as err:
             raise UnsavedResultError(f"{err}; the evaluation's result is shown, not saved", result) from err
     return result
+
+
+def _write_report(report_path: Path, report: dict[str, Any], overwrite: bool) -> None:
+    """Write ``report`` to ``report_path`` holding its folder's lock; a report that appeared there meanwhile is
+    replaced only when ``overwrite``."""
+    try:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"could not write {report_path}: {e.strerror or e}") from e
+    with folder_lock(report_path.parent, "report (--report)"):
+        if report_path.exists() and not overwrite:
+            raise FileExistsError(f"report (--report): {report_path} was written by another process during this "
+                                  "evaluation; pass --overwrite to replace it, or --report FILE")
+        remove_temporaries(report_path.parent, (report_path.name,))
+        atomic_write_json(report_path, report)

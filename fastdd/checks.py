@@ -8,10 +8,11 @@ argument, what it must be and what it got.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+SEED_BOUND = 2**63  # seeds are integers in [0, SEED_BOUND): distinct seeds give distinct 64-bit generator seeds
 
 
 def shown(value: Any) -> str:
@@ -58,6 +59,13 @@ def nonnegative_int(name: str, value: Any) -> int:
     return value
 
 
+def seed_value(name: str, value: Any) -> int:
+    """``value`` if it is an integer in [0, 2**63): a seed (a larger one would wrap to a smaller one's 64 bits)."""
+    if not _is_int(value) or not 0 <= value < SEED_BOUND:
+        raise ValueError(f"{name}: expected an integer in [0, 2**63), got {shown(value)}")
+    return value
+
+
 def finite(name: str, value: Any) -> float:
     """``value`` as a float if it is a finite number."""
     if not _is_finite(value):
@@ -99,3 +107,34 @@ def one_of(name: str, value: T, choices: Iterable[Any]) -> T:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
     return value
+
+
+def choice(choices: Iterable[Any]) -> Callable[[str, Any], Any]:
+    """:func:`one_of` ``choices`` as a check of ``(name, value)``."""
+    choices = list(choices)
+    return lambda name, value: one_of(name, value, choices)
+
+
+def text(name: str, value: Any) -> str:
+    """``value`` if it is a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {shown(value)}")
+    return value
+
+
+def optional(check: Callable[[str, Any], T]) -> Callable[[str, Any], T | None]:
+    """``check`` that also accepts None (and returns it)."""
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def list_of(check: Callable[[str, Any], T], length: int | None = None) -> Callable[[str, Any], list[T]]:
+    """A check of a list (or tuple) whose every item passes ``check`` (named ``name[i]``), of ``length`` items
+    when given; it returns the checked items as a list."""
+
+    def checked(name: str, value: Any) -> list[T]:
+        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+            raise ValueError(f"{name} must be a list{'' if length is None else f' of {length} items'}, got "
+                             f"{shown(value)}")
+        return [check(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+    return checked

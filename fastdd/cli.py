@@ -17,17 +17,27 @@ from fastdd import __version__
 from fastdd.allocator import keep_freed_memory
 from fastdd.api import DistillResult, EvalResult, PlanResult, distill, evaluate, load_data, plan, resolve_device
 from fastdd.benchmarks import suite
-from fastdd.checks import positive_int
+from fastdd.checks import positive_int, seed_value
 from fastdd.config import FLAGS, PLUGINS, RunConfig
 from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.data.cache import HEADER, REPORT, build_cache
 from fastdd.data.zca import REGULARIZATION
-from fastdd.difficulty import HISTOGRAM, SCORE_EPOCH, SCORES, SUMMARY, difficulty_report, scoring_networks
+from fastdd.difficulty import (
+    HISTOGRAM,
+    SCORE_EPOCH,
+    SCORES,
+    SUMMARY,
+    check_out_dir,
+    difficulty_report,
+    scoring_networks,
+)
 from fastdd.distributed import is_main_process, join, leave, local_device
 from fastdd.errors import NonFiniteError, UnsavedResultError, one_line
 from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
 from fastdd.io import append_jsonl
+from fastdd.lock import FolderInUseError, folder_lock
+from fastdd.memory import check_image_fits
 from fastdd.methods import METHODS
 from fastdd.methods.mtt import MODES as MTT_MODES
 from fastdd.methods.sdc import LAMBDA0
@@ -293,6 +303,12 @@ def _evaluation_rows(evaluation: EvalResult) -> list[tuple[str, str]]:
     return rows
 
 
+def _warn(command: str, evaluation: EvalResult | None) -> None:
+    """The evaluation report's warnings (networks that did not learn), one line each on stderr."""
+    for line in evaluation.report.get("warnings", []) if evaluation is not None else []:
+        print(f"fastdd {command}: warning: {line}", file=sys.stderr)
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     if args.plan:
         result = plan(config_from_args(args), progress=not args.quiet)
@@ -313,6 +329,7 @@ def show_distill(result: DistillResult) -> None:
         rows += _evaluation_rows(result.evaluation)
     rows += [("synthetic set", str(result.synset_path)), ("picture", str(result.picture_path))]
     _print_summary("fastdd distill", rows)
+    _warn("distill", result.evaluation)
 
 
 def show_plan(result: PlanResult) -> int:
@@ -349,12 +366,15 @@ def show_evaluate(result: EvalResult) -> None:
     rows = [("synthetic set", f"{result.synset_path} ({meta['dataset']}, {meta.get('method')}, IPC {meta['ipc']})")]
     rows += _evaluation_rows(result) + [("report", str(result.report_path))]
     _print_summary("fastdd evaluate", rows)
+    _warn("evaluate", result)
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     world = join(device)
     device = local_device(device)
+    if args.image_size is not None:
+        check_image_fits(args.model, 3, (args.image_size, args.image_size), device)
     train, test = load_data(args.dataset, args.data_root, device, args.image_size, REGULARIZATION if args.zca else None)
     began = time.perf_counter()
     paths = train_experts(train, args.out, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
@@ -377,11 +397,15 @@ def cmd_difficulty(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         print(f"fastdd difficulty: error: {err}", file=sys.stderr)
         return 1
+    with folder_lock(args.out, "out (--out)"):  # from the check of the folder to the last output
+        check_out_dir(args.out, args.overwrite)
+        return _difficulty(args)
+
+
+def _difficulty(args: argparse.Namespace) -> int:
+    """``fastdd difficulty`` once --out is held and checked."""
+    seed_value("seed (--seed)", args.seed)
     out = Path(args.out)
-    present = [name for name in (SCORES, SUMMARY, HISTOGRAM) if (out / name).exists()]
-    if present and not args.overwrite:
-        raise FileExistsError(f"out (--out): {out} holds {', '.join(present)} already; pass --overwrite to replace "
-                              "them, or choose another --out")
     device = resolve_device(args.device)
     train, _ = load_dataset(args.dataset, args.data_root, device=device, image_size=args.image_size)
     about: dict[str, Any] = {"seed": args.seed}
@@ -451,8 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnsavedResultError as err:
         SHOW[args.command](err.result)
         print(f"fastdd {args.command}: error: {err}", file=sys.stderr)
-    except (DatasetError, NonFiniteError, torch.OutOfMemoryError, MemoryError, ImportError, OSError,
-            ValueError) as err:
+    except (DatasetError, NonFiniteError, FolderInUseError, torch.OutOfMemoryError, MemoryError, ImportError,
+            OSError, ValueError) as err:
         print(f"fastdd {args.command}: error: {one_line(err)}", file=sys.stderr)
     return 1
 

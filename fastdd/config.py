@@ -27,13 +27,16 @@ import torch
 
 from fastdd.checks import (
     boolean,
+    choice,
     fraction,
     nonnegative_float,
     nonnegative_int,
     one_of,
     open_fraction,
+    optional,
     positive_float,
     positive_int,
+    seed_value,
 )
 from fastdd.data import DATASETS, RealDataset
 from fastdd.distributed import SINGLE, World
@@ -45,7 +48,7 @@ from fastdd.methods.sdc import SDC, default_lambda
 from fastdd.methods.udd import AUTO_POLICY, UDD, default_beta
 from fastdd.methods.udd import METHODS as UDD_METHODS
 from fastdd.methods.udd import POLICIES as UDD_POLICIES
-from fastdd.models import NETWORK_NAMES
+from fastdd.models import NETWORK_NAMES, check_image_size
 
 PLUGINS = ("sdc", "udd")  # in the order they are applied, whatever order they were given in
 # Fields that do not change the synthetic set: where the data and the run directory lie, how often
@@ -114,58 +117,50 @@ def _plugin_names(name: str, value: Any) -> tuple[str, ...]:
     return tuple(p for p in PLUGINS if p in value)
 
 
-def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
-    return lambda name, value: None if value is None else check(name, value)
-
-
-def _choice(choices: Any) -> Callable[[str, Any], Any]:
-    return lambda name, value: one_of(name, value, choices)
-
-
 # RunConfig field -> check(name, value) returning the value as stored (floats as float, paths as str)
 FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "dataset": _choice(sorted(DATASETS)),
-    "data_root": _optional(path),
-    "image_size": _optional(positive_int),
+    "dataset": choice(sorted(DATASETS)),
+    "data_root": optional(path),
+    "image_size": optional(positive_int),
     "zca": boolean,
-    "method": _choice(sorted(METHODS)),
+    "method": choice(sorted(METHODS)),
     "ipc": positive_int,
-    "iterations": _optional(positive_int),
-    "lr_img": _optional(positive_float),
-    "batch_real": _optional(positive_int),
-    "init": _optional(_choice(sorted({init for method in METHODS.values() for init in method.inits}))),
-    "model": _choice(NETWORK_NAMES),
-    "real_precision": _choice(REAL_PRECISIONS),
-    "seed": nonnegative_int,
-    "out": _optional(path),
+    "iterations": optional(positive_int),
+    "lr_img": optional(positive_float),
+    "batch_real": optional(positive_int),
+    "init": optional(choice(sorted({init for method in METHODS.values() for init in method.inits}))),
+    "model": choice(NETWORK_NAMES),
+    "real_precision": choice(REAL_PRECISIONS),
+    "seed": seed_value,
+    "out": optional(path),
     "checkpoint_every": positive_int,
     "device": device_name,
-    "experts": _optional(path),
-    "mtt_mode": _optional(_choice(MODES)),
-    "syn_steps": _optional(positive_int),
-    "expert_epochs": _optional(positive_int),
-    "max_start_epoch": _optional(positive_int),
-    "batch_syn": _optional(positive_int),
-    "syn_lr": _optional(positive_float),
-    "lr_lr": _optional(positive_float),
-    "soft_labels": _optional(boolean),
-    "learn_soft_labels": _optional(boolean),
-    "ema_decay": _optional(fraction),
-    "min_start_epoch": _optional(nonnegative_int),
-    "initial_max_start_epoch": _optional(positive_int),
-    "expansion_end": _optional(fraction),
-    "lr_labels": _optional(positive_float),
+    "experts": optional(path),
+    "mtt_mode": optional(choice(MODES)),
+    "syn_steps": optional(positive_int),
+    "expert_epochs": optional(positive_int),
+    "max_start_epoch": optional(positive_int),
+    "batch_syn": optional(positive_int),
+    "syn_lr": optional(positive_float),
+    "lr_lr": optional(positive_float),
+    "soft_labels": optional(boolean),
+    "learn_soft_labels": optional(boolean),
+    "ema_decay": optional(fraction),
+    "min_start_epoch": optional(nonnegative_int),
+    "initial_max_start_epoch": optional(positive_int),
+    "expansion_end": optional(fraction),
+    "lr_labels": optional(positive_float),
     "plugins": _plugin_names,
-    "sdc_lambda": _optional(nonnegative_float),
-    "udd_policy": _optional(_choice((*UDD_POLICIES, "auto"))),
-    "udd_beta": _optional(nonnegative_float),
-    "udd_tau": _optional(positive_float),
-    "udd_quantile": _optional(open_fraction),
-    "udd_every": _optional(positive_int),
+    "sdc_lambda": optional(nonnegative_float),
+    "udd_policy": optional(choice((*UDD_POLICIES, "auto"))),
+    "udd_beta": optional(nonnegative_float),
+    "udd_tau": optional(positive_float),
+    "udd_quantile": optional(open_fraction),
+    "udd_every": optional(positive_int),
     "eval_models": nonnegative_int,
-    "eval_model": _choice(NETWORK_NAMES),
-    "eval_epochs": _optional(positive_int),
-    "eval_augment": _optional(_choice(AUGMENTS)),
+    "eval_model": choice(NETWORK_NAMES),
+    "eval_epochs": optional(positive_int),
+    "eval_augment": optional(choice(AUGMENTS)),
     "baseline": boolean,
 }
 
@@ -319,7 +314,13 @@ class RunConfig:
     def build_distiller(self, train: RealDataset, world: World = SINGLE) -> Distiller:
         """The distiller of ``method`` on ``train`` (on the run's device), its generator seeded with ``seed``,
         with :meth:`build_plugins`, over the processes of ``world``; options left None take the method's defaults.
-        MTT loads its experts here."""
+        MTT loads its experts here. First, before anything is allocated, a ``model`` (or, when the run evaluates,
+        an ``eval_model``) that cannot learn from ``train``'s image size is refused
+        (:func:`fastdd.models.check_image_size`)."""
+        size = (train.height, train.width)
+        check_image_size(self.model, train.channels, size, "model (--model)")
+        if self.eval_models > 0:
+            check_image_size(self.eval_model, train.channels, size, "eval_model (--eval-model)")
         own = {keyword: getattr(self, field) for field, keyword in METHOD_KEYWORDS.get(self.method, {}).items()
                if getattr(self, field) is not None}
         return get_distiller(self.method)(

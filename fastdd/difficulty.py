@@ -10,6 +10,11 @@ who average over several networks early in training). Two sources give the same 
   the first epochs, so a mean over one run's epochs would mix scales and rest on one initialisation.
 - otherwise K networks drawn from the caller's generator, each trained ``SCORE_EPOCH`` epochs with
   the experts' defaults (SGD lr 0.01, no momentum, batch 256, DSA augmentation).
+
+The output folder is written by one process at a time (:mod:`fastdd.lock`). While its three files are
+written, ``.difficulty.writing`` says so: a folder holding it holds the outputs of a run cut short (a kill,
+a full disk), which the next run replaces; without it, outputs present are a result, kept unless asked
+(:func:`check_out_dir`).
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from torch.nn.utils import vector_to_parameters
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import positive_int
 from fastdd.data import RealDataset
-from fastdd.io import atomic_write_bytes, atomic_write_json
+from fastdd.io import atomic_write_bytes, atomic_write_json, remove_file, remove_temporaries
+from fastdd.lock import folder_lock
 from fastdd.methods.sdc import CHUNK_SIZE, gradn
-from fastdd.models import get_network
+from fastdd.models import check_image_size, get_network
 from fastdd.ops.grad_norm import trainable_layers
 from fastdd.plots import plot_gradn_histograms, require_matplotlib
 from fastdd.progress import progress_bar
@@ -42,6 +48,17 @@ TRAIN_BATCH = 256
 DEFAULT_MODEL = "ConvNet"
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 SCORES, SUMMARY, HISTOGRAM = "difficulty.npz", "difficulty.json", "difficulty.png"
+WRITING = ".difficulty.writing"  # present while the outputs are written (module docstring)
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse (FileExistsError) an ``out_dir`` holding the result of an earlier run, unless ``overwrite``: any of
+    the outputs, except those of a run cut short while writing them. Changes nothing."""
+    out_dir = Path(out_dir)
+    present = [name for name in (SCORES, SUMMARY, HISTOGRAM) if (out_dir / name).exists()]
+    if present and not overwrite and not (out_dir / WRITING).exists():
+        raise FileExistsError(f"out (--out): {out_dir} holds {', '.join(present)} already; pass --overwrite to replace "
+                              "them, or choose another --out")
 
 
 def _expert_networks(train: RealDataset, count: int, generator: torch.Generator, model: str | None,
@@ -95,6 +112,7 @@ def scoring_networks(train: RealDataset, count: int, generator: torch.Generator,
         source = f"experts in {experts}: epoch {SCORE_EPOCH} of experts 0..{count - 1}"
     else:
         model = model or DEFAULT_MODEL
+        check_image_size(model, train.channels, (train.height, train.width))
         nets = _trained_networks(train, count, generator, model, progress)
         source = (f"trained here: {SCORE_EPOCH} epochs of SGD (lr {TRAIN_LR}, batch {TRAIN_BATCH}, DSA) "
                   "from the generator")
@@ -133,14 +151,14 @@ def difficulty_report(models: Sequence[nn.Module], train: RealDataset, out_dir: 
     synthetic: (images [M, C, H, W] normalised, labels [M]) as networks train on them (decoded for
     IDC). Writes ``difficulty.npz`` (``real_scores`` float32 [N], ``real_labels`` int64 [N], and
     ``synthetic_scores``, ``synthetic_labels`` [M]), ``difficulty.json`` (``about`` plus a
-    :func:`summarize` per set) and ``difficulty.png`` (both sets on one histogram). Returns the JSON.
+    :func:`summarize` per set) and ``difficulty.png`` (both sets on one histogram), holding the folder's
+    lock. Returns the JSON.
     """
     if synthetic is not None and tuple(synthetic[0].shape[1:]) != train.image_shape:
         raise ValueError(f"synthetic images are {tuple(synthetic[0].shape[1:])}, {train.name} images are "
                          f"{train.image_shape}")
     require_matplotlib()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     sets = {"real": (score_dataset(models, train, progress=progress), train.labels)}
     if synthetic is not None:
         images, labels = (t.to(train.device) for t in synthetic)
@@ -148,10 +166,14 @@ def difficulty_report(models: Sequence[nn.Module], train: RealDataset, out_dir: 
     buffer = io.BytesIO()
     np.savez(buffer, **{f"{name}_scores": s.cpu().numpy() for name, (s, _) in sets.items()},
              **{f"{name}_labels": y.cpu().numpy() for name, (_, y) in sets.items()})
-    atomic_write_bytes(out_dir / SCORES, buffer.getvalue())
     report = {**(about or {}), "dataset": train.name,
               **{name: summarize(s, y, train.num_classes) for name, (s, y) in sets.items()}}
-    atomic_write_json(out_dir / SUMMARY, report)
-    plot_gradn_histograms({name: s for name, (s, _) in sets.items()}, out_dir / HISTOGRAM,
-                          f"GraDN on {train.name} ({len(models)} scoring network{'s' * (len(models) > 1)})")
+    with folder_lock(out_dir, "out (--out)"):
+        remove_temporaries(out_dir, (SCORES, SUMMARY, HISTOGRAM, WRITING))
+        atomic_write_json(out_dir / WRITING, {"writing": [SCORES, HISTOGRAM, SUMMARY]})
+        atomic_write_bytes(out_dir / SCORES, buffer.getvalue())
+        plot_gradn_histograms({name: s for name, (s, _) in sets.items()}, out_dir / HISTOGRAM,
+                              f"GraDN on {train.name} ({len(models)} scoring network{'s' * (len(models) > 1)})")
+        atomic_write_json(out_dir / SUMMARY, report)
+        remove_file(out_dir / WRITING)
     return report

@@ -8,19 +8,35 @@ same networks, real-batch indices and augmentations, drawn for every class), so 
 are a single process's; it computes only its own classes' terms, so only its own classes' images change.
 :meth:`World.share_rows` then hands every shard's rows to every rank (before a checkpoint or the set is
 written). Rank 0 alone writes files and prints.
+
+Waiting: a process waits for the others at most ``FASTDD_DIST_TIMEOUT`` seconds (default 300), both to join
+(:func:`join`) and in every collective afterwards. torch has no environment variable of its own for this
+(``init_process_group`` takes it as an argument), so fastdd names one. A process whose peers have not come
+after 5 s (or half the timeout, when shorter) says on stderr what it waits for: its rank, the world size and
+``MASTER_ADDR:MASTER_PORT``; at the timeout it gives up with one line naming them. A process other than the
+first waits until the first one's port answers before torch connects to it (torch's own retries print pages
+of warnings).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-# A rank that stops answering ends the others' collectives after this long, with an error.
-TIMEOUT = timedelta(minutes=5)
+from fastdd.errors import one_line
+
+TIMEOUT_VARIABLE = "FASTDD_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0  # a rank that stops answering ends the others' waits after this long, with an error
+NOTICE_AFTER_S = 5.0  # a process still waiting for its peers after this long (or half the timeout) says so
 
 
 @dataclass(frozen=True)
@@ -118,25 +134,85 @@ class World:
 SINGLE = World()
 
 
+def environment_int(name: str, default: int, minimum: int = 1) -> int:
+    """Environment variable ``name`` (set by torchrun) as an integer >= ``minimum``, ``default`` when it is unset;
+    a ValueError naming it otherwise."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if not value.strip().isdigit() or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} (torchrun sets it), got {value!r}")
+    return int(value)
+
+
+def timeout() -> timedelta:
+    """How long a process waits for the others: ``FASTDD_DIST_TIMEOUT`` seconds, 300 when it is unset; a
+    ValueError naming the variable when it is not a number > 0."""
+    value = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{TIMEOUT_VARIABLE} must be a number of seconds > 0 (how long a process waits for the "
+                         f"others), got {value!r}")
+    return timedelta(seconds=seconds)
+
+
 def join(device: torch.device) -> World:
     """This process's world: torchrun's when ``WORLD_SIZE`` > 1 (joining its process group on first call:
-    NCCL for CUDA devices, gloo otherwise), else one process. A ValueError when ``WORLD_SIZE`` is not a
-    positive integer, or when the processes were given different kinds of device."""
-    size = os.environ.get("WORLD_SIZE", "1")
-    if not size.isdigit() or int(size) < 1:
-        raise ValueError(f"WORLD_SIZE must be a positive integer (torchrun sets it), got {size!r}")
-    if int(size) == 1:
+    NCCL for CUDA devices, gloo otherwise; module docstring on waiting), else one process. A ValueError when
+    ``WORLD_SIZE`` is not a positive integer, or when the processes were given different kinds of device; an
+    OSError (TimeoutError when nobody answered) when the others could not be joined within the timeout."""
+    size = environment_int("WORLD_SIZE", 1)
+    if size == 1:
         return SINGLE
     if not dist.is_initialized():
         if device.type == "cuda":  # NCCL's own buffers go to the current device: this process's GPU
             torch.cuda.set_device(local_device(device))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        _join_group("nccl" if device.type == "cuda" else "gloo", size)
     kinds: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(kinds, device.type)
     if len(set(kinds)) > 1:
         raise ValueError(f"device (--device): the processes run on {', '.join(sorted(set(kinds)))}; every process of "
                          "a run needs the same kind of device")
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def _join_group(backend: str, size: int) -> None:
+    """Join torchrun's process group, saying what it waits for when the others are slow to come and giving up
+    after :func:`timeout` (module docstring)."""
+    limit = timeout()
+    rank = environment_int("RANK", 0, minimum=0)
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    who = f"process {rank} of {size} (RANK {rank}, WORLD_SIZE {size})"
+    where = f"MASTER_ADDR:MASTER_PORT {host}:{port}"
+    seconds = f"{limit.total_seconds():g} s ({TIMEOUT_VARIABLE})"
+    notice = threading.Timer(min(NOTICE_AFTER_S, limit.total_seconds() / 2), lambda: print(
+        f"fastdd: {who} waits for the others at {where}; it gives up after {seconds}", file=sys.stderr, flush=True))
+    notice.daemon = True
+    notice.start()
+    try:
+        if rank > 0 and host and port and port.isdigit():
+            _wait_for_port(host, int(port), time.monotonic() + limit.total_seconds(),
+                           f"{who} gave up after {seconds} waiting for the others at {where}: nothing answered there")
+        dist.init_process_group(backend, timeout=limit)
+    except dist.DistError as err:
+        raise ConnectionError(f"{who} could not join the others at {where} within {seconds}: {one_line(err)}") from None
+    finally:
+        notice.cancel()
+
+
+def _wait_for_port(host: str, port: int, deadline: float, message: str) -> None:
+    """Return once ``host:port`` accepts a connection; TimeoutError(``message``) at ``deadline`` (monotonic)."""
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(message) from None
+            time.sleep(0.2)
 
 
 def leave() -> None:
@@ -162,7 +238,7 @@ def is_main_process() -> bool:
 def local_device(device: torch.device) -> torch.device:
     """The device of this rank: ``cuda:LOCAL_RANK`` for a CUDA run under torchrun, else ``device``."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", environment_int("LOCAL_RANK", 0, minimum=0))
     return device
 
 

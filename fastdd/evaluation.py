@@ -14,6 +14,15 @@ evaluates; other sets, and the random-real baseline, train on the hard labels. T
 says which (``"soft"`` or ``"hard"``). A multi-formation set (IDC, ``meta["factor"]`` > 1) is decoded
 first: networks train on its ``factor²`` images per stored image (:func:`training_data`).
 
+Networks that do not learn are flagged, not hidden: a network learned when its last epoch's mean training loss
+fell below its chance loss (that of a network that ignores its images and predicts the labels' mean
+distribution: ln K for K balanced hard labels) by at least :data:`LEARNED_SHARE` of the way to the lowest loss
+the labels allow (their mean entropy: 0 for hard labels). The report counts the networks that did not
+(``stuck``) and :func:`evaluate_with_baseline` adds a one-line warning for each part where any did: its
+accuracy then says nothing of the set. A warning rather than a refusal: the numbers are still measurements, and
+the structural cause, a network whose maps are too small for the images, is refused before any training
+(:func:`fastdd.models.check_image_size`).
+
 Differences from the original DC/DSA code, deliberate: it runs ``epochs + 1`` epochs, decays the
 lr after epoch ``epochs // 2 + 1`` and rebuilds the optimizer there (dropping the momentum buffer);
 fastdd runs exactly ``epochs`` epochs and decays at ``epochs // 2`` keeping the momentum buffer
@@ -27,19 +36,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdd.augment import DSA, dsa_strategy_for
-from fastdd.checks import nonnegative_float, one_of, positive_float, positive_int
+from fastdd.checks import nonnegative_float, one_of, positive_float, positive_int, seed_value
 from fastdd.data import RealDataset
 from fastdd.distributed import SINGLE, World
 from fastdd.methods.multiformation import decode
-from fastdd.models import fused_blocks, get_network
+from fastdd.models import check_image_size, fused_blocks, get_network
 from fastdd.progress import progress_bar
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
@@ -47,6 +57,7 @@ from fastdd.train import train_epoch
 AUGMENTS = ("none", "dsa")
 LR_DECAY = 0.1
 SOFT_SUM_TOLERANCE = 1e-4  # how far a soft label's row sum may be from 1
+LEARNED_SHARE = 0.1  # a network learned when its final loss fell this share of the way from chance to the lowest
 
 
 @dataclass
@@ -188,12 +199,31 @@ def train_and_test(
     return compute_accuracy(net, test, config.test_batch_size)
 
 
+def label_losses(labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """(chance, lowest) cross-entropies of labels int64 [N] or soft labels float [N, K]: that of a network that
+    ignores its images and predicts the labels' mean distribution (ln K for K balanced classes), and the lowest
+    any network can reach (the labels' mean entropy, 0 for hard labels)."""
+    p = labels.detach().double() if labels.is_floating_point() else F.one_hot(labels, num_classes).double()
+    chance = -torch.special.xlogy(p, p.mean(0)).sum(1).mean()
+    lowest = -torch.special.xlogy(p, p).sum(1).mean()
+    return float(chance), float(lowest)
+
+
+def did_not_learn(final_loss: float, chance: float, lowest: float) -> bool:
+    """True when a final training loss (NaN included) did not fall :data:`LEARNED_SHARE` of the way from the
+    ``chance`` loss to the ``lowest`` (:func:`label_losses`)."""
+    return not final_loss < chance - LEARNED_SHARE * (chance - lowest)
+
+
 @dataclass
 class EvalReport:
     """Accuracies (fractions) of ``num_models`` networks, their mean and population std, and the config used.
 
     ``config.lr`` is the learning rate actually used (the learned lr when one overrode the config).
     ``labels`` is what the networks trained on: ``"hard"`` (class indices) or ``"soft"`` (soft labels).
+    ``final_losses``: each network's mean training loss over its last epoch; ``chance_loss``: that of a network
+    that ignores its images (:func:`label_losses`); ``stuck``: the networks that did not learn
+    (:func:`did_not_learn`; module docstring). A report made without the losses has none and counts none.
     """
 
     accuracies: list[float]
@@ -203,16 +233,24 @@ class EvalReport:
     num_models: int
     seconds: float
     labels: str = "hard"
+    final_losses: list[float] = field(default_factory=list)
+    chance_loss: float | None = None
+    stuck: int = 0
 
     @classmethod
     def from_accuracies(cls, accuracies: list[float], config: EvalConfig, seconds: float,
-                        labels: str = "hard") -> EvalReport:
+                        labels: str = "hard", final_losses: list[float] | None = None,
+                        losses: tuple[float, float] | None = None) -> EvalReport:
+        """The report of ``accuracies``; with ``final_losses`` and ``losses`` (the labels' chance and lowest
+        losses, :func:`label_losses`), the networks that did not learn are counted."""
         acc = np.asarray(accuracies, dtype=np.float64)
+        final_losses = list(map(float, final_losses or []))
+        stuck = 0 if losses is None else sum(did_not_learn(loss, *losses) for loss in final_losses)
         return cls(list(map(float, accuracies)), float(acc.mean()), float(acc.std()), config, len(accuracies), seconds,
-                   labels)
+                   labels, final_losses, None if losses is None else losses[0], stuck)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field (config as a nested dict)."""
+        """JSON-able dict of every field (config as a nested dict; a NaN loss as None)."""
         return {
             "accuracies": list(self.accuracies),
             "mean": self.mean,
@@ -220,8 +258,22 @@ class EvalReport:
             "num_models": self.num_models,
             "seconds": self.seconds,
             "labels": self.labels,
+            "final_losses": [loss if np.isfinite(loss) else None for loss in self.final_losses],
+            "chance_loss": self.chance_loss,
+            "stuck": self.stuck,
             "config": dataclasses.asdict(self.config),
         }
+
+    def warning(self, which: str) -> str | None:
+        """One line saying that ``stuck`` of the networks trained on ``which`` (``"the distilled set"``) did not
+        learn, so that their accuracy says nothing of it; None when every network learned."""
+        if not self.stuck:
+            return None
+        mean = float(np.mean(self.final_losses))
+        return (f"{self.stuck} of {self.num_models} {self.config.model} networks trained on {which} did not learn: "
+                f"their training loss ended at {mean:.3f} (mean), against {self.chance_loss:.3f} for a network that "
+                f"ignores its images; the accuracy of {100 * self.mean:.2f} % says nothing of the set (try more "
+                "--eval-epochs or another --eval-model)")
 
     def __str__(self) -> str:
         return f"{self.config.model}: {100 * self.mean:.2f} +- {100 * self.std:.2f} % over {self.num_models} models"
@@ -256,30 +308,34 @@ def evaluate_synset(
             f"train and test sets disagree: image shape {tuple(train.image_shape)} vs {tuple(test.image_shape)}, "
             f"classes {train.num_classes} vs {test.num_classes}"
         )
+    c, h, w = train.image_shape
+    check_image_size(config.model, c, (h, w), "eval_model (--eval-model)")
     if lr is not None:
         config = dataclasses.replace(config, lr=positive_float("lr", lr))
     began = time.perf_counter()
     seeds = [int(torch.randint(2**62, (1,), generator=generator)) for _ in range(num_models)]
     mine = range(world.rank, num_models, world.size)
     accuracies: list[float] = []
-    c, h, w = train.image_shape
+    final_losses: list[float] = []
     bar = progress_bar(mine, desc=f"eval {config.model}", unit="model", disable=not (progress and world.is_main),
                        leave=False)
     every = max(1, config.epochs // 20)
 
-    def show_epoch(done: int, loss: float) -> None:
+    def on_epoch(done: int, loss: float) -> None:
+        if done == config.epochs:
+            final_losses.append(loss)
         if done % every == 0 or done == config.epochs:
             bar.set_postfix_str(f"epoch {done}/{config.epochs} loss {loss:.3f}")
 
     for k in bar:
         network_generator = torch.Generator().manual_seed(seeds[k])
         net = get_network(config.model, c, train.num_classes, (h, w), network_generator)
-        accuracies.append(train_and_test(net, images, labels, test, config, network_generator, on_epoch=show_epoch))
+        accuracies.append(train_and_test(net, images, labels, test, config, network_generator, on_epoch=on_epoch))
         bar.set_postfix_str(f"last acc {100 * accuracies[-1]:.2f}%")
     bar.close()
-    accuracies = world.interleave(accuracies)
-    return EvalReport.from_accuracies(accuracies, config, time.perf_counter() - began,
-                                      "soft" if labels.is_floating_point() else "hard")
+    return EvalReport.from_accuracies(world.interleave(accuracies), config, time.perf_counter() - began,
+                                      "soft" if labels.is_floating_point() else "hard",
+                                      world.interleave(final_losses), label_losses(labels, train.num_classes))
 
 
 def check_baseline(train: RealDataset, ipc: int) -> None:
@@ -363,17 +419,23 @@ def evaluate_with_baseline(synset: SyntheticSet, train: RealDataset, test: RealD
     ``baseline``, ``synset.meta["ipc"]`` random real images per class by the same protocol, on hard labels
     (for a multi-formation set: the same storage). Returns a JSON-able report: ``distilled``,
     ``random_real`` and ``gain`` (difference of the mean accuracies, a fraction); each part's ``labels``
-    says what its networks trained on. Each evaluation draws from a generator seeded with ``seed``; over several
-    processes (``world``) the networks are split between them and every process returns the whole report."""
+    says what its networks trained on, and ``warnings`` holds a line for each part whose networks did not all learn
+    (:meth:`EvalReport.warning`). Each evaluation draws from a generator seeded with ``seed`` (an integer in
+    [0, 2**63)); over several processes (``world``) the networks are split between them and every process returns
+    the whole report."""
+    seed_value("seed (--seed)", seed)
     device = train.images.device
     images, labels = training_data(synset, soft=True)
     distilled = evaluate_synset(images.to(device), labels.to(device), train, test, config,
                                 num_models, torch.Generator().manual_seed(seed), lr=synset.lr, progress=progress,
                                 world=world)
     report: dict[str, Any] = {"distilled": distilled.to_dict()}
+    warnings = [distilled.warning("the distilled set")]
     if baseline:
         rand = evaluate_random_real(train, test, synset.meta["ipc"], config, num_models,
                                     torch.Generator().manual_seed(seed), progress=progress, world=world)
         report["random_real"] = rand.to_dict()
         report["gain"] = distilled.mean - rand.mean
+        warnings.append(rand.warning("random real images"))
+    report["warnings"] = [line for line in warnings if line is not None]
     return report

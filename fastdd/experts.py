@@ -23,8 +23,9 @@ many were trained before it; running again with a larger ``num_experts`` adds ex
 Resume: while expert ``i`` trains, ``expert_NNNN.partial.pt`` holds its rows so far, the network,
 optimizer and generator states, rewritten atomically after every epoch; a kill loses at most one
 epoch. A new call on the same directory skips finished experts and continues a partial one, giving
-the same file as an uninterrupted run. Every existing file's ``meta`` must equal this call's,
-otherwise the call is refused.
+the same file as an uninterrupted run; it first removes what a kill left behind (temporary files, the
+checkpoint of an expert whose trajectory was written). Every existing file's ``meta`` must equal this
+call's, otherwise the call is refused. One process at a time uses a directory (:mod:`fastdd.lock`).
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
 from fastdd.augment import DSA, dsa_strategy_for
-from fastdd.checks import integer, nonnegative_float, one_of, positive_float, positive_int
+from fastdd.checks import nonnegative_float, one_of, positive_float, positive_int, seed_value
 from fastdd.data import RealDataset
 from fastdd.distributed import SINGLE, World
 from fastdd.errors import DamagedFileError, NonFiniteError
 from fastdd.evaluation import compute_accuracy
 from fastdd.flat import SharpnessAware
-from fastdd.io import atomic_torch_save, load_torch_file
-from fastdd.models import get_network
+from fastdd.io import atomic_torch_save, load_torch_file, remove_file, remove_temporaries
+from fastdd.lock import run_lock
+from fastdd.models import check_image_size, get_network
 from fastdd.progress import progress_bar
 from fastdd.train import train_epochs
 from fastdd.trajectory import EXPERT_FILES, FORMAT_VERSION, Trajectory, expert_path, run_setup
@@ -79,13 +81,16 @@ def human_bytes(n: float) -> str:
 
 def _validate(num_experts: int, epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
               augment: str, seed: int, flat: float) -> None:
-    for name, value in (("num_experts", num_experts), ("epochs", epochs), ("batch_size", batch_size)):
+    """ValueError naming the first argument (with its ``fastdd experts`` option) that is out of its range; the seed
+    must lie in [0, 2**63), as a larger one would give the generators of a smaller one."""
+    for name, value in (("num_experts (--num-experts)", num_experts), ("epochs (--epochs)", epochs),
+                        ("batch_size (--batch-size)", batch_size)):
         positive_int(name, value)
-    positive_float("lr", lr)
+    positive_float("lr (--lr)", lr)
     nonnegative_float("momentum", momentum)
     nonnegative_float("weight_decay", weight_decay)
     one_of("augment", augment, AUGMENTS)
-    integer("seed", seed)
+    seed_value("seed (--seed)", seed)
     nonnegative_float("flat (--flat)", flat)
 
 
@@ -189,7 +194,7 @@ def _train_expert(
     train_epochs(net, train.images, train.labels, optimizer, generator, epochs, batch_size=meta["batch_size"],
                  augment=augment, transform=train.normalize, done=done, on_epoch=record)
     Trajectory(params, meta).save(expert_path(out_dir, index))
-    partial.unlink(missing_ok=True)
+    remove_file(partial)
     if test is not None:
         tqdm.write(f"expert {index}: test accuracy {100 * compute_accuracy(net, test):.2f} %")
 
@@ -225,6 +230,7 @@ def train_experts(
     (module docstring; FTD used 0.01), about twice the time. Returns the paths of the expert files.
     """
     _validate(num_experts, epochs, lr, momentum, weight_decay, batch_size, augment, seed, flat)
+    check_image_size(model, train.channels, (train.height, train.width))
     out_dir = Path(out_dir)
     strategy = dsa_strategy_for(train.name) if augment == "dsa" else None
     meta = {**run_setup(train, model), "train_size": len(train), "lr": float(lr), "momentum": float(momentum),
@@ -232,17 +238,28 @@ def train_experts(
             "dsa_strategy": strategy, "seed": seed, **({"flat": float(flat)} if flat > 0 else {})}
     num_params = sum(p.numel() for p in get_network(model, train.channels, train.num_classes,
                                                     (train.height, train.width), torch.Generator()).parameters())
-    if out_dir.is_dir():
+    with run_lock(out_dir, "out (--out)", world):
+        if world.is_main:
+            _remove_debris(out_dir)
+        world.barrier()  # the others read the folder once the first has tidied it
         _check_existing(out_dir, meta)
-    missing = [i for i in range(num_experts) if not expert_path(out_dir, i).exists()]
-    _check_space(out_dir, num_experts, len(missing), epochs, num_params)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done = (num_experts - len(missing)) * epochs + sum(_partial_epochs(out_dir, i) for i in missing)
-    augmenter = DSA(strategy) if strategy is not None else None
-    mine = [i for i in missing if i % world.size == world.rank]
-    with progress_bar(total=num_experts * epochs, initial=done, desc="experts", unit="epoch",
-                      disable=not (progress and world.is_main)) as bar:
-        for index in mine:
-            _train_expert(train, out_dir, index, meta, augmenter, bar, test)
-    world.barrier()  # every process's experts are written
+        missing = [i for i in range(num_experts) if not expert_path(out_dir, i).exists()]
+        _check_space(out_dir, num_experts, len(missing), epochs, num_params)
+        done = (num_experts - len(missing)) * epochs + sum(_partial_epochs(out_dir, i) for i in missing)
+        augmenter = DSA(strategy) if strategy is not None else None
+        mine = [i for i in missing if i % world.size == world.rank]
+        with progress_bar(total=num_experts * epochs, initial=done, desc="experts", unit="epoch",
+                          disable=not (progress and world.is_main)) as bar:
+            for index in mine:
+                _train_expert(train, out_dir, index, meta, augmenter, bar, test)
+        world.barrier()  # every process's experts are written
     return [expert_path(out_dir, i) for i in range(num_experts)]
+
+
+def _remove_debris(out_dir: Path) -> None:
+    """Remove what a killed run left in ``out_dir``: its temporary files, and the checkpoint of an expert whose
+    trajectory it had written (killed between the two)."""
+    remove_temporaries(out_dir, ("*",))
+    for partial in sorted(out_dir.glob(PARTIAL_FILES)):
+        if partial.with_name(partial.name.removesuffix(PARTIAL_SUFFIX) + ".pt").exists():
+            remove_file(partial)

@@ -10,12 +10,19 @@ The readers (:func:`load_torch_file`, :func:`read_json_file`) turn a damaged fil
 :class:`fastdd.errors.DamagedFileError` naming the file and what it should hold, never a traceback. A
 torch file is a zip archive whose every record carries a CRC-32; it is checked before loading, so a
 truncated file or a flipped byte is reported instead of loaded as plausible numbers.
+
+No writer follows a symbolic link: a rename replaces a link itself, an append refuses one, a removal
+removes the link. A process killed during an atomic write leaves its temporary file
+(``.NAME.XXXXXXXX.fastdd.tmp``); the next command holding the folder's lock (:mod:`fastdd.lock`) removes it
+(:func:`remove_temporaries`), and commands looking for an empty folder pass over it (:func:`temporary_of`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -30,12 +37,14 @@ from fastdd.errors import DamagedFileError, WriteError, one_line
 # and the final file should get the permissions an ordinary open() would give it.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+TEMP_SUFFIX = ".fastdd.tmp"
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))  # mkstemp's 8 random characters
 
 
 def write_point(path: Path, stage: str) -> None:
     """Marks a point at which a write of ``path`` can be cut short by a kill or fail for a full disk; every
     write of a file fastdd keeps passes such points (``stage`` names where: "create", "data", "rename",
-    "renamed", "append"). It does nothing here: the crash tests replace it (``fastdd.io.write_point``) to
+    "renamed", "append", "remove"). It does nothing here: the crash tests replace it (``fastdd.io.write_point``) to
     stop the process, or raise ENOSPC, at each point in turn and check that the same command run again ends
     with the uninterrupted result."""
 
@@ -60,7 +69,7 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
     try:
         write_point(path, "create")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     except OSError as e:
         raise WriteError(f"could not write {path}: {e.strerror or e}") from e
     try:
@@ -111,19 +120,58 @@ def append_jsonl(path: str | os.PathLike[str], record: Any) -> None:
     """Append ``record`` to the JSON-lines file ``path`` as one line, flushed and fsynced.
 
     The line is encoded first (TypeError for a non-JSON-able record, nothing written) and written
-    with a single ``write`` call, so a crash can at worst leave a truncated last line.
+    with a single ``write`` call, so a crash can at worst leave a truncated last line. A symbolic link
+    at ``path`` is refused (WriteError), never written through.
     """
     line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_point(path, "append")
-        with open(path, "ab") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "ab") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise link_refused(path) from e
         raise WriteError(f"could not write {path}: {e.strerror or e}") from e
+
+
+def link_refused(path: Path) -> WriteError:
+    """The error for a write refused because ``path`` is a symbolic link (opened with O_NOFOLLOW: ELOOP)."""
+    return WriteError(f"{path} is a symbolic link; fastdd follows no link in a folder it writes: remove the link")
+
+
+def remove_file(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` (a symbolic link itself, never its target); nothing when it is absent. WriteError
+    when it cannot be removed."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    try:
+        write_point(path, "remove")
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise WriteError(f"could not remove {path}: {e.strerror or e}") from e
+
+
+def temporary_of(name: str) -> str | None:
+    """The file name whose atomic write uses the temporary file ``name``; None when ``name`` is not one."""
+    match = _TEMPORARY.fullmatch(name)
+    return match.group(1) if match else None
+
+
+def remove_temporaries(folder: str | os.PathLike[str], patterns: tuple[str, ...]) -> None:
+    """Remove the temporary files that atomic writes of the files named by ``patterns`` (glob patterns of
+    names, "*" for any) left in ``folder`` when their process was killed. Call it holding the folder's lock
+    (:func:`fastdd.lock.folder_lock`): no other writer is then running."""
+    folder = Path(folder)
+    for pattern in patterns:
+        for path in sorted(folder.glob(f".{pattern}.*{TEMP_SUFFIX}")):
+            if temporary_of(path.name) is not None:
+                remove_file(path)
 
 
 def load_torch_file(path: str | os.PathLike[str], what: str, *, map_location: Any = "cpu", verify: bool = True) -> Any:

@@ -10,18 +10,19 @@ update adds, plus the working set of one iteration:
                  pass holds at once times the bytes autograd saves per image of such a pass
                  (:func:`activation_bytes`), and what the method stores besides (MTT's students)
 
-Per-image bytes are traced, not guessed: the run's network (a fresh copy on CPU) runs each kind of pass on
+Per-image bytes are traced, not guessed: the run's network, built on the meta device (shapes without memory,
+so that a size that cannot fit is refused before anything of its size is allocated), runs each kind of pass on
 batches of two and four images under ``torch.autograd.graph.saved_tensors_hooks``, and the difference of the
 distinct bytes saved, halved, is one image's share. A backward pass then allocates the gradients of the
 activations it walks through: :data:`BACKWARD_FACTOR` of the saved bytes of the last pass back-propagated.
 bench/results/plan.md compares the plan with measured peaks; the tests hold it within 25 % of them.
-Plug-ins' terms (SDC, UDD) are not counted.
+Plug-ins' terms (SDC, UDD) are not counted. :func:`check_image_fits` refuses, from the same shapes, an image size
+at which a single image's pass already exceeds the memory, before a data set is read at that size.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd.allocator import process_memory
+from fastdd.distributed import environment_int
 from fastdd.methods.base import Distiller, device_memory
 from fastdd.methods.dc import DC
 from fastdd.methods.dcc import DCC
@@ -37,7 +39,7 @@ from fastdd.methods.dm import DM, REAL_CHUNK_PIXELS, SYN_CHUNK_PIXELS
 from fastdd.methods.idc import IDC
 from fastdd.methods.matching import MAX_BATCHED_PER_CLASS
 from fastdd.methods.mtt import MTT
-from fastdd.models import get_network
+from fastdd.models import meta_network
 from fastdd.ops.norm_relu_pool import MAX_FUSED_TAPS
 
 # A backward pass holds the gradients of the activations it walks through besides the saved ones: about this
@@ -126,14 +128,20 @@ class ActivationBytes:
     first_map: float
 
 
+def _storage_id(t: Tensor) -> int:
+    """An identity of ``t``'s storage, shared by its views (meta tensors have no data pointer to tell them apart)."""
+    return t.untyped_storage()._cdata
+
+
 def _saved_bytes(fn: Callable[[], object], skip: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs, leaving out the storages in ``skip``."""
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs, leaving out the storages in ``skip``
+    (:func:`_storage_id`)."""
     seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
+        storage = _storage_id(t)
+        if storage not in skip:
+            seen[storage] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -142,10 +150,11 @@ def _saved_bytes(fn: Callable[[], object], skip: set[int]) -> int:
 
 
 def activation_bytes(model: str, channels: int, num_classes: int, size: tuple[int, int]) -> ActivationBytes:
-    """:class:`ActivationBytes` of network ``model`` on images [channels, *size], traced on CPU (module docstring)."""
-    net = get_network(model, channels, num_classes, size, torch.Generator().manual_seed(0))
+    """:class:`ActivationBytes` of network ``model`` on images [channels, *size], traced on the meta device (module
+    docstring): nothing of the network's or the images' size is allocated."""
+    net = meta_network(model, channels, num_classes, size)
     weights = list(net.parameters())
-    skip = {w.untyped_storage().data_ptr() for w in weights}
+    skip = {_storage_id(w) for w in weights}
 
     def first_order(x: Tensor, y: Tensor) -> None:
         torch.autograd.grad(F.cross_entropy(net(x), y), weights)
@@ -159,14 +168,14 @@ def activation_bytes(model: str, channels: int, num_classes: int, size: tuple[in
 
     def per_image(kind: Callable[[Tensor, Tensor], None]) -> float:
         def saved(n: int) -> int:
-            x = torch.randn(n, channels, *size, generator=torch.Generator().manual_seed(n), requires_grad=True)
-            return _saved_bytes(lambda: kind(x, torch.zeros(n, dtype=torch.long)), skip)
+            x = torch.empty(n, channels, *size, device="meta", requires_grad=True)
+            return _saved_bytes(lambda: kind(x, torch.zeros(n, dtype=torch.long, device="meta")), skip)
         return (saved(4) - saved(2)) / 2
 
     first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
     fused_whole = first.weight.shape[1:].numel() <= MAX_FUSED_TAPS
     with torch.no_grad():
-        first_map = 0 if fused_whole else first(torch.zeros(1, channels, *size)).numel() * 4
+        first_map = 0 if fused_whole else first(torch.empty(1, channels, *size, device="meta")).numel() * 4
     return ActivationBytes(per_image(first_order), per_image(second_order), per_image(embedding), first_map)
 
 
@@ -285,9 +294,23 @@ def plan_memory(distiller: Distiller) -> MemoryPlan:
                       process_share(distiller.device))
 
 
+def check_image_fits(model: str, channels: int, size: tuple[int, int], device: torch.device,
+                     option: str = "image_size (--image-size)") -> None:
+    """ValueError, from shapes alone, when one image [channels, *size] and its first-order pass through ``model``
+    (the least any run, evaluation or expert training holds at once) exceed this process's share of ``device``'s
+    memory (:func:`process_share`). Nothing of the images' size is allocated, so a data set can be refused
+    before it is read at that size; the message names ``option``."""
+    need = 4 * channels * size[0] * size[1] + activation_bytes(model, channels, 2, size).first_order
+    capacity = process_share(device)
+    if need > capacity:
+        raise ValueError(f"{option}: one {channels}x{size[0]}x{size[1]} image through {model} needs about "
+                         f"{need / GIB:.1f} GiB, more than the {capacity / GIB:.1f} GiB of {device.type} memory of "
+                         "this process; choose a smaller --image-size")
+
+
 def process_share(device: torch.device) -> int:
     """The memory this process may plan with, bytes: all of ``device`` when it is a GPU (one per process); on CPU
     the machine's memory divided among the processes torchrun started on it (``LOCAL_WORLD_SIZE``)."""
     if device.type == "cuda":
         return device_memory(device)
-    return device_memory(device) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return device_memory(device) // environment_int("LOCAL_WORLD_SIZE", 1)

@@ -7,9 +7,15 @@ feature map matches CIFAR's (128 x 4 x 4 = 2048 features at depth 3). The defaul
 classes) has 320,010 parameters; 1x28x28 / 10 classes has 317,706.
 
 ResNet-18 is the CIFAR-style variant used for cross-architecture evaluation: a 3x3 stride-1 stem
-without max-pool, BasicBlocks [2, 2, 2, 2] of widths 64..512, adaptive average pooling, so it runs on
-any input of at least 1x1 after the three stride-2 stages (8x8 works). Its "instancenorm" is
+without max-pool, BasicBlocks [2, 2, 2, 2] of widths 64..512, adaptive average pooling. Its "instancenorm" is
 ``GroupNorm(C, C, affine=True)`` (DC's ResNet18); "ResNet18BN" uses BatchNorm.
+
+A network runs on inputs smaller than it was made for, but may not learn from them: an instance norm over a
+single pixel per channel outputs its bias whatever the image (ResNet18 on 8x8 images: its last stage's maps are
+1x1, so every image gives the same logits and its networks train to chance). :func:`check_image_size` refuses
+such a size before any training, naming the smallest it needs (:func:`min_image_size`, found by tracing the
+layers' shapes on the meta device): 9 px for ResNet18, for instance; fastdd refuses rather than adapts the
+network, so that a reported architecture is the one trained.
 
 Networks never touch the global RNG: :func:`get_network` re-initialises every parameter from an
 explicit ``torch.Generator`` with PyTorch's default distributions (:func:`init_parameters`).
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -57,6 +64,7 @@ _RESNET_VARIANTS: dict[str, str] = {"ResNet18": "instancenorm", "ResNet18BN": "b
 NETWORK_NAMES: tuple[str, ...] = (*_CONVNET_VARIANTS, *_RESNET_VARIANTS)
 
 _FUSED_BLOCKS = contextvars.ContextVar("fused_blocks", default=False)
+MAX_SIDE = 1024  # the largest image side min_image_size looks at
 
 
 @contextlib.contextmanager
@@ -110,6 +118,15 @@ def _activation(act: str) -> nn.Module:
     if act == "sigmoid":
         return nn.Sigmoid()
     return nn.LeakyReLU(negative_slope=0.01)
+
+
+class VanishedMapError(ValueError):
+    """A ConvNet's pooling leaves no pixel: its images are too small for its depth."""
+
+    def __init__(self, im_size: object, depth: int, block: int) -> None:
+        super().__init__(f"im_size={im_size!r} is too small for depth={depth}: the feature map vanishes after block "
+                         f"{block}")
+        self.block = block
 
 
 class ConvBlock(NamedTuple):
@@ -184,10 +201,7 @@ class ConvNet(nn.Module):
                 pool = nn.AvgPool2d(2) if pooling == "avgpooling" else nn.MaxPool2d(2)
                 h, w = h // 2, w // 2
                 if h < 1 or w < 1:
-                    raise ValueError(
-                        f"im_size={im_size!r} is too small for depth={depth}: "
-                        f"the feature map vanishes after block {d + 1}"
-                    )
+                    raise VanishedMapError(im_size, depth, d + 1)
             blocks.append(ConvBlock(conv, norm_layer, _activation(act), pool))
             in_ch = width
         self.features = nn.Sequential(*(layer for block in blocks for layer in block if layer is not None))
@@ -340,19 +354,87 @@ def get_network(
     (batch/layer/group/no norm), "ConvNetMP/NP" (max/no pooling), "ConvNetAS/AL" (sigmoid/leaky relu);
     "ResNet18" (instancenorm) and "ResNet18BN". Unknown name -> ValueError listing the names.
     """
+    # built on the meta device (no global-RNG draws, no wasted default init), then filled from `generator`
+    net = meta_network(name, channels, num_classes, im_size).to_empty(device="cpu")
+    init_parameters(net, generator)
+    return net
+
+
+def meta_network(name: str, channels: int, num_classes: int, im_size: int | tuple[int, int]) -> nn.Module:
+    """Network ``name`` as :func:`get_network` builds it, on the meta device: its layers and shapes, no memory
+    and no values (what the memory plan and :func:`check_image_size` trace)."""
     if name not in NETWORK_NAMES:
         raise ValueError(f"unknown network name {name!r}; expected one of {', '.join(NETWORK_NAMES)}")
-    # built on the meta device (no global-RNG draws, no wasted default init), then filled from `generator`
     with torch.device("meta"):
         if name in _CONVNET_VARIANTS:
             kwargs = _CONVNET_VARIANTS[name]
-            net: nn.Module = ConvNet(channels, num_classes, im_size, **kwargs)  # type: ignore[arg-type]
-        else:
-            _im_size_pair(im_size)
-            net = ResNet18(channels, num_classes, norm=_RESNET_VARIANTS[name])
-    net = net.to_empty(device="cpu")
-    init_parameters(net, generator)
-    return net
+            return ConvNet(channels, num_classes, im_size, **kwargs)  # type: ignore[arg-type]
+        _im_size_pair(im_size)
+        return ResNet18(channels, num_classes, norm=_RESNET_VARIANTS[name])
+
+
+def _normalises_each_channel(module: nn.Module) -> bool:
+    """True for a norm over each channel of each image alone (instance norm, ``GroupNorm(C, C)``)."""
+    if isinstance(module, nn.GroupNorm):
+        return module.num_groups == module.num_channels
+    return isinstance(module, nn.modules.instancenorm._InstanceNorm)
+
+
+@functools.lru_cache(maxsize=None)
+def _blind_spot(name: str, channels: int, size: tuple[int, int]) -> str | None:
+    """Why network ``name`` cannot learn from images [channels, *size], None when nothing stops it: its feature
+    map vanishes, or a layer normalises each channel over a single pixel, which makes its output independent of
+    the image. Traced on the meta device (the first trace of a process loads torch's meta kernels, a second or
+    two)."""
+    try:
+        net = meta_network(name, channels, 2, size)
+    except VanishedMapError as err:
+        return f"its feature map vanishes after block {err.block}"
+    single: list[str] = []
+
+    def probe(layer: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if math.prod(args[0].shape[2:]) <= 1:
+                single.append(layer)
+        return hook
+
+    for layer, module in net.named_modules():
+        if _normalises_each_channel(module):
+            module.register_forward_pre_hook(probe(layer))
+    with torch.no_grad():
+        net(torch.empty(2, channels, *size, device="meta"))
+    if single:
+        return (f"its instance norm {single[0]} normalises each channel over a single pixel, so its output is the "
+                "same for every image")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def min_image_size(name: str, channels: int) -> int:
+    """The smallest side S such that network ``name`` can learn from S x S images of ``channels`` channels (none
+    of :func:`check_image_size`'s faults), found from its layers' shapes by doubling the side, then bisecting (a
+    larger image never has smaller maps); ValueError when none up to :data:`MAX_SIDE` is."""
+    blind, fits = 0, 1
+    while _blind_spot(name, channels, (fits, fits)) is not None:
+        blind, fits = fits, 2 * fits
+        if fits > MAX_SIDE:
+            raise ValueError(f"network {name} cannot learn from images of {channels} channel(s) up to {MAX_SIDE} px")
+    while fits - blind > 1:
+        middle = (blind + fits) // 2
+        blind, fits = (middle, fits) if _blind_spot(name, channels, (middle, middle)) is not None else (blind, middle)
+    return fits
+
+
+def check_image_size(name: str, channels: int, size: tuple[int, int], option: str = "model (--model)") -> None:
+    """ValueError, before anything is trained, when network ``name`` cannot learn from images [channels, *size]:
+    its feature map vanishes (pooling below one pixel), or an instance norm sees a single pixel per channel and
+    outputs the same for every image. The message names ``option``, the network, the size and the smallest
+    square size the network needs (:func:`min_image_size`)."""
+    reason = _blind_spot(name, channels, tuple(size))
+    if reason is not None:
+        side = min_image_size(name, channels)
+        raise ValueError(f"{option}: {name} cannot learn from {channels}x{size[0]}x{size[1]} images ({reason}); it "
+                         f"needs images of at least {side}x{side}: choose another network or larger images")
 
 
 def has_batchnorm(model: nn.Module) -> bool:

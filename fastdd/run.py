@@ -11,8 +11,12 @@ Layout of a run directory::
     report.json          the evaluation report, written by ``fastdd evaluate`` / ``fastdd distill``
 
 Every file is written atomically, so a run killed at any point keeps its last checkpoint, and
-``resume=True`` continues it to the same result as an uninterrupted run with the same seed. A run of
-:func:`fastdd.distill` stores ``RunConfig.recorded()`` as config.json (docs/api.md says which fields).
+``resume=True`` continues it to the same result as an uninterrupted run with the same seed; resuming a run
+whose checkpoint is its last iteration writes its outputs again (a kill or a full disk may have cut them
+short). The outputs of a checkpoint are written before it, so a checkpoint at the last iteration means that
+the set beside it is the final one (:func:`checkpoint_iteration`). A run of :func:`fastdd.distill` stores
+``RunConfig.recorded()`` as config.json (docs/api.md says which fields). One process at a time uses a
+directory: a run holds its lock (:mod:`fastdd.lock`) from before the directory is checked to its end.
 
 A directory is used only as asked (:func:`check_run_dir`, before any work): a fresh run needs a
 missing or empty directory unless ``overwrite``, which first removes the files a run writes (the list
@@ -41,7 +45,11 @@ from fastdd.io import (
     atomic_write_json,
     load_torch_file,
     read_json_file,
+    remove_file,
+    remove_temporaries,
+    temporary_of,
 )
+from fastdd.lock import LOCK_FILE, run_lock
 from fastdd.methods.base import Distiller
 from fastdd.progress import progress_bar
 from fastdd.synset import SyntheticSet
@@ -54,6 +62,7 @@ GRID = "synset.png"
 REPORT = "report.json"
 RUN_FILES = (CONFIG, CHECKPOINT, METRICS, SYNSET, GRID, REPORT)  # besides the plug-ins' outputs
 __all__ = ["CHECKPOINT", "CONFIG", "GRID", "METRICS", "NonFiniteError", "REPORT", "RUN_FILES", "SYNSET",
+           "checkpoint_iteration",
            "check_run_dir", "run_distillation", "save_outputs"]
 
 
@@ -77,9 +86,9 @@ def _check_finite(distiller: Distiller, iteration: int, metrics: dict[str, float
 def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path:
     """``run_dir`` as a Path if a run may use it as asked; changes nothing. Without ``resume`` or ``overwrite``
     it must be missing or empty; with ``resume`` it must hold a run (config.json); the two together are
-    refused; it (or, while missing, its nearest existing parent) must be a writable folder. Raises
-    FileExistsError, FileNotFoundError, ValueError or WriteError, naming the directory and the option
-    that would fit."""
+    refused; it (or, while missing, its nearest existing parent) must be a writable folder. Its lock file and
+    the temporary files of writes cut short by a kill do not count as contents. Raises FileExistsError,
+    FileNotFoundError, ValueError or WriteError, naming the directory and the option that would fit."""
     run_dir = Path(run_dir)
     if resume and overwrite:
         raise ValueError("resume (--resume) and overwrite (--overwrite) exclude each other: continue the run in "
@@ -87,7 +96,7 @@ def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path
     if resume and not (run_dir / CONFIG).is_file():
         raise FileNotFoundError(f"resume (--resume): {run_dir} holds no run to resume (no {CONFIG}); drop --resume "
                                 "to start one")
-    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    held = sorted(p.name for p in run_dir.iterdir() if not _bookkeeping(p.name)) if run_dir.is_dir() else []
     if held and not (resume or overwrite):
         shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
         hint = "pass --resume to continue its run, " if CONFIG in held else ""
@@ -101,22 +110,42 @@ def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> Path
     return run_dir
 
 
+def _bookkeeping(name: str) -> bool:
+    """Whether the file ``name`` in a run directory is its lock or a temporary file left by a kill."""
+    return name == LOCK_FILE or temporary_of(name) is not None
+
+
 def _read_metrics(path: Path, start: int) -> list[str]:
-    """The metric lines of iterations before ``start``. A last line torn by a kill is dropped; any other
-    line that is not a metrics record is a DamagedFileError."""
+    """The metric lines of iterations before ``start``. A last line torn by a kill (not JSON) is dropped; any
+    other line that is not a metrics record is a DamagedFileError naming the line and the field."""
     lines = [line for line in path.read_bytes().decode("utf-8", errors="replace").split("\n") if line]
     kept = []
     for number, line in enumerate(lines, start=1):
+        where = f"{path}: damaged metrics file, line {number}"
         try:
-            iteration = json.loads(line)["iteration"]
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(line)
+        except ValueError:
             if number == len(lines):
                 break
-            raise DamagedFileError(f"{path}: damaged metrics file, line {number} is not a JSON record with an "
-                                   "'iteration'") from None
-        if iteration < start:
+            raise DamagedFileError(f"{where} is not JSON") from None
+        if _metrics_iteration(record, where) < start:
             kept.append(line)
     return kept
+
+
+def _metrics_iteration(record: Any, where: str) -> int:
+    """The iteration of a metrics record: a JSON object whose ``"iteration"`` is a whole number >= 0 and whose
+    other values are finite numbers; DamagedFileError naming the field, after ``where``, otherwise."""
+    if not isinstance(record, dict):
+        raise DamagedFileError(f"{where} is not a JSON object")
+    iteration = record.get("iteration")
+    if type(iteration) is not int or iteration < 0:
+        shown = repr(iteration) if "iteration" in record else "absent"
+        raise DamagedFileError(f"{where}: field 'iteration' is {shown}, expected a whole number >= 0")
+    for key, value in record.items():
+        if key != "iteration" and (type(value) not in (int, float) or not math.isfinite(value)):
+            raise DamagedFileError(f"{where}: field {key!r} is {value!r}, expected a finite number")
+    return iteration
 
 
 def _shown(config: dict[str, Any], key: str) -> str:
@@ -166,6 +195,19 @@ def _load_checkpoint(distiller: Distiller, run_dir: Path) -> int:
     return iteration
 
 
+def checkpoint_iteration(run_dir: Path) -> int:
+    """The iteration of ``run_dir``'s checkpoint (0 without one), read without loading the distiller's state;
+    DamagedFileError when the file holds no iteration."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return 0
+    iteration = load_torch_file(path, "checkpoint", verify=False).get("iteration")
+    if type(iteration) is not int or iteration < 1:
+        raise DamagedFileError(f"{path}: damaged checkpoint, field 'iteration' is {iteration!r}, expected a whole "
+                               "number >= 1")
+    return iteration
+
+
 def save_outputs(distiller: Distiller, seed: int, run_dir: Path) -> None:
     """Write the distiller's synthetic set, its picture and its plug-ins' outputs into ``run_dir``."""
     synset = distiller.synthetic_set(seed)
@@ -190,27 +232,49 @@ def run_distillation(
 
     ``config`` is the JSON-able description of the run: stored as config.json, and compared with it key by
     key on resume (a ValueError names the keys that differ). ``resume`` and ``overwrite``: how an existing
-    directory is used (module docstring, :func:`check_run_dir`).
+    directory is used (module docstring, :func:`check_run_dir`). The directory's lock is held throughout
+    (FolderInUseError while another process holds it).
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-    run_dir = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    run_dir = Path(run_dir)
     world = distiller.world  # every process reads; the first alone writes
-    world.barrier()  # every process has checked the directory before the first writes to it
+    with run_lock(run_dir, "out (--out)", world):
+        check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        world.barrier()  # every process has checked the directory before the first writes to it
+        start = _prepare(distiller, run_dir, config, resume)
+        _iterate(distiller, run_dir, seed, start, checkpoint_every, progress)
+        distiller.share_shards()
+        if start == distiller.iterations and world.is_main:  # resumed after its last checkpoint
+            save_outputs(distiller, seed, run_dir)
+    return distiller.synthetic_set(seed)
+
+
+def _prepare(distiller: Distiller, run_dir: Path, config: dict[str, Any], resume: bool) -> int:
+    """Ready ``run_dir`` (the first process writes) and return the iteration the run starts from: resumed, its
+    checkpoint's (the metrics of later iterations dropped); else 0, the files a run writes removed and
+    config.json written."""
+    main = distiller.world.is_main
+    if main:
+        remove_temporaries(run_dir, ("*",))
     if resume:
         _compare_config(run_dir, config)
         start = _load_checkpoint(distiller, run_dir)
-        if world.is_main and (run_dir / METRICS).exists():  # the lines of the iterations the checkpoint holds
-            kept = _read_metrics(run_dir / METRICS, start)
+        if main:  # rewritten whole: a symbolic link there is replaced, never written through
+            kept = _read_metrics(run_dir / METRICS, start) if (run_dir / METRICS).exists() else []
             atomic_write_bytes(run_dir / METRICS, "".join(line + "\n" for line in kept).encode("utf-8"))
-    else:
-        start = 0
-        if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for name in (*RUN_FILES, *(output for plugin in distiller.plugins for output in plugin.outputs)):
-                (run_dir / name).unlink(missing_ok=True)
-            atomic_write_json(run_dir / CONFIG, config)
+        return start
+    if main:
+        for name in (*RUN_FILES, *(output for plugin in distiller.plugins for output in plugin.outputs)):
+            remove_file(run_dir / name)
+        atomic_write_json(run_dir / CONFIG, config)
+    return 0
 
+
+def _iterate(distiller: Distiller, run_dir: Path, seed: int, start: int, checkpoint_every: int,
+             progress: bool) -> None:
+    """Step ``distiller`` from iteration ``start`` to its last, appending metrics and checkpointing."""
+    world = distiller.world
     last_good = start
     began = time.perf_counter()
     bar = progress_bar(range(start, distiller.iterations), initial=start, total=distiller.iterations,
@@ -226,9 +290,7 @@ def run_distillation(
         done = iteration + 1
         if done % checkpoint_every == 0 or done == distiller.iterations:
             distiller.share_shards()
-            if world.is_main:
-                atomic_torch_save({"iteration": done, "distiller": distiller.state_dict()}, run_dir / CHECKPOINT)
+            if world.is_main:  # the outputs first: a checkpoint at the last iteration means they are final
                 save_outputs(distiller, seed, run_dir)
+                atomic_torch_save({"iteration": done, "distiller": distiller.state_dict()}, run_dir / CHECKPOINT)
             last_good = done
-    distiller.share_shards()
-    return distiller.synthetic_set(seed)

@@ -15,6 +15,12 @@ File format (safetensors, written atomically):
 
 Any safetensors reader can open the tensors; ``SyntheticSet.load`` restores everything. A set holds
 finite numbers only: images or soft labels with NaN or inf are refused when the set is made or read.
+
+Every value read back is checked: the header's ``format`` (1), ``lr``, ``meta`` (an object) and, when present,
+``fastdd_version`` and ``sha256`` (files of other tools may lack them), and each key of ``meta`` that fastdd
+reads (:data:`META_CHECKS`: data set, mean / std per channel, classes, IPC, method, plug-ins, hyper-parameters,
+seed, version, ZCA, factor) when present; other keys are the caller's. A value of the wrong type is a
+DamagedFileError naming the file and the field when read, a ValueError when the set is made or saved.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +41,18 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from fastdd import __version__
-from fastdd.checks import finite
+from fastdd.checks import (
+    finite,
+    integer,
+    list_of,
+    one_of,
+    optional,
+    positive_float,
+    positive_int,
+    seed_value,
+    shown,
+    text,
+)
 from fastdd.errors import DamagedFileError
 from fastdd.io import atomic_write_bytes
 
@@ -43,6 +60,33 @@ METADATA_KEY = "fastdd"
 FORMAT_VERSION = 1
 GRID_MIN_SIDE = 32  # images smaller than this are upscaled (nearest) in the PNG grid
 GRID_PADDING = 2  # pixels between tiles (white)
+SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    """``value`` if it is a dict with string keys (a JSON object)."""
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ValueError(f"{name} must be a JSON object (a dict with string keys), got {type(value).__name__}")
+    return value
+
+
+# meta key -> check(name, value) of its value where present (the keys fastdd reads; mean and std are also
+# checked against the images' channels, num_classes against the labels and class_names)
+META_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "dataset": text,
+    "mean": list_of(finite),
+    "std": list_of(positive_float),
+    "num_classes": positive_int,
+    "class_names": list_of(text),
+    "ipc": positive_int,
+    "method": text,
+    "plugins": list_of(text),
+    "hparams": _mapping,
+    "seed": optional(seed_value),
+    "fastdd_version": text,
+    "zca": optional(positive_float),
+    "factor": positive_int,
+}
 
 
 @dataclass
@@ -73,8 +117,7 @@ class SyntheticSet:
         if len(self.labels) and int(self.labels.min()) < 0:
             raise ValueError(f"labels must be non-negative class indices, got min {int(self.labels.min())}")
         _check_finite("images", self.images)
-        if not isinstance(self.meta, dict):
-            raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
+        self.check_meta()
         if self.lr is not None:
             if isinstance(self.lr, torch.Tensor) and self.lr.numel() == 1:
                 self.lr = float(self.lr.detach())
@@ -88,6 +131,25 @@ class SyntheticSet:
                 )
             _check_finite("soft_labels", s)
 
+    def check_meta(self) -> None:
+        """ValueError naming the first key of ``meta`` whose value fastdd cannot read (:data:`META_CHECKS`), or
+        that disagrees with the tensors (a mean or std per channel, labels below ``num_classes``, one class name
+        per class)."""
+        meta = _mapping("meta", self.meta)
+        for key, check in META_CHECKS.items():
+            if key in meta:
+                check(f"meta[{key!r}]", meta[key])
+        channels = self.images.shape[1]
+        for key in ("mean", "std"):
+            if key in meta and len(meta[key]) != channels:
+                raise ValueError(f"meta[{key!r}] must hold one number per channel ({channels}), got {len(meta[key])}")
+        classes = meta.get("num_classes")
+        if classes is not None and len(self.labels) and int(self.labels.max()) >= classes:
+            raise ValueError(f"meta['num_classes'] is {classes} but labels reach class {int(self.labels.max())}")
+        if classes is not None and "class_names" in meta and len(meta["class_names"]) != classes:
+            raise ValueError(f"meta['class_names'] must hold meta['num_classes'] = {classes} names, got "
+                             f"{len(meta['class_names'])}")
+
     @property
     def images_per_class(self) -> int:
         """Images per class (IPC); for an unbalanced set, the largest class count (0 when empty)."""
@@ -96,7 +158,9 @@ class SyntheticSet:
         return int(torch.bincount(self.labels.cpu()).max())
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the set to ``path`` (safetensors, atomic). Tensors are stored float32/int64 on CPU."""
+        """Write the set to ``path`` (safetensors, atomic). Tensors are stored float32/int64 on CPU. ``meta`` is
+        checked again (:meth:`check_meta`: it may have changed since the set was made)."""
+        self.check_meta()
         tensors = {
             "images": self.images.detach().to("cpu", torch.float32).contiguous(),
             "labels": self.labels.detach().cpu().contiguous(),
@@ -116,8 +180,9 @@ class SyntheticSet:
         """Read a set written by :meth:`save` (tensors on CPU).
 
         Raises FileNotFoundError when ``path`` does not exist and DamagedFileError (a ValueError) when it
-        is not a whole fastdd synthetic set (not safetensors, no ``fastdd`` metadata, missing or malformed
-        tensors, tensors that do not match the stored digest, NaN or inf).
+        is not a whole fastdd synthetic set (not safetensors, no ``fastdd`` metadata, a header field missing
+        or of the wrong type, missing or malformed tensors, tensors that do not match the stored digest, NaN
+        or inf); its one line names the file and the field.
         """
         path = Path(path)
         if not path.is_file():
@@ -131,10 +196,9 @@ class SyntheticSet:
         if METADATA_KEY not in metadata:
             raise DamagedFileError(f"{path} is not a fastdd synthetic set: its header has no {METADATA_KEY!r} metadata")
         try:
-            header = json.loads(metadata[METADATA_KEY])
-            meta, lr, digest = header["meta"], header["lr"], header.get("sha256")
-        except (ValueError, KeyError, TypeError) as e:
-            raise DamagedFileError(f"{path}: damaged synthetic set, malformed {METADATA_KEY!r} metadata ({e!r})") from e
+            meta, lr, digest = _read_header(metadata[METADATA_KEY])
+        except ValueError as e:
+            raise DamagedFileError(f"{path}: damaged synthetic set, {METADATA_KEY!r} metadata: {e}") from None
         missing = [key for key in ("images", "labels") if key not in tensors]
         if missing:
             raise DamagedFileError(f"{path} is not a complete fastdd synthetic set: missing tensor(s) "
@@ -145,7 +209,7 @@ class SyntheticSet:
         try:
             return cls(tensors["images"], tensors["labels"], meta, lr, tensors.get("soft_labels"))
         except ValueError as e:
-            raise DamagedFileError(f"{path}: {e}") from e
+            raise DamagedFileError(f"{path}: damaged synthetic set, {e}") from None
 
     def save_grid(self, path: str | os.PathLike[str], outline: torch.Tensor | None = None) -> None:
         """Write a PNG grid of the images to ``path`` (atomic).
@@ -185,6 +249,27 @@ class SyntheticSet:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         atomic_write_bytes(path, buffer.getvalue())
+
+
+def _read_header(raw: str) -> tuple[dict[str, Any], float | None, str | None]:
+    """(meta, lr, digest) of a set's ``fastdd`` metadata; ValueError naming the field that is missing or of the
+    wrong type (``meta``'s own keys are checked by :meth:`SyntheticSet.check_meta`)."""
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    header = _mapping("the header", header)
+    missing = [key for key in ("format", "lr", "meta") if key not in header]
+    if missing:
+        raise ValueError(f"the header lacks {', '.join(missing)}")
+    one_of("format", integer("format", header["format"]), (FORMAT_VERSION,))
+    if "fastdd_version" in header:
+        text("fastdd_version", header["fastdd_version"])
+    lr = optional(finite)("lr", header["lr"])
+    digest = header.get("sha256")
+    if digest is not None and (not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= SHA256_HEX):
+        raise ValueError(f"sha256 must be 64 hexadecimal digits (the tensors' digest), got {shown(digest)}")
+    return _mapping("meta", header["meta"]), lr, digest
 
 
 def _draw_outline(x: torch.Tensor, masks: torch.Tensor, scale: int) -> torch.Tensor:

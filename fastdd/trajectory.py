@@ -6,26 +6,49 @@ is a :class:`Trajectory`: ``params`` [epochs + 1, P] float32, row ``e`` the flat
 was made. Files are written atomically: a file that exists is complete.
 
 Every reader finds the files with :func:`expert_paths` and checks that they were made in its own set-up
-(:func:`run_setup`, :func:`check_setup`).
+(:func:`run_setup`, :func:`check_setup`). Every value read back is checked (:data:`META_CHECKS`): a file whose
+``format``, ``params`` or a ``meta`` value has the wrong type is a DamagedFileError naming the file and the field.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from fastdd.checks import (
+    choice,
+    integer,
+    list_of,
+    nonnegative_float,
+    one_of,
+    optional,
+    positive_float,
+    positive_int,
+    seed_value,
+    text,
+)
 from fastdd.data import RealDataset
 from fastdd.data.zca import regularization_of
 from fastdd.errors import DamagedFileError
 from fastdd.io import atomic_torch_save, load_torch_file
+from fastdd.models import NETWORK_NAMES
 
 FORMAT_VERSION = 1
 META_KEYS = ("dataset", "model", "channels", "num_classes", "im_size", "lr", "momentum", "weight_decay",
              "batch_size", "epochs", "augment", "seed")
+# meta key -> check(name, value): those of META_KEYS, which every trajectory holds, then the optional ones
+META_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "dataset": text, "model": choice(NETWORK_NAMES), "channels": positive_int,
+    "num_classes": positive_int, "im_size": list_of(positive_int, 2), "lr": positive_float,
+    "momentum": nonnegative_float, "weight_decay": nonnegative_float, "batch_size": positive_int,
+    "epochs": positive_int, "augment": text, "seed": seed_value,
+    "zca": optional(positive_float), "train_size": positive_int, "dsa_strategy": optional(text),
+    "flat": nonnegative_float,
+}
 EXPERT_FILES = "expert_[0-9][0-9][0-9][0-9].pt"  # every name expert_path gives, as a glob pattern
 
 
@@ -60,12 +83,21 @@ class Trajectory:
     meta: dict[str, Any]
 
     def __post_init__(self) -> None:
+        """ValueError naming the field that is missing, of the wrong type (:data:`META_CHECKS`) or disagrees with
+        ``params``."""
+        if not isinstance(self.params, Tensor):
+            raise ValueError(f"params must be a float32 tensor [epochs + 1, P], got {type(self.params).__name__}")
         if self.params.dim() != 2 or self.params.shape[0] < 2 or self.params.dtype != torch.float32:
             raise ValueError(f"params must be float32 [epochs + 1 >= 2, P], got {self.params.dtype} "
                              f"{list(self.params.shape)}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
         missing = [k for k in META_KEYS if k not in self.meta]
         if missing:
             raise ValueError(f"meta lacks {missing}")
+        for key, check in META_CHECKS.items():
+            if key in self.meta:
+                check(f"meta[{key!r}]", self.meta[key])
         if self.meta["epochs"] != self.params.shape[0] - 1:
             raise ValueError(f"meta['epochs'] = {self.meta['epochs']} but params hold {self.params.shape[0] - 1} "
                              "epochs")
@@ -80,14 +112,16 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | Path) -> Trajectory:
         """The trajectory in ``path``; DamagedFileError when the file is damaged, not a trajectory of format
-        ``FORMAT_VERSION``, or holds NaN or inf."""
+        ``FORMAT_VERSION``, holds a field missing or of the wrong type (named), or holds NaN or inf."""
         state = load_torch_file(path, "expert trajectory")
-        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or not {"params", "meta"} <= set(state):
-            raise DamagedFileError(f"{path}: not a fastdd expert trajectory (format {FORMAT_VERSION})")
+        if not isinstance(state, dict) or not {"format", "params", "meta"} <= set(state):
+            raise DamagedFileError(f"{path}: not a fastdd expert trajectory (format {FORMAT_VERSION}): expected a "
+                                   "dict of format, params and meta")
         try:
+            one_of("format", integer("format", state["format"]), (FORMAT_VERSION,))
             trajectory = cls(state["params"], state["meta"])
-        except (TypeError, ValueError, AttributeError) as e:
-            raise DamagedFileError(f"{path}: damaged expert trajectory ({e})") from e
+        except ValueError as e:
+            raise DamagedFileError(f"{path}: damaged expert trajectory, {e}") from None
         if not bool(torch.isfinite(trajectory.params).all()):
             raise DamagedFileError(f"{path}: the expert trajectory holds NaN or inf")
         return trajectory

@@ -66,7 +66,7 @@ def test_config_stores_plain_values():
     ({"dataset": "mnist10"}, "dataset (--dataset) must be one of"),
     ({"model": "VGG"}, "model (--model) must be one of"),
     ({"init": "mix"}, "init (--init) of --method dc must be one of 'real', 'noise'"),
-    ({"seed": -1}, "seed (--seed) must be an integer >= 0"),
+    ({"seed": -1}, "seed (--seed): expected an integer in [0, 2**63), got -1"),
     ({"device": "gpu"}, "device (--device) must be 'auto' or a torch device"),
     ({"zca": 1}, "zca (--zca) must be True or False"),
     ({"eval_epochs": 0}, "eval_epochs (--eval-epochs) must be an integer >= 1"),

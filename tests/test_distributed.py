@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 
 from conftest import run_on_two_processes
 from fastdd.cli import main
-from fastdd.distributed import World
+from fastdd.distributed import World, join, timeout
 from fastdd.memory import process_share
 from fastdd.methods.base import check_world
 from fastdd.synset import SyntheticSet
@@ -170,6 +172,58 @@ def test_other_commands_say_they_run_in_one_process(monkeypatch, capsys):
     assert main(["difficulty", "--dataset", "digits", "--out", "unused"]) == 1
     error = capsys.readouterr().err
     assert "fastdd difficulty: error: runs in one process, started by torchrun with WORLD_SIZE=2" in error
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def alone(monkeypatch, rank: int, seconds: str) -> str:
+    """Set torchrun's variables for process ``rank`` of two, the other never started; returns MASTER_ADDR:PORT."""
+    port = unused_port()
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", str(rank)), ("LOCAL_RANK", str(rank)),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("FASTDD_DIST_TIMEOUT", seconds)):
+        monkeypatch.setenv(name, value)
+    return f"127.0.0.1:{port}"
+
+
+def test_a_process_without_its_peer_says_what_it_waits_for_and_gives_up(tmp_path, monkeypatch, capsys):
+    address = alone(monkeypatch, 1, "1")
+    began = time.monotonic()
+    assert main(["experts", "--out", str(tmp_path / "experts"), "--num-experts", "1", "--device", "cpu",
+                 "--quiet"]) == 1
+    assert time.monotonic() - began < 10
+    who = "process 1 of 2 (RANK 1, WORLD_SIZE 2)"
+    assert capsys.readouterr().err.splitlines() == [
+        f"fastdd: {who} waits for the others at MASTER_ADDR:MASTER_PORT {address}; it gives up after 1 s "
+        "(FASTDD_DIST_TIMEOUT)",
+        f"fastdd experts: error: {who} gave up after 1 s (FASTDD_DIST_TIMEOUT) waiting for the others at "
+        f"MASTER_ADDR:MASTER_PORT {address}: nothing answered there"]
+    assert not (tmp_path / "experts").exists()
+
+
+def test_the_first_process_without_its_peer_gives_up_too(monkeypatch):
+    address = alone(monkeypatch, 0, "1")
+    with pytest.raises(ConnectionError, match=rf"^process 0 of 2 \(RANK 0, WORLD_SIZE 2\) could not join the others "
+                                              rf"at MASTER_ADDR:MASTER_PORT {address} within 1 s "
+                                              rf"\(FASTDD_DIST_TIMEOUT\): "):
+        join(torch.device("cpu"))
+
+
+def test_the_wait_is_300_s_unless_set(monkeypatch, capsys):
+    monkeypatch.delenv("FASTDD_DIST_TIMEOUT", raising=False)
+    assert timeout() == timedelta(seconds=300)
+    monkeypatch.setenv("FASTDD_DIST_TIMEOUT", "2.5")
+    assert timeout() == timedelta(seconds=2.5)
+    alone(monkeypatch, 1, "-1")
+    assert main(["distill", "--device", "cpu", "--quiet", "--out", "unused"]) == 1
+    assert capsys.readouterr().err == ("fastdd distill: error: FASTDD_DIST_TIMEOUT must be a number of seconds > 0 "
+                                       "(how long a process waits for the others), got '-1'\n")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match=r"^LOCAL_WORLD_SIZE must be an integer >= 1 \(torchrun sets it\), got 'two'$"):
+        process_share(torch.device("cpu"))
 
 
 def test_experts_from_two_processes_equal_those_from_one(tmp_path):

@@ -96,6 +96,7 @@ def test_high_accuracy_on_separable_toy(data):
     images, labels = random_real(train, 5, gen())
     report = evaluate_synset(images, labels, train, test, EvalConfig(model=MODEL, epochs=30), 2, gen(), progress=False)
     assert report.mean > 0.95, report.accuracies
+    assert report.stuck == 0 and report.warning("random real images") is None  # its networks learned
 
 
 def test_random_real_picks_ipc_per_class():
@@ -250,3 +251,57 @@ def test_bad_soft_labels(data, make, message):
         evaluate_synset(images, make(labels), train, test, config, 1, gen(), progress=False)
     with pytest.raises(ValueError, match=message):
         train_and_test(get_network(MODEL, 1, 4, (8, 8), gen()), images, make(labels), test, config, gen())
+
+
+# ----------------------------------------------------------------------------- networks that cannot learn
+def test_a_network_too_deep_for_the_images_is_refused_before_training(data, monkeypatch):
+    train, test = data
+    images, labels = random_real(train, 1, gen())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a network was trained")
+
+    monkeypatch.setattr(evaluation, "train_and_test", no_training)
+    for model, smallest in (("ResNet18", 9), ("ConvNetD4", 12)):
+        message = (rf"^eval_model \(--eval-model\): {model} cannot learn from 1x8x8 images \(.*\); it needs images of "
+                   rf"at least {smallest}x{smallest}")
+        with pytest.raises(ValueError, match=message):
+            evaluate_synset(images, labels, train, test, EvalConfig(model=model, epochs=1), 1, gen(), progress=False)
+
+
+def test_the_losses_of_labels_that_teach_nothing():
+    chance, lowest = evaluation.label_losses(torch.arange(4).repeat(3), 4)
+    assert chance == pytest.approx(np.log(4)) and lowest == 0
+    chance, lowest = evaluation.label_losses(torch.tensor([0, 0, 0, 1]), 2)  # a network that ignores images says 3:1
+    assert chance == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    uniform = torch.full((6, 3), 1 / 3)
+    assert evaluation.label_losses(uniform, 3) == pytest.approx((np.log(3), np.log(3)))
+    assert evaluation.did_not_learn(2.2, np.log(10), 0.0) and not evaluation.did_not_learn(2.0, np.log(10), 0.0)
+    assert evaluation.did_not_learn(float("nan"), np.log(10), 0.0)
+
+
+def test_an_evaluation_whose_networks_do_not_learn_says_so(data):
+    """A learning rate of 1e-9 leaves every network at its initial loss: the report flags both parts, with one
+    warning line each (networks that learn are not flagged: test_high_accuracy_on_separable_toy)."""
+    train, test = data
+    images, labels = random_real(train, 2, gen(3))
+    synset = SyntheticSet(images, labels, {"ipc": 2})
+    stuck = evaluate_with_baseline(synset, train, test, EvalConfig(model=MODEL, epochs=1, lr=1e-9), 2, 0,
+                                   progress=False)
+    for part in ("distilled", "random_real"):
+        assert stuck[part]["stuck"] == 2 and stuck[part]["chance_loss"] == pytest.approx(np.log(4))
+        assert all(loss > 0.9 * np.log(4) for loss in stuck[part]["final_losses"])
+    assert len(stuck["warnings"]) == 2
+    assert stuck["warnings"][0].startswith(f"2 of 2 {MODEL} networks trained on the distilled set did not learn: "
+                                           "their training loss ended at ")
+    assert "against 1.386 for a network that ignores its images" in stuck["warnings"][0]
+    assert "random real images did not learn" in stuck["warnings"][1]
+    assert all("\n" not in line for line in stuck["warnings"])
+    assert json.loads(json.dumps(stuck)) == stuck
+
+
+def test_a_report_without_losses_flags_nothing():
+    report = EvalReport.from_accuracies([0.5], EvalConfig(), 0.0)
+    assert report.stuck == 0 and report.warning("the distilled set") is None
+    nan = EvalReport.from_accuracies([0.1], EvalConfig(), 0.0, final_losses=[float("nan")], losses=(1.0, 0.0))
+    assert nan.stuck == 1 and nan.to_dict()["final_losses"] == [None]

@@ -12,11 +12,13 @@ from fastdd.models import (
     NETWORK_NAMES,
     ConvNet,
     ResNet18,
+    check_image_size,
     eager_block,
     fused_blocks,
     get_network,
     has_batchnorm,
     init_parameters,
+    min_image_size,
 )
 
 
@@ -277,3 +279,61 @@ def test_unknown_names_and_bad_options():
         get_network("ConvNet", 3, 10, (32, 32, 3), gen())
     with pytest.raises(ValueError, match="channels"):
         ConvNet(0, 10, (8, 8))
+
+
+# ----------------------------------------------------------------------------- the smallest image a network learns from
+# A few of the sizes min_image_size finds, worked out by hand: ResNet18's three stride-2 stages leave ceil(S / 8) px,
+# and its instance norms need 2; a grey ConvNet pads its first convolution by 3 (S + 4 px after it) and pools after
+# every block; without pooling nothing shrinks but the 3-channel first map of 1x1 images (1 px).
+SMALLEST = {("ResNet18", 1): 9, ("ResNet18", 3): 9, ("ResNet18BN", 1): 1, ("ConvNet", 1): 4, ("ConvNet", 3): 8,
+            ("ConvNetD4", 1): 12, ("ConvNetD5", 1): 28, ("ConvNetD6", 3): 64, ("ConvNetNP", 1): 1, ("ConvNetNP", 3): 2}
+# The data sets' images (channels, side) and the networks refused at their size.
+REFUSED = {"digits": ((1, 8), {"ConvNetD4", "ConvNetD5", "ConvNetD6", "ResNet18"}),
+           "mnist, fashion-mnist": ((1, 28), {"ConvNetD6"}),
+           "cifar10, cifar100, svhn": ((3, 32), {"ConvNetD6"}),
+           "64 px image folders": ((3, 64), set())}
+
+
+def refused(name: str, channels: int, side: int) -> bool:
+    try:
+        check_image_size(name, channels, (side, side))
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", NETWORK_NAMES)
+def test_the_smallest_image_a_network_learns_from_comes_from_its_layers(name, channels):
+    side = min_image_size(name, channels)
+    assert SMALLEST.get((name, channels), side) == side
+    assert not refused(name, channels, side) and not refused(name, channels, side + 1)
+    assert side == 1 or refused(name, channels, side - 1)
+
+
+@pytest.mark.parametrize("data", REFUSED)
+def test_the_networks_refused_at_each_data_set_size(data):
+    (channels, side), expected = REFUSED[data]
+    assert {name for name in NETWORK_NAMES if refused(name, channels, side)} == expected
+
+
+def test_a_refusal_names_the_option_network_size_and_smallest_size():
+    with pytest.raises(ValueError) as err:
+        check_image_size("ResNet18", 1, (8, 8), "eval_model (--eval-model)")
+    assert str(err.value) == ("eval_model (--eval-model): ResNet18 cannot learn from 1x8x8 images (its instance norm "
+                              "layers.6.norm1 normalises each channel over a single pixel, so its output is the same "
+                              "for every image); it needs images of at least 9x9: choose another network or larger "
+                              "images")
+    with pytest.raises(ValueError, match=r"^model \(--model\): ConvNetD6 cannot learn from 3x32x32 images \(its "
+                                         r"feature map vanishes after block 6\); it needs images of at least 64x64"):
+        check_image_size("ConvNetD6", 3, (32, 32))
+    check_image_size("ResNet18", 3, (9, 12))  # non-square: every map keeps 2 px or more
+
+
+def test_resnet18_on_8x8_images_gives_every_image_the_same_logits():
+    """Why it is refused: its last stage's maps are 1x1, which its instance norms turn into their biases."""
+    x = torch.randn(4, 1, 9, 9, generator=gen(1))
+    blind = get_network("ResNet18", 1, 10, (8, 8), gen())(x[:, :, :8, :8])
+    torch.testing.assert_close(blind, blind[:1].expand_as(blind))
+    seeing = get_network("ResNet18", 1, 10, (9, 9), gen())(x)
+    assert not torch.allclose(seeing, seeing[:1].expand_as(seeing))

@@ -14,7 +14,8 @@ Layout in the data root::
 
 Classes are the train class folders, sorted by name; their names are the folder names (WordNet ids
 for Tiny ImageNet). A test split may lack classes, but may not have classes train lacks. Image files:
-.png .jpg .jpeg .bmp .gif .webp .ppm .tif .tiff (any case); a multi-frame file (GIF, TIFF, WebP, APNG)
+.png .jpg .jpeg .bmp .gif .webp .ppm .tif .tiff (any case), every entry so named but a folder (a symbolic
+link that dangles or loops is an unreadable image, named as such); a multi-frame file (GIF, TIFF, WebP, APNG)
 gives its first frame.
 
 Pixels become uint8 RGB by Pillow mode: the 8-bit modes (1 L P LA PA RGB RGBA RGBX CMYK YCbCr LAB HSV)
@@ -38,6 +39,9 @@ is itself a cache (made by ``fastdd cache --out DIR``) is read as one.
 from __future__ import annotations
 
 import os
+import stat
+import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +53,7 @@ from PIL import Image
 
 from fastdd.allocator import physical_memory
 from fastdd.data.base import DatasetError, RealDataset, require_root, tensor_from_numpy
+from fastdd.lock import FolderInUseError
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "Listing", "list_folder", "load_imagefolder", "memory_budget"
@@ -68,8 +73,9 @@ Items = list[tuple[Path, int]]
 
 
 def _images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted; DatasetError if there are none."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files under ``folder`` (recursively), sorted: every entry named as one but a folder, so a symbolic
+    link that dangles or loops is listed (and found unreadable); DatasetError if there are none."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
     if not files:
         raise DatasetError(
             f"imagefolder: class folder {folder} holds no images; expected at least one "
@@ -196,8 +202,20 @@ _DECODERS: dict[str, Callable[[Image.Image, Path], Image.Image]] = {
 }
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` cannot be opened as an image file ("" when it is a regular file or a link to one)."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError as e:  # a symbolic link that dangles or loops
+        return f"a symbolic link to {os.readlink(path)}: {e.strerror}" if path.is_symlink() else str(e.strerror)
+    return "" if regular else "not a regular file"
+
+
 def _read_image(path: Path, size: tuple[int, int] | None) -> np.ndarray:
     """uint8 [H, W, 3] of ``path`` (its first frame); resized and centre-cropped to ``size`` = (H, W) when given."""
+    problem = _not_a_file(path)
+    if problem:
+        raise DatasetError(f"{path}: not a readable image ({problem})")
     try:
         with Image.open(path) as opened:
             image = _DECODERS.get(opened.mode, _refuse)(opened, path)
@@ -292,13 +310,30 @@ def load_imagefolder(
     listing = list_folder(folder, image_size)
     directory = cache.default_cache_dir(listing)
     if cache.is_cache(directory) or listing.decoded_bytes > memory_budget():
-        return cache.open_cache(cache.write_cache(listing, directory), device, check_source=False)
+        return cache.open_cache(_default_cache(listing, directory), device, check_source=False)
     return split_datasets(
         listing.class_names,
         [(tensor_from_numpy(_read_all(items, listing), device), [label for _, label in items])
          for items in (listing.train, listing.test)],
         device,
     )
+
+
+def _default_cache(listing: Listing, directory: Path) -> Path:
+    """The default cache of ``listing`` in ``directory``, built when it is missing or stale. While another
+    process builds it (the other processes of a torchrun run, or a second command on the same folder), this
+    one says so once on stderr and waits for that build to end (polling every 2 s)."""
+    from fastdd.data import cache
+
+    waiting = False
+    while True:
+        try:
+            return cache.write_cache(listing, directory, "data_root (--data-root)")
+        except FolderInUseError as e:
+            if not waiting:
+                print(f"imagefolder cache: waiting for another process's build: {e}", file=sys.stderr)
+                waiting = True
+            time.sleep(2)
 
 
 def split_datasets(

@@ -61,7 +61,7 @@ from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_float, one_of, open_fraction, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.distributed import is_main_process
-from fastdd.errors import DamagedFileError
+from fastdd.errors import DamagedFileError, WriteError
 from fastdd.io import atomic_torch_save, load_torch_file
 from fastdd.methods.base import Distiller, Plugin
 from fastdd.methods.multiformation import mix_images
@@ -228,9 +228,17 @@ def proxy_network(train: RealDataset, model: str, seed: int) -> nn.Module:
         train_epochs(net, images, labels, optimizer, generator, PROXY_EPOCHS, batch_size=PROXY_BATCH,
                      augment=DSA(dsa_strategy_for(train.name)))
         if is_main_process():  # under torchrun every process trains the same proxy; the first one keeps it
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save({"key": key, "state": net.state_dict()}, path)
+            _keep_proxy(path, key, net)
     return net.eval()
+
+
+def _keep_proxy(path: Path, key: dict[str, Any], net: nn.Module) -> None:
+    """Write the proxy ``net`` to the cache file ``path`` (atomic); a failed write (full disk, read-only cache) is
+    said on stderr and the run goes on: the proxy is trained again next time."""
+    try:
+        atomic_torch_save({"key": key, "state": net.state_dict()}, path)
+    except WriteError as e:
+        print(f"fastdd: the UDD proxy is not cached ({e}); a later run trains it again", file=sys.stderr)
 
 
 def _cached_proxy(path: Path) -> dict[str, Tensor] | None:
