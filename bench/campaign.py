@@ -115,6 +115,14 @@ def alive(pid: int) -> bool:
     return True
 
 
+def paused(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (``pause``'s SIGSTOP), from /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def runner_pid(root: Path) -> int | None:
     """The pid of the runner working on ``root``, None when none is."""
     try:
@@ -206,7 +214,8 @@ def write_status(root: Path, results: Path) -> str:
             measured.setdefault((r.method, r.plugin), []).append(pace)
         if r.name in done:
             evaluated.setdefault(r.method, []).append(done[r.name]["eval_seconds"])
-    running = runner_pid(root) is not None
+    pid = runner_pid(root)
+    runner = "stopped" if pid is None else "paused" if paused(pid) else "running"
     lines, left = [], 0.0
     for r in declared():
         guess_pace, guess_eval = GUESS[r.method]
@@ -227,7 +236,7 @@ def write_status(root: Path, results: Path) -> str:
         lines.append(f"| {r.name} | {state} | {pace:.1f} | {remaining / 3600:.2f} |\n")
     workers = json.loads((root / "runner.json").read_text())["workers"] if (root / "runner.json").exists() else 1
     table = (f"Accuracy campaign (`python bench/campaign.py status`), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"runner {'running' if running else 'stopped'}; {left / 3600:.1f} worker-hours left, "
+             f"runner {runner}; {left / 3600:.1f} worker-hours left, "
              f"{left / 3600 / workers:.1f} h with {workers} worker(s). Seconds per iteration are measured (median of "
              "the method's runs with the same plug-in) where a run has started, guessed before.\n\n"
              "| run | state | s / iteration | hours left |\n|---|---|---|---|\n" + "".join(lines))
