@@ -4,8 +4,9 @@ input gradients from per-row coefficients (for "cos", whose rows span many chunk
 Both lists of gradients are flattened and concatenated, layer after layer, into one buffer each; a
 table of chunks [chunks, 4] = (layer, start, length, row) says which elements every program owns
 (``length`` of them from ``layer_offsets[layer] + start``) and the output row they belong to (-1: the
-chunk adds nothing and its gradient is zero). One program per chunk; sums accumulate in fp32 (fp64
-for fp64 inputs). Kinds: 0 dot/norms (``<a,b>, |a|^2, |b|^2``), 1 sum of (a-b)^2, 2 sum of |a-b|.
+chunk adds nothing and its gradient is zero). One program per chunk, which walks it BLOCK elements at a time; sums
+accumulate in fp32 (fp64 for fp64 inputs). Kinds: 0 dot/norms (``<a,b>, |a|^2, |b|^2``), 1 sum of (a-b)^2, 2 sum of
+|a-b|. Which gradients to write (``write_a``, ``write_b``) is a run-time flag: one specialisation serves all four.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import triton
 import triton.language as tl
 
 from fastdd.ops import _backend
+
+from .resources import FLOAT_TYPES, LaunchConfig, pointer
 
 BLOCK = 512
 EPS: tl.constexpr = tl.constexpr(1e-6)
@@ -30,9 +33,8 @@ def _chunk(table_ptr, offsets_ptr):
 
 
 @triton.jit
-def _write(a_ptr, b_ptr, ga_ptr, gb_ptr, start, length, row, alpha_a, beta_a, alpha_b, beta_b,
-           ACC: tl.constexpr, SIGN: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr,
-           BLOCK: tl.constexpr):
+def _write(a_ptr, b_ptr, ga_ptr, gb_ptr, start, length, row, alpha_a, beta_a, alpha_b, beta_b, write_a, write_b,
+           ACC: tl.constexpr, SIGN: tl.constexpr, BLOCK: tl.constexpr):
     """ga = alpha_a a + beta_a b and gb = alpha_b b + beta_b a over the chunk (SIGN: ga = alpha_a sign(a - b)
     = -gb), computed in ACC; zeros where row < 0."""
     valid = row >= 0
@@ -47,15 +49,15 @@ def _write(a_ptr, b_ptr, ga_ptr, gb_ptr, start, length, row, alpha_a, beta_a, al
         else:
             gx = alpha_a * x + beta_a * y
             gy = alpha_b * y + beta_b * x
-        if WRITE_A:
+        if write_a:
             tl.store(ga_ptr + start + offs, tl.where(valid, gx, 0.0).to(ga_ptr.dtype.element_ty), mask=mask)
-        if WRITE_B:
+        if write_b:
             tl.store(gb_ptr + start + offs, tl.where(valid, gy, 0.0).to(gb_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _row_sums_kernel(a_ptr, b_ptr, table_ptr, offsets_ptr, out_ptr, ua_ptr, ub_ptr,
-                     KIND: tl.constexpr, WRITE_A: tl.constexpr, WRITE_B: tl.constexpr, BLOCK: tl.constexpr):
+def _row_sums_kernel(a_ptr, b_ptr, table_ptr, offsets_ptr, out_ptr, ua_ptr, ub_ptr, write_a, write_b,
+                     KIND: tl.constexpr, BLOCK: tl.constexpr):
     start, length, row = _chunk(table_ptr, offsets_ptr)
     acc: tl.constexpr = out_ptr.dtype.element_ty
     n = tl.where(row < 0, 0, length)
@@ -83,7 +85,7 @@ def _row_sums_kernel(a_ptr, b_ptr, table_ptr, offsets_ptr, out_ptr, ua_ptr, ub_p
         tl.store(out_ptr + 3 * c + 2, sq_b)
     else:
         tl.store(out_ptr + c, dot)
-    if WRITE_A or WRITE_B:  # gradients for an upstream gradient of 1; for KIND 0 the chunk is a whole row
+    if write_a or write_b:  # gradients for an upstream gradient of 1; for KIND 0 the chunk is a whole row
         if KIND == 0:  # d/da [1 - <a,b> / D] = -b / D + <a,b> |b| a / (|a| D^2); the norm's gradient is 0 at 0
             norm_a, norm_b = tl.sqrt(sq_a), tl.sqrt(sq_b)
             d = norm_a * norm_b + EPS
@@ -91,22 +93,22 @@ def _row_sums_kernel(a_ptr, b_ptr, table_ptr, offsets_ptr, out_ptr, ua_ptr, ub_p
             alpha_a = tl.where(norm_a > 0, scale * norm_b / tl.maximum(norm_a, 1e-30), 0.0)
             alpha_b = tl.where(norm_b > 0, scale * norm_a / tl.maximum(norm_b, 1e-30), 0.0)
             _write(a_ptr, b_ptr, ua_ptr, ub_ptr, start, length, row, alpha_a, -1.0 / d, alpha_b, -1.0 / d,
-                   acc, False, WRITE_A, WRITE_B, BLOCK)
+                   write_a, write_b, acc, False, BLOCK)
         else:
             scale = 2.0 if KIND == 1 else 1.0
             _write(a_ptr, b_ptr, ua_ptr, ub_ptr, start, length, row, scale, -scale, scale, -scale,
-                   acc, KIND == 2, WRITE_A, WRITE_B, BLOCK)
+                   write_a, write_b, acc, KIND == 2, BLOCK)
 
 
 @triton.jit
-def _grads_kernel(a_ptr, b_ptr, table_ptr, offsets_ptr, coef_ptr, ga_ptr, gb_ptr,
-                  WRITE_A: tl.constexpr, WRITE_B: tl.constexpr, BLOCK: tl.constexpr):
+def _grads_kernel(a_ptr, b_ptr, table_ptr, offsets_ptr, coef_ptr, ga_ptr, gb_ptr, write_a, write_b,
+                  BLOCK: tl.constexpr):
     start, length, row = _chunk(table_ptr, offsets_ptr)
     r = tl.maximum(row, 0)
     _write(a_ptr, b_ptr, ga_ptr, gb_ptr, start, length, row,
            tl.load(coef_ptr + 4 * r), tl.load(coef_ptr + 4 * r + 1),
-           tl.load(coef_ptr + 4 * r + 2), tl.load(coef_ptr + 4 * r + 3),
-           coef_ptr.dtype.element_ty, False, WRITE_A, WRITE_B, BLOCK)
+           tl.load(coef_ptr + 4 * r + 2), tl.load(coef_ptr + 4 * r + 3), write_a, write_b,
+           coef_ptr.dtype.element_ty, False, BLOCK)
 
 
 def row_sums(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, layer_offsets: torch.Tensor, kind: int,
@@ -116,7 +118,7 @@ def row_sums(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, layer_offset
     out = _backend.empty((len(table), 3 if kind == 0 else 1), acc_dtype, a.device)
     ua, ub = (_backend.empty(a.shape, a.dtype, a.device) if w else None for w in (write_a, write_b))
     _row_sums_kernel[(len(table),)](a, b, table, layer_offsets, out, a if ua is None else ua, a if ub is None else ub,
-                                    KIND=kind, WRITE_A=write_a, WRITE_B=write_b, BLOCK=BLOCK)
+                                    write_a, write_b, KIND=kind, BLOCK=BLOCK)
     return out, ua, ub
 
 
@@ -126,5 +128,18 @@ def input_grads(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, layer_off
     with coef [rows, 4] = (alpha_a, beta_a, alpha_b, beta_b)."""
     ga, gb = (_backend.empty(a.shape, a.dtype, a.device) if w else None for w in (write_a, write_b))
     _grads_kernel[(len(table),)](a, b, table, layer_offsets, coef, a if ga is None else ga, a if gb is None else gb,
-                                 WRITE_A=write_a, WRITE_B=write_b, BLOCK=BLOCK)
+                                 write_a, write_b, BLOCK=BLOCK)
     return ga, gb
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every kernel specialisation :func:`row_sums` and :func:`input_grads` can launch: gradients of each floating
+    dtype (sums and coefficients in the accumulation dtype), each kind."""
+    configs = []
+    for dtype in FLOAT_TYPES:
+        x, acc, index = pointer(dtype), pointer(torch.float64 if dtype == torch.float64 else torch.float32), "*i64"
+        common = dict(a_ptr=x, b_ptr=x, table_ptr=index, offsets_ptr=index, write_a="i1", write_b="i1")
+        configs += [LaunchConfig(_row_sums_kernel, dict(common, out_ptr=acc, ua_ptr=x, ub_ptr=x),
+                                 dict(KIND=kind, BLOCK=BLOCK)) for kind in (0, 1, 2)]
+        configs.append(LaunchConfig(_grads_kernel, dict(common, coef_ptr=acc, ga_ptr=x, gb_ptr=x), dict(BLOCK=BLOCK)))
+    return configs

@@ -3,7 +3,8 @@
 For sample b and group k the weight gradient is ``G U^T`` (G = dL/dz [p, T], U the unfolded input
 [D, T]). One program owns a [BLOCK_P, BLOCK_D] tile of it: it walks the T output positions in
 blocks, gathers the matching input elements straight from the (padded) input (implicit im2col: U is
-never written), accumulates the tile in fp32 registers and stores only the tile's squared sum.
+never written), accumulates the tile in fp32 registers (fp64 for fp64 inputs) and stores only the tile's squared
+sum. The convolution's geometry (kernel, stride, dilation) is passed at run time: one specialisation per dtype.
 """
 
 from __future__ import annotations
@@ -14,12 +15,19 @@ import triton.language as tl
 
 from fastdd.ops import _backend
 
+from .resources import FLOAT_TYPES, LaunchConfig, pointer
+
+BLOCK = 32  # the tile's rows (output channels), columns (input channels x kernel positions) and positions per step
+
+
+def _acc_type(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
 
 @triton.jit
 def _conv_weight_sq_norm_kernel(
     a_ptr, g_ptr, out_ptr,
-    groups, cin, height, width, p, out_w, d, t,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    groups, cin, height, width, p, out_w, d, t, KH, KW, SH, SW, DH, DW,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, ACC: tl.constexpr,
 ):
     n = tl.program_id(0)  # sample * groups + group
@@ -62,13 +70,22 @@ def conv2d_weight_sq_norms(a: torch.Tensor, g: torch.Tensor, kernel: tuple[int, 
     b, cin_total, height, width = a.shape
     cin, p = cin_total // groups, g.shape[1] // groups
     t, d = g.shape[2] * g.shape[3], cin * kernel[0] * kernel[1]
-    block_p, block_d, block_t = 32, 32, 32
-    grid = (b * groups, triton.cdiv(p, block_p), triton.cdiv(d, block_d))
+    grid = (b * groups, triton.cdiv(p, BLOCK), triton.cdiv(d, BLOCK))
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     out = _backend.empty((grid[0], grid[1] * grid[2]), acc, a.device)
     _conv_weight_sq_norm_kernel[grid](
-        a, g, out, groups, cin, height, width, p, g.shape[3], d, t,
-        KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
-        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_T=block_t, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        a, g, out, groups, cin, height, width, p, g.shape[3], d, t, *kernel, *stride, *dilation,
+        BLOCK_P=BLOCK, BLOCK_D=BLOCK, BLOCK_T=BLOCK, ACC=_acc_type(a.dtype),
     )
     return out
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every kernel specialisation :func:`conv2d_weight_sq_norms` can launch: inputs of each floating dtype."""
+    ints = dict.fromkeys(("groups", "cin", "height", "width", "p", "out_w", "d", "t", "KH", "KW", "SH", "SW", "DH",
+                          "DW"), "i32")
+    return [LaunchConfig(_conv_weight_sq_norm_kernel,
+                         dict(a_ptr=pointer(dtype), g_ptr=pointer(dtype),
+                              out_ptr=pointer(torch.float64 if dtype == torch.float64 else torch.float32), **ints),
+                         dict(BLOCK_P=BLOCK, BLOCK_D=BLOCK, BLOCK_T=BLOCK, ACC=_acc_type(dtype)))
+            for dtype in FLOAT_TYPES]

@@ -16,11 +16,18 @@ from torch import Tensor
 
 from fastdd.ops import _backend
 
+from .resources import LaunchConfig, pointer, powers_of_two
+
 _BLOCK_C = 32
+# positions a program takes at once: at least one warp's width, at most what keeps the forward's [BLOCK_C, BLOCK_L]
+# accumulator in few registers (bench/results/triton_resources.md)
+_MIN_BLOCK_L, _MAX_BLOCK_L = 32, 64
 
 
 def _block_l(length: int) -> int:
-    return min(triton.next_power_of_2(length), 128)
+    """The positions a program takes at once: a power of 2 from ``_MIN_BLOCK_L`` to ``_MAX_BLOCK_L``, all of them
+    when they fit."""
+    return min(max(triton.next_power_of_2(length), _MIN_BLOCK_L), _MAX_BLOCK_L)
 
 
 def _acc_type(dtype: torch.dtype) -> tl.dtype:
@@ -82,3 +89,20 @@ def pool_backward(masks: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     _pool_backward_kernel[(n, triton.cdiv(c, _BLOCK_C), triton.cdiv(length, block_l))](
         masks, scale, grad, c, length, ACC=_acc_type(masks.dtype), BLOCK_C=_BLOCK_C, BLOCK_L=block_l)
     return grad
+
+
+def launch_configs() -> list[LaunchConfig]:
+    """Every kernel specialisation :func:`pool_forward` and :func:`pool_backward` can launch: features of each dtype
+    the op takes on CUDA (masks, scale and the pooled values in the compute dtype), each :func:`_block_l`."""
+    from fastdd.ops.masked_contrastive import _CUDA_DTYPES
+
+    configs = []
+    for dtype in _CUDA_DTYPES:
+        f, compute = pointer(dtype), pointer(torch.float64 if dtype == torch.float64 else torch.float32)
+        for block_l in powers_of_two(_MIN_BLOCK_L, _MAX_BLOCK_L):
+            constexprs = dict(ACC=_acc_type(dtype), BLOCK_C=_BLOCK_C, BLOCK_L=block_l)
+            configs.append(LaunchConfig(_pool_forward_kernel, dict(f_ptr=f, m_ptr=compute, out_ptr=compute,
+                                                                   inv_ptr=compute, C="i32", L="i32"), constexprs))
+            configs.append(LaunchConfig(_pool_backward_kernel, dict(m_ptr=compute, scale_ptr=compute, out_ptr=f,
+                                                                    C="i32", L="i32"), constexprs))
+    return configs

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fastdd.ops import masked_feature_contrastive, naive
 
 BACKENDS = ["torch", "cpp", "triton"]
+DEVICE = {"torch": "cpu", "cpp": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 # float32 against a float64 oracle: pooling sums of up to C * H * W terms, logits scaled by 1 / tau
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
@@ -28,9 +29,13 @@ def inputs(n, c, h, w, k, dtype=torch.float64, seed=0, soft=True):
 
 
 def loss_and_grads(fn, features, masks, labels, prototypes, tau, **kw):
+    """The loss and its gradients w.r.t. features and prototypes, computed on the backend's device (where one is
+    named, else where the inputs are), returned on CPU."""
+    device = DEVICE[kw["backend"]] if "backend" in kw else features.device
+    features, masks, labels, prototypes = (t.to(device) for t in (features, masks, labels, prototypes))
     f, p = features.clone().requires_grad_(True), prototypes.clone().requires_grad_(True)
     loss = fn(f, masks, labels, p, tau, **kw)
-    return (loss, *torch.autograd.grad(loss, (f, p)))
+    return tuple(t.cpu() for t in (loss, *torch.autograd.grad(loss, (f, p))))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -65,19 +70,19 @@ def test_odd_sizes_across_blocks(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_mask_is_finite(backend):
-    features, masks, labels, prototypes = inputs(3, 4, 3, 3, 5)
+    features, masks, labels, prototypes = (t.to(DEVICE[backend]) for t in inputs(3, 4, 3, 3, 5))
     masks[1] = 0
     loss, grad_f, grad_p = loss_and_grads(masked_feature_contrastive, features, masks, labels, prototypes, 0.5,
                                           backend=backend)
     assert torch.isfinite(loss) and torch.isfinite(grad_f).all() and torch.isfinite(grad_p).all()
     assert (grad_f[1] == 0).all()
     alone = masked_feature_contrastive(features[1:2], masks[1:2], labels[1:2], prototypes, 0.5, backend=backend)
-    torch.testing.assert_close(alone, torch.tensor(math.log(5), dtype=torch.float64))
+    torch.testing.assert_close(alone.cpu(), torch.tensor(math.log(5), dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck(backend):
-    features, masks, labels, prototypes = inputs(3, 5, 2, 3, 4, seed=2)
+    features, masks, labels, prototypes = (t.to(DEVICE[backend]) for t in inputs(3, 5, 2, 3, 4, seed=2))
     f, p = features.requires_grad_(True), prototypes.requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda a, b: masked_feature_contrastive(a, masks, labels, b, 0.4, backend=backend), (f, p))
@@ -85,8 +90,9 @@ def test_gradcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_func_grad_and_vmap(backend):
-    features, masks, labels, prototypes = inputs(4, 6, 3, 3, 3, seed=3)
-    batch = torch.randn(3, *features.shape, dtype=torch.float64)
+    features, masks, labels, prototypes = (t.to(DEVICE[backend]) for t in inputs(4, 6, 3, 3, 3, seed=3))
+    batch = torch.randn(3, *features.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    batch = batch.to(DEVICE[backend])
 
     def loss(f, fn=masked_feature_contrastive, **kw):
         return fn(f, masks, labels, prototypes, 0.5, **kw)
@@ -145,3 +151,21 @@ def test_bad_input(args, match):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         masked_feature_contrastive(**_bad(), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_walks_maps_larger_than_a_tile(dtype):
+    """9 x 15 maps (135 positions): three tiles of positions per program forward, three programs per row backward,
+    the last tile partial."""
+    from fastdd.kernels.masked_contrastive import _block_l
+
+    assert _block_l(9 * 15) < 9 * 15
+    x = inputs(3, 37, 9, 15, 4, dtype, seed=5)
+    expected = loss_and_grads(naive.masked_feature_contrastive, *(t.double() if t.is_floating_point() else t
+                                                                  for t in x), tau=0.3)
+    got = loss_and_grads(masked_feature_contrastive, *x, tau=0.3, backend="triton")
+    same_dtype = loss_and_grads(naive.masked_feature_contrastive, *x, tau=0.3)  # plain torch's own rounding
+    for e, r, s in zip(expected, got, same_dtype):
+        assert r.dtype == dtype
+        atol = max(TOLERANCES[dtype]["atol"], 2 * float((s.detach().double() - e.detach()).abs().max()))
+        torch.testing.assert_close(r.double(), e, rtol=TOLERANCES[dtype]["rtol"], atol=atol)

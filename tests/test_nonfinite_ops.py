@@ -274,3 +274,27 @@ def test_masked_feature_contrastive_refuses(backend, dtype, poison, match):
             masked_feature_contrastive(args["features"], args["masks"], labels, args["prototypes"], 0.5,
                                        backend=backend)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("poison", ["x", "grad_out"])
+def test_instance_norm_relu_pool_across_triton_tiles(monkeypatch, dtype, poison):
+    """A 13 x 11 plane walked in two tiles of 128 values, the value in the second tile."""
+    from fastdd.kernels import norm_relu_pool as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK", 128)
+    g = torch.Generator().manual_seed(2)
+    clean = [torch.randn(1, 2, 13, 11, generator=g, **F64), *torch.randn(2, 2, generator=g, **F64),
+             torch.randn(1, 2, 6, 5, generator=g, **F64)]
+    index = 0 if poison == "x" else 3
+    at = 130 if poison == "x" else 28  # x: in the second tile; grad_out: a window of inputs 116, 117, 127, 128
+    for value in VALUES:
+        inputs = list(clean)
+        inputs[index] = poisoned(inputs[index], value, at)
+        inputs[0], inputs[3] = inputs[0].to(dtype).double(), inputs[3].to(dtype).double()
+        expected = value_and_grads(lambda x, w, b: naive.instance_norm_relu_pool(x, w, b), inputs[:3], [True] * 3,
+                                   inputs[3])
+        x, w, b, grad_out = (t.to(DEVICE["triton"]) for t in inputs)
+        got = value_and_grads(instance_norm_relu_pool, [x.to(dtype), w, b], [True] * 3, grad_out.to(dtype),
+                              backend="triton")
+        compare(got, expected, ("out", "grad x", "grad weight", "grad bias"), f"{poison} {value}")

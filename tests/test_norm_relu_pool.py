@@ -220,3 +220,26 @@ def test_per_sample_sq_norms_are_each_samples_own_weight_and_bias_gradient():
     torch.testing.assert_close(sink[0], torch.stack(expected), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="per_sample_sq_norms needs the fused kernels"):
         instance_norm_relu_pool(x, weight, bias, backend="torch", per_sample_sq_norms=[])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_block", [128, None], ids=["tiles of 128", "default tiles"])
+def test_triton_walks_planes_larger_than_a_tile(monkeypatch, dtype, max_block):
+    """45 x 47 planes (2115 values, odd sides): 17 tiles of 128 values (the last one partial), or 3 of the default
+    MAX_BLOCK; statistics merged across tiles as exact as over the whole plane."""
+    from fastdd.kernels import norm_relu_pool as kernels
+
+    if max_block is not None:
+        monkeypatch.setattr(kernels, "MAX_BLOCK", max_block)
+    assert kernels.block(45 * 47) < 45 * 47
+    x, weight, bias, grad_out = inputs(2, 3, 45, 47, dtype, seed=3)
+    x = x + 4.0  # a mean far from 0: the merged variance must not cancel
+    expected = value_and_grads(naive.instance_norm_relu_pool, x.double(), weight, bias, grad_out.double())
+    device = DEVICE["triton"]
+    got = value_and_grads(instance_norm_relu_pool, *(t.to(device) for t in (x, weight, bias, grad_out)),
+                          backend="triton")
+    for e, r, name in zip(expected, got, ("out", "grad x", "grad weight", "grad bias")):
+        tol = TOLERANCES[dtype]
+        if dtype == torch.bfloat16 and name != "out":
+            tol = dict(rtol=5e-2, atol=5e-2 * 2 * 45 * 47)
+        torch.testing.assert_close(r.cpu().double(), e, **tol, msg=name)

@@ -7,7 +7,7 @@ the C++ kernel (``csrc/norm_relu_pool.cpp``) reads each (sample, channel) plane 
 with a full-size output each way. The backward is not differentiable (``create_graph=True`` raises): use the op for
 passes whose gradients are not differentiated again (the real-image passes of a distiller, network training),
 and the eager modules where a graph of the gradient is needed. On CUDA the Triton kernels of
-``kernels/norm_relu_pool.py`` do the same, one program per plane (planes of up to 128 x 128).
+``kernels/norm_relu_pool.py`` do the same, one program per plane, which it walks in tiles of at most 1024 values.
 
 Non-finite values (NaN, +-inf in x, weight, bias or the upstream gradient) come out of both ops, forward and
 backward, where the eager composition puts them: the kernels' ReLU keeps NaN as ``torch.relu`` does, their ReLU
@@ -34,7 +34,6 @@ from fastdd.ops import _backend, naive
 from fastdd.ops import _checks as checks
 
 _EXTENSION = "norm_relu_pool"
-_MAX_TRITON_PLANE = 16384  # the Triton kernels hold a plane in one block
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # x on every backend
 # Most input channels x kernel positions of a convolution the fused C++ block computes itself: one channel of
 # 3 x 3 (grey images). Measured (bench/NOTES.md): at 27 taps (RGB) oneDNN's convolution is faster.
@@ -114,7 +113,7 @@ def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float 
     x non-empty, H and W >= 2, float32, float64 or bfloat16 on every backend (statistics accumulated in float32,
     float64 for float64); weight, bias floating [C]; all three on one device; eps a finite number > 0.
     Differentiable once w.r.t. x, weight and bias. ``backend``: see :mod:`fastdd.ops._backend`;
-    ``"torch"`` runs the eager composition, as do planes larger than 128 x 128 on Triton.
+    ``"torch"`` runs the eager composition.
     ``per_sample_sq_norms``: a list to which the backward appends [N] the squared norms of each sample's
     own weight and bias gradient (the kernels compute them per plane before summing over samples; for
     :func:`fastdd.ops.per_sample_grad_norm`); the eager composition cannot, and raises when given one.
@@ -128,11 +127,10 @@ def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float 
     if per_sample_sq_norms is not None and not isinstance(per_sample_sq_norms, list):
         raise ValueError(f"per_sample_sq_norms must be None or a list, got {type(per_sample_sq_norms).__name__}")
     name = _backend.resolve_backend(backend, [x, weight, bias], _EXTENSION)
-    too_large = name == "triton" and x.shape[2] * x.shape[3] > _MAX_TRITON_PLANE
-    if name == "torch" or too_large or torch._C._are_functorch_transforms_active():
+    if name == "torch" or torch._C._are_functorch_transforms_active():
         if per_sample_sq_norms is not None:
             raise ValueError("per_sample_sq_norms needs the fused kernels, and this call runs the eager composition "
-                             f"(backend {name!r}, plane {tuple(x.shape[2:])}, or inside a torch.func transform)")
+                             f"(backend {name!r}, or inside a torch.func transform)")
         acc = _accumulation_dtype(x.dtype)
         return naive.instance_norm_relu_pool(x.to(acc), weight.to(acc), bias.to(acc), eps).to(x.dtype)
     return _backend.apply(_NormReLUPool, x.contiguous(), weight, bias, float(eps), name, per_sample_sq_norms)[0]
