@@ -7,8 +7,9 @@ isolation, which would fetch another torch to build with, turned off::
     pip install torch==2.13.0
     pip install --no-build-isolation -c constraints.txt .
 
-They are compiled with ``-march=native``: a wheel runs on machines with the build machine's instruction set.
-The project's metadata is in ``pyproject.toml``.
+No flag targets the build machine: each module holds its kernels compiled for every ISA level of the architecture
+(on x86-64 the baseline, AVX2 and AVX-512; ``csrc/isa.h``), and the loader picks the level at run time, so that a
+wheel runs on every machine of its architecture. The project's metadata is in ``pyproject.toml``.
 """
 
 import importlib.util
@@ -24,6 +25,7 @@ except ImportError:
                      "pip install torch==2.13.0, then pip install --no-build-isolation -c constraints.txt .") from None
 
 CSRC = Path("csrc")
+PACKAGE_DATA = {"fastdd.csrc": ["*.cpp", "*.h"]}  # the C++ sources, for a compile on first use where a build fails
 
 
 def backend() -> ModuleType:
@@ -46,7 +48,7 @@ def extensions() -> list[Extension]:
     have (debug information would make each module some 40 times larger).
     """
     ops = backend()
-    return [CppExtension(ops.ahead_of_time_name(source.stem, source.read_bytes()), [str(source)],
+    return [CppExtension(ops.ahead_of_time_name(source.stem, ops.source_bytes(source.stem, CSRC)), [str(source)],
                          extra_compile_args=[*ops.CFLAGS, "-g0"], extra_link_args=list(ops.LDFLAGS))
             for source in sorted(CSRC.glob("*.cpp"))]
 
@@ -65,7 +67,7 @@ if __name__ == "__main__":
     setup(
         packages=packages(),
         package_dir={"fastdd.kernels": "kernels", "fastdd.csrc": "csrc"},
-        package_data={"fastdd.csrc": ["*.cpp"]},
+        package_data=PACKAGE_DATA,
         ext_modules=extensions(),
         cmdclass={"build_ext": BuildKeepingObjects},
     )

@@ -83,7 +83,9 @@ def main() -> None:
     p.add_argument("--name", help="the run's name: in the row, and the set copied to RESULTS/sets/NAME.safetensors")
     p.add_argument("--results", type=Path, default=RESULTS, help=f"where rows and sets go (default {RESULTS})")
     args, distill_options = p.parse_known_args()
-    parsed = build_parser().parse_args(["distill", "--dataset", "fashion-mnist", "--ipc", "1", *distill_options,
+    # float32 real passes unless asked otherwise: rows stay comparable across machines (auto depends on the CPU)
+    parsed = build_parser().parse_args(["distill", "--dataset", "fashion-mnist", "--ipc", "1",
+                                        "--real-precision", "float32", *distill_options,
                                         "--iterations", str(args.iterations), "--eval-models", str(args.models)])
     config = config_from_args(parsed)
     plugins = config.build_plugins()

@@ -50,7 +50,7 @@ def distiller(case: str) -> DM:
     images = torch.randint(0, 256, (classes * per_class, 3, side, side), dtype=torch.uint8, generator=generator)
     labels = torch.arange(classes).repeat_interleave(per_class)
     train = RealDataset(case, images, labels, classes, (0.5,) * 3, (0.25,) * 3, [str(c) for c in range(classes)])
-    return DM(train, ipc, generator, model=model, batch_real=batch_real)
+    return DM(train, ipc, generator, model=model, batch_real=batch_real, real_precision="float32")
 
 
 def worker(case: str, way: str, what: str, repeat: int) -> float | None:

@@ -72,9 +72,9 @@ def distiller(case: str) -> Distiller:
     method, ipc = CASES[case]
     train, generator = cifar100_shaped()
     if method == "dc":
-        return DC(train, ipc, generator, model=MODEL)
+        return DC(train, ipc, generator, model=MODEL, real_precision="float32")
     if method == "dm":
-        return DM(train, ipc, generator, model=MODEL)
+        return DM(train, ipc, generator, model=MODEL, real_precision="float32")
     return mtt(train, ipc, generator)
 
 

@@ -44,8 +44,9 @@ def measure(case: str, repeat: int, device: str) -> dict:
     ipc = CASES[case]
     train = fashion_mnist_shaped(torch.Generator().manual_seed(0)).to(device)
     sdc = SDC(default_lambda(ipc, "dc"))
-    plain = DC(train, ipc, torch.Generator().manual_seed(1), batch_real=BATCH_REAL)
-    with_sdc = DC(train, ipc, torch.Generator().manual_seed(1), batch_real=BATCH_REAL, plugins=[sdc])
+    plain = DC(train, ipc, torch.Generator().manual_seed(1), batch_real=BATCH_REAL, real_precision="float32")
+    with_sdc = DC(train, ipc, torch.Generator().manual_seed(1), batch_real=BATCH_REAL, plugins=[sdc],
+                  real_precision="float32")
     net = plain.new_network()
     real = plain.real_batches()
     ratio = gradient_ratio(with_sdc, sdc, net, real)

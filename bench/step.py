@@ -27,7 +27,8 @@ fresh process:
 - ``reference-kept``: the same with :func:`fastdd.allocator.keep_freed_memory`, to tell what the
   allocator setting alone gives from what fastdd's iteration gives (not run for DC at IPC 10, whose
   iterations take minutes);
-- ``fastdd``: the distiller's ``step``, as ``fastdd distill`` runs it (allocator setting included);
+- ``fastdd``: the distiller's ``step``, as ``fastdd distill --real-precision float32`` runs it (allocator setting
+  included);
 - ``fastdd-bf16``: the same with the real pass in bfloat16 (``real_precision="bfloat16"``).
 
 Each worker process times ``repeat`` iterations after one warm-up iteration and prints their median
@@ -215,7 +216,7 @@ def worker(case: str, side: str, repeat: int, device: str) -> float:
     real = OriginalRealSet(train, device) if side.startswith("reference") else None
     if method == "eval":
         return evaluation_seconds(side, device)
-    options = {"real_precision": "bfloat16"} if side == "fastdd-bf16" else {}
+    options = {"real_precision": "bfloat16" if side == "fastdd-bf16" else "float32"}
     distiller = (DC if method == "dc" else DM)(train.to(device), ipc, generator, batch_real=BATCH_REAL, **options)
     counter = itertools.count()
 

@@ -41,9 +41,9 @@ HEADER = ("| date | IPC | idc s | idc + term s | term overhead | response mining
 
 def measure(ipc: int, repeat: int, device: str) -> dict:
     train = fashion_mnist_shaped(torch.Generator().manual_seed(0)).to(device)
-    plain = IDC(train, ipc, torch.Generator().manual_seed(1))
+    plain = IDC(train, ipc, torch.Generator().manual_seed(1), real_precision="float32")
     response, jitter = UDD("response", default_beta("idc")), UDD("jitter", default_beta("idc"))
-    with_term = IDC(train, ipc, torch.Generator().manual_seed(1), plugins=[jitter])
+    with_term = IDC(train, ipc, torch.Generator().manual_seed(1), plugins=[jitter], real_precision="float32")
     net = plain.new_network()
     real = with_term.real_batches()  # also the reference images of the minings below
     augmentation = plain.augmentation_params()

@@ -1,9 +1,11 @@
-"""Command line: ``fastdd distill | evaluate | experts | difficulty | bench | cache``."""
+"""Command line: ``fastdd distill | evaluate | experts | difficulty | bench | cache | info``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
@@ -32,7 +34,7 @@ from fastdd.difficulty import (
     scoring_networks,
 )
 from fastdd.distributed import is_main_process, join, leave, local_device
-from fastdd.errors import NonFiniteError, UnsavedResultError, one_line
+from fastdd.errors import DamagedFileError, NonFiniteError, UnsavedResultError, one_line
 from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
 from fastdd.io import append_jsonl
@@ -44,7 +46,9 @@ from fastdd.methods.sdc import LAMBDA0
 from fastdd.methods.udd import AUTO_POLICY, BETA0
 from fastdd.methods.udd import METHODS as UDD_METHODS
 from fastdd.methods.udd import POLICIES as UDD_POLICIES
+from fastdd.ops import _backend, calibration
 from fastdd.plots import require_matplotlib
+from fastdd.precision import native_bfloat16
 from fastdd.run import SYNSET
 from fastdd.synset import SyntheticSet
 
@@ -57,6 +61,7 @@ fastdd condenses a labelled image data set into a few synthetic images per class
                                                             expert trajectories for MTT
   fastdd difficulty --dataset digits --synset runs/digits-dc-ipc10 --out difficulty/digits
                                                             GraDN histogram of the real and a synthetic set
+  fastdd info                                               versions, CPU, GPUs, the backend each op runs on
 
 Run `fastdd COMMAND --help` for the options of a command."""
 ZCA_HELP = (f"whiten the images with ZCA fitted on the training set (regularization {REGULARIZATION:g}), as MTT's "
@@ -113,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "for datm)")
     d.add_argument("--model", default="ConvNet", help="network to distill with (default ConvNet)")
     d.add_argument("--zca", action="store_true", help=ZCA_HELP)
-    d.add_argument("--real-precision", choices=["float32", "bfloat16"], default="float32",
-                   help="precision of the passes over real images (their gradients or embeddings are targets); "
-                        "bfloat16 is faster where the hardware has it (default float32)")
+    d.add_argument("--real-precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="precision of the passes over real images (their gradients or embeddings are targets): "
+                        "auto (default) is bfloat16 where the hardware computes in it natively (CPUs with "
+                        "AVX512-BF16 or AMX, GPUs from sm_80), where it is faster, else float32; bfloat16 elsewhere "
+                        "is emulated and several times slower")
     d.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
     d.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/DATASET-METHOD-ipcN)")
     d.add_argument("--resume", action="store_true",
@@ -224,13 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time the fused ops against their baselines on this machine",
                        description="Microbenchmarks of the fused ops, each against its baseline in the same run; "
-                                   "prints one row per measurement with the speed-up and peak memory. On CPU each "
-                                   "case is timed in a fresh process with freed memory kept, both sides alike.")
+                                   "prints one row per measurement with the speed-up, its spread over the rounds, "
+                                   "peak memory and the machine's load. On CPU each case is timed in a fresh process "
+                                   "with freed memory kept, both sides alike.")
     b.add_argument("--ops", nargs="+", default=None, metavar="OP", choices=sorted(suite.SUITES),
                    help=f"which ops (default: all): {' '.join(sorted(suite.SUITES))}")
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
-    b.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median; default 5)")
+    b.add_argument("--repeat", type=int, default=5,
+                   help="timed rounds per measurement, at least (median; default 5; 3 or more, for the spread)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write the rows to FILE (JSON lines)")
+    b.add_argument("--calibrate", action="store_true",
+                   help="instead of the benchmarks: time each fused op's C++ and torch paths on this CPU, store the "
+                        f"faster as the one backend='auto' runs (torch only when more than {100 * calibration.MARGIN:g}"
+                        "%% faster) and print the table; without it each op is timed on its first use. Takes no "
+                        "--ops or --json")
 
     c = sub.add_parser("cache", help="decode an image folder once into a memory-mapped, class-indexed cache",
                        description="Decode an image folder into a memory-mapped uint8 file per split, class by class, "
@@ -244,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache directory (default DATA_ROOT/.fastdd-cache/HxW, where the reader looks)")
     c.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: one per CPU)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("info", help="this installation and machine, as fastdd sees them",
+                   description="Print fastdd's and torch's versions, the CPU, the ISA level of the C++ kernels, "
+                               "threads, bfloat16 support, CUDA devices, Triton, and the backend each fused op runs "
+                               "on CPU tensors under backend='auto' (from the calibration; info measures nothing).")
     return parser
 
 
@@ -446,6 +465,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.calibrate:
+        if args.ops or args.json:
+            raise ValueError("--calibrate times each op's own workload; it takes no --ops or --json")
+        show_calibration(calibration.calibrate())
+        return 0
     positive_int("repeat (--repeat)", args.repeat)
     device = str(resolve_device(args.device))
     rows = suite.run(args.ops or list(suite.SUITES), device, args.repeat)
@@ -455,10 +479,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_calibration(measurements: dict[str, calibration.Measurement]) -> None:
+    """The calibration's table: per C++ extension, its ops, both paths' median ms a round, and the choice."""
+    key = calibration.machine_key()
+    print(f"backend='auto' on CPU tensors: {key['cpu']}, ISA level {key['isa_level']}, torch {key['torch']}, "
+          f"fastdd {key['fastdd']}")
+    head = ("ops", "cpp ms", "torch ms", "torch / cpp", "rounds", "auto runs")
+    rows = [(", ".join(ops), *_measured_cells(measurements.get(name))) for name, ops in calibration.OPS.items()]
+    widths = [max(len(row[i]) for row in (head, *rows)) for i in range(len(head))]
+    for row in (head, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"torch / cpp: the median over rounds of torch's time over the C++ path's; torch runs below "
+          f"{1 - calibration.MARGIN:.2f}\nstored in {calibration.cache_file(key)}")
+
+
+def _measured_cells(m: calibration.Measurement | None) -> tuple[str, ...]:
+    if m is None:
+        return ("-", "-", "-", "-", "torch (the C++ extension was not built)")
+    return (f"{m.cpp_ms:.2f}", f"{m.torch_ms:.2f}", f"{m.torch_over_cpp:.2f}", str(m.rounds), m.backend)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    rows = [("fastdd", __version__), ("torch", torch.__version__), ("CPU", calibration.cpu_model()),
+            ("ISA level", f"{_backend.isa_level()} (the C++ kernels'; torch's own: "
+                          f"{torch.backends.cpu.get_cpu_capability().lower()})"),
+            ("threads", str(torch.get_num_threads())),
+            ("bfloat16 on CPU", "native" if native_bfloat16("cpu") else "not native (emulated, slower than float32)"),
+            ("CUDA", _cuda_devices()),
+            ("triton", importlib.metadata.version("triton") if importlib.util.find_spec("triton") else "not installed")]
+    rows += _backend_rows()
+    _print_summary("fastdd info", rows)
+    return 0
+
+
+def _cuda_devices() -> str:
+    if not torch.cuda.is_available():
+        return "not available"
+    return "; ".join(f"{i}: {torch.cuda.get_device_name(i)}, capability "
+                     f"{'.'.join(map(str, torch.cuda.get_device_capability(i)))}"
+                     for i in range(torch.cuda.device_count()))
+
+
+def _backend_rows() -> list[tuple[str, str]]:
+    """Per op, the backend ``auto`` runs on CPU tensors (from the stored calibration), and where it is stored."""
+    path = calibration.cache_file(calibration.machine_key())
+    try:
+        measurements = calibration.stored()
+    except DamagedFileError as err:
+        return [("auto on CPU", f"{one_line(err)}; measured again on first use")]
+    rows = []
+    for extension, ops in calibration.OPS.items():
+        m = measurements.get(extension)
+        chosen = ("not calibrated yet (cpp until measured)" if m is None else
+                  f"{m.backend} (measured, a round: cpp {m.cpp_ms:.1f} ms, torch {m.torch_ms:.1f} ms)")
+        rows += [(f"auto on CPU: {op}", chosen) for op in ops]
+    where = str(path) if path.exists() else "none yet: on first use of each op, or fastdd bench --calibrate"
+    return [*rows, ("calibration", where)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"distill": cmd_distill, "evaluate": cmd_evaluate, "experts": cmd_experts, "difficulty": cmd_difficulty,
-                "bench": cmd_bench, "cache": cmd_cache}
+                "bench": cmd_bench, "cache": cmd_cache, "info": cmd_info}
     command = commands[args.command]
     processes = os.environ.get("WORLD_SIZE", "1")
     if args.command not in ("distill", "evaluate", "experts") and processes != "1":

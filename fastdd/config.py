@@ -6,8 +6,8 @@ made, and maps itself onto the library's objects: the plug-ins, the distiller an
 protocol. A field left ``None`` means "the method's default"; the defaults are resolved here and only
 here: the plug-ins' (SDC's lambda, UDD's policy and beta) by :meth:`RunConfig.build_plugins`, the
 evaluation's (epochs, augmentation) by :meth:`RunConfig.eval_config`, and the distiller's own
-(iterations, image lr, batch sizes, init, MTT's options) read back from the distiller it builds by
-:meth:`RunConfig.resolved`.
+(iterations, image lr, batch sizes, init, MTT's options, and the precision ``real_precision="auto"`` means on
+the run's device) read back from the distiller it builds by :meth:`RunConfig.resolved`.
 
 A run directory's ``config.json`` is :meth:`RunConfig.recorded` of the resolved configuration: every
 field but those in :data:`UNRECORDED_FIELDS`, which do not change the synthetic set. Resuming compares
@@ -42,13 +42,13 @@ from fastdd.data import DATASETS, RealDataset
 from fastdd.distributed import SINGLE, World
 from fastdd.evaluation import AUGMENTS, EvalConfig, default_eval_config
 from fastdd.methods import METHODS, Distiller, Plugin, get_distiller
-from fastdd.methods.base import REAL_PRECISIONS
 from fastdd.methods.mtt import MODES
 from fastdd.methods.sdc import SDC, default_lambda
 from fastdd.methods.udd import AUTO_POLICY, UDD, default_beta
 from fastdd.methods.udd import METHODS as UDD_METHODS
 from fastdd.methods.udd import POLICIES as UDD_POLICIES
 from fastdd.models import NETWORK_NAMES, check_image_size
+from fastdd.precision import REAL_PRECISIONS
 
 PLUGINS = ("sdc", "udd")  # in the order they are applied, whatever order they were given in
 # Fields that do not change the synthetic set: where the data and the run directory lie, how often
@@ -175,7 +175,8 @@ class RunConfig:
     Distillation: ``method`` (one of ``fastdd.methods.METHODS``), ``ipc`` (synthetic images per class),
     ``iterations`` (outer iterations), ``lr_img`` (image learning rate), ``batch_real`` (real images
     per class per step), ``init`` (real, noise; mix for idc), ``model`` (network name),
-    ``real_precision`` (float32 or bfloat16 passes over real images), ``seed`` (the run's one seed).
+    ``real_precision`` (auto, float32 or bfloat16 passes over real images; auto: bfloat16 where the run's device
+    computes in it natively, else float32), ``seed`` (the run's one seed).
     Run: ``out`` (run directory; None: ``runs/DATASET-METHOD-ipcN``), ``checkpoint_every``
     (iterations between checkpoints), ``device`` ("auto", "cpu", "cuda", "cuda:N").
     MTT, FTD and DATM (``method`` mtt, ftd, datm only, docs/methods.md): ``experts`` (directory of expert
@@ -206,7 +207,7 @@ class RunConfig:
     batch_real: int | None = None
     init: str | None = None
     model: str = "ConvNet"
-    real_precision: str = "float32"
+    real_precision: str = "auto"
     seed: int = 0
     out: str | None = None
     checkpoint_every: int = 50
@@ -260,7 +261,7 @@ class RunConfig:
             if self.batch_real is not None:
                 raise ValueError(f"batch_real (--batch-real) does not apply to --method {self.method}, which draws no "
                                  "real batches (see batch_syn)")
-            if self.real_precision != "float32":
+            if self.real_precision == "bfloat16":
                 raise ValueError(f"real_precision (--real-precision) does not apply to --method {self.method}, which "
                                  f"makes no pass over real images, got {self.real_precision!r}")
         if self.init is not None:
@@ -335,10 +336,12 @@ class RunConfig:
 
     def resolved(self, distiller: Distiller) -> RunConfig:
         """This config with every default filled in: the values ``distiller`` (built by :meth:`build_distiller`)
-        and its plug-ins use (:data:`HPARAM_KEYS`), and the evaluation's epochs and augmentation."""
+        and its plug-ins use (:data:`HPARAM_KEYS`), the precision of its passes over real images (float32 or
+        bfloat16, never auto), and the evaluation's epochs and augmentation."""
         hparams = distiller.hparams()
         protocol = self.eval_config()
         own = METHOD_KEYWORDS.get(self.method, {})
         used = {field: hparams[key] for field, key in HPARAM_KEYS.items()
                 if key in hparams and (field in own or field not in METHOD_FIELDS)}
-        return dataclasses.replace(self, **used, eval_epochs=protocol.epochs, eval_augment=protocol.augment)
+        return dataclasses.replace(self, **used, real_precision=distiller.real_precision, eval_epochs=protocol.epochs,
+                                   eval_augment=protocol.augment)

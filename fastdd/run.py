@@ -160,8 +160,18 @@ def _compare_config(run_dir: Path, config: dict[str, Any]) -> None:
                        if k not in saved or k not in config or saved[k] != config[k])
     if differing:
         what = ", ".join(f"{k} ({_shown(config, k)} here, {_shown(saved, k)} in the run)" for k in differing)
+        hint = _precision_hint(saved.get("real_precision")) if "real_precision" in differing else ""
         raise ValueError(f"resume (--resume): {run_dir} holds a run with another configuration, differing in {what}; "
-                         "use another run directory (--out) or the run's configuration")
+                         f"use another run directory (--out) or the run's configuration{hint}")
+
+
+def _precision_hint(used: Any) -> str:
+    """How to continue a run whose passes over real images ran in precision ``used``, which this run's differs from:
+    the one --real-precision auto picks depends on the machine (:func:`fastdd.precision.resolve_real_precision`)."""
+    if used not in ("float32", "bfloat16"):
+        return ""
+    return (f" (its passes over real images ran in {used}, and --real-precision auto picks by the machine: pass "
+            f"--real-precision {used} explicitly to continue it)")
 
 
 def _nonfinite_entries(state: Any, where: str = "") -> list[str]:

@@ -1,11 +1,14 @@
 """Shared fixtures: a tiny random real data set that every distiller test can use; NaN-poisoned
-kernel outputs; Triton kernels interpreted on CPU when no GPU is present; a script run over two processes."""
+kernel outputs; Triton kernels interpreted on CPU when no GPU is present; a script run over two processes; a
+backend calibration that keeps ``backend="auto"`` on the C++ extensions without timing anything."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -16,7 +19,43 @@ if not torch.cuda.is_available():  # must precede the first import of triton
 import pytest  # noqa: E402
 
 from fastdd.data import RealDataset  # noqa: E402
-from fastdd.ops import _backend  # noqa: E402
+from fastdd.ops import _backend, calibration  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def calibrated_for_cpp(tmp_path_factory):
+    """The user cache folder (XDG_CACHE_HOME, which subprocesses inherit) is a temporary one holding a calibration
+    that chooses the C++ extension for every op at every ISA level this machine runs: ``backend="auto"`` runs C++ on
+    CPU tensors and a test session never times the backends."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        cpp = calibration.Measurement("cpp", 1.0, 1.0, 1.0, 0)  # nominal timings: nothing was measured
+        for level in _backend.isa_levels():
+            calibration.save({**calibration.machine_key(), "isa_level": level},
+                             dict.fromkeys(calibration.EXTENSIONS, cpp))
+        yield
+
+
+@pytest.fixture
+def fake_timings(monkeypatch, tmp_path) -> types.SimpleNamespace:
+    """Calibrations that time nothing: an empty user cache ``cache``, no choice made yet in this process, every C++
+    extension loading, and workloads whose round on a backend takes the seconds ``seconds[backend]`` says (the
+    timer reads them; 1.0 each until a test sets them); ``measured`` lists the extensions measured, in turn."""
+    from fastdd.benchmarks import workloads
+
+    fake = types.SimpleNamespace(cache=tmp_path / "cache", seconds={"cpp": 1.0, "torch": 1.0}, measured=[])
+
+    def setup(name: str):
+        fake.measured.append(name)
+        return lambda backend: fake.seconds[backend]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(fake.cache))
+    monkeypatch.setattr(calibration, "_choices", {})
+    monkeypatch.setattr(calibration, "wall_seconds", lambda fn: fn())
+    monkeypatch.setattr(_backend, "load_extension", lambda name: types.SimpleNamespace())
+    for name in calibration.EXTENSIONS:
+        monkeypatch.setitem(workloads.WORKLOADS, name, workloads.Workload("fake", functools.partial(setup, name)))
+    return fake
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,16 @@
-"""Backend choice: names, devices, where the C++ extensions come from, and the fallback when one cannot be built."""
+"""Backend choice: names, devices, where the C++ extensions come from, the ISA level they run at, and the fallback
+when one cannot be built."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import platform
 import subprocess
 import sys
 import threading
 import time
 import types
-from importlib import resources
 
 import pytest
 import torch
@@ -24,9 +25,18 @@ def no_build(monkeypatch, tmp_path):
     extensions are forgotten before and after."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     _backend.load_extension.cache_clear()
+    monkeypatch.setattr(_backend, "_loaded", {})
     monkeypatch.setattr(_backend, "_ahead_of_time", lambda name, source: None)
     yield
     _backend.load_extension.cache_clear()
+
+
+def built_module(name: str) -> types.ModuleType:
+    """A stand-in for a built extension: it records the levels it is set to in ``levels``."""
+    module = types.ModuleType(name)
+    module.levels = []
+    module.set_level = module.levels.append
+    return module
 
 
 @pytest.fixture
@@ -100,20 +110,66 @@ def test_ahead_of_time_name_follows_the_source():
     assert name != _backend.ahead_of_time_name("grad_match", b"int y;")
 
 
-def test_ahead_of_time_build_is_loaded_without_compiling(monkeypatch):
-    source = (resources.files("fastdd.csrc") / "grad_match.cpp").read_bytes()
-    built = types.ModuleType(_backend.ahead_of_time_name("grad_match", source))
+def test_ahead_of_time_name_follows_every_file_of_the_source(tmp_path):
+    for file in _backend.source_files("grad_match"):
+        (tmp_path / file).write_text("int x;")
+    name = _backend.ahead_of_time_name("grad_match", _backend.source_bytes("grad_match", tmp_path))
+    for file in _backend.source_files("grad_match"):  # the kernels and isa.h as much as the .cpp
+        (tmp_path / file).write_text("int y;")
+        assert _backend.ahead_of_time_name("grad_match", _backend.source_bytes("grad_match", tmp_path)) != name
+        (tmp_path / file).write_text("int x;")
+
+
+def test_ahead_of_time_build_is_loaded_without_compiling_at_the_isa_level(monkeypatch):
+    built = built_module(_backend.ahead_of_time_name("grad_match", _backend.source_bytes("grad_match")))
     monkeypatch.setitem(sys.modules, built.__name__, built)
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("compiled despite the build"))
+    monkeypatch.setattr(_backend, "_loaded", {})
     _backend.load_extension.cache_clear()
     try:
         assert _backend.load_extension("grad_match") is built
+        assert built.levels == [_backend.isa_level()]
     finally:
         _backend.load_extension.cache_clear()
 
 
+@pytest.mark.parametrize("machine, capability, levels", [
+    ("x86_64", "AVX512", ("avx512", "avx2", "default")),
+    ("x86_64", "AVX2", ("avx2", "default")),
+    ("AMD64", "DEFAULT", ("default",)),
+    ("aarch64", "SVE256", ("default",)),
+    ("aarch64", "DEFAULT", ("default",)),
+])
+def test_isa_levels_never_exceed_torchs(monkeypatch, machine, capability, levels):
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    _backend.isa_levels.cache_clear()
+    try:
+        assert _backend.isa_levels() == levels
+        assert _backend.isa_level() == levels[0]
+    finally:
+        _backend.isa_levels.cache_clear()
+
+
+def test_at_isa_level_sets_every_loaded_extension_and_restores_it(monkeypatch):
+    module = built_module("fastdd.csrc._grad_match_0")
+    monkeypatch.setattr(_backend, "_loaded", {"grad_match": module})
+    machine = _backend.isa_level()
+    lowest = _backend.isa_levels()[-1]
+    with _backend.at_isa_level(lowest):
+        assert _backend.isa_level() == lowest
+    assert _backend.isa_level() == machine
+    assert module.levels == [lowest, machine]
+
+
+def test_at_isa_level_refuses_a_level_this_process_cannot_run():
+    with pytest.raises(ValueError, match="level must be one of .*got 'sse9'"):
+        with _backend.at_isa_level("sse9"):
+            pass
+
+
 def test_compile_waits_for_another_compiling_process_and_says_so(no_build, monkeypatch, tmp_path, capsys):
-    compiled = types.ModuleType("fastdd_grad_match")
+    compiled = built_module("fastdd_grad_match")
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: compiled)
     (tmp_path / "fastdd_grad_match").mkdir()
     result = []
@@ -137,7 +193,8 @@ def test_compile_on_first_use_says_so_and_clears_a_stale_lock(tmp_path):
     (build_dir / "lock").touch()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     load = ("from fastdd.ops import _backend; _backend._ahead_of_time = lambda name, source: None; "
-            "assert _backend.load_extension('grad_norm').__name__ == 'fastdd_grad_norm'")
+            "module = _backend.load_extension('grad_norm'); "
+            "assert module.__name__ == 'fastdd_grad_norm' and module.level() == _backend.isa_level()")
 
     def run() -> str:
         done = subprocess.run([sys.executable, "-c", load], env=env, cwd=tmp_path, capture_output=True, text=True,

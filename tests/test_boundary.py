@@ -284,7 +284,7 @@ OPTION_VALUES = {
     "--checkpoint-every": ["1", "0", "-1"],
     "--seed": ["0", "3", "-1", "x"],
     "--model": ["ConvNetW32", "NoSuchNet"],
-    "--real-precision": ["float32", "bfloat16", "float16"],
+    "--real-precision": ["auto", "float32", "bfloat16", "float16"],
     "--plugin": ["sdc", "bogus"],
     "--sdc-lambda": ["0.1", "-1", "nan"],
 }

@@ -89,3 +89,64 @@ def test_bench_row_and_table():
 def test_python_dash_m_runs_the_command():
     run = subprocess.run([sys.executable, "-m", "fastdd", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("fastdd ")
+
+
+def test_info_shows_the_installation_and_each_ops_backend(capsys):
+    import torch
+
+    assert main(["info"]) == 0
+    captured = capsys.readouterr()
+    out = " ".join(captured.out.split())  # the columns' padding as one space
+    for shown in (f"torch {torch.__version__}", "ISA level", "threads", "bfloat16 on CPU", "CUDA", "triton",
+                  "auto on CPU: masked_feature_contrastive cpp (measured"):  # the session's calibration
+        assert shown in out
+    assert "timing" not in captured.err  # info measures nothing
+
+
+def test_info_before_any_calibration(fake_timings, capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not calibrated yet (cpp until measured)") == 5 and "none yet" in out
+    assert fake_timings.measured == []
+
+
+def test_bench_calibrate_prints_the_table_and_stores_it(fake_timings, capsys):
+    fake_timings.seconds["torch"] = 0.5
+    assert main(["bench", "--calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert "instance_norm_relu_pool, conv_instance_norm_relu_pool 1000.00 500.00 0.50 3 torch" in " ".join(out.split())
+    assert out.count(" torch\n") == 4 and "stored in" in out
+    assert sorted(fake_timings.measured) == ["grad_match", "grad_norm", "masked_contrastive", "norm_relu_pool"]
+    assert main(["info"]) == 0
+    assert "auto on CPU: per_sample_grad_norm torch (measured" in " ".join(capsys.readouterr().out.split())
+
+
+def test_bench_calibrate_takes_no_ops(fake_timings, capsys):
+    assert main(["bench", "--calibrate", "--ops", "grad_match_distance"]) == 1
+    assert capsys.readouterr().err == ("fastdd bench: error: --calibrate times each op's own workload; it takes no "
+                                       "--ops or --json\n")
+    assert fake_timings.measured == []
+
+
+def test_bench_row_states_spread_and_load():
+    from fastdd.benchmarks.measure import Calls, Case, Load
+    from fastdd.benchmarks.suite import format_table, timing_row
+
+    case = Case("op", "tiny", "sum", lambda: Calls(lambda: None, lambda: None))
+    row = timing_row(case, "cpu", 0.5, 1.0, [1.8, 2.0, 2.2, 2.4], Load(1.5, 1.9, 2))
+    assert row["speedup_iqr"] == [1.95, 2.25] and row["rounds"] == 4
+    assert row["load"] == {"before": 1.5, "after": 1.9, "cpus": 2, "loaded": True}
+    assert "| 2.00x | 1.95-2.25x (4) |" in format_table([row])
+    assert "| 1.50 -> 1.90 / 2, loaded |" in format_table([row])
+    quiet = timing_row(case, "cpu", 0.5, 1.0, [2.0, 2.0], Load(0.5, 1.0, 2))
+    assert quiet["speedup_iqr"] is None and "| 2.00x | - |" in format_table([quiet])  # too few rounds for a spread
+    assert "| 0.50 -> 1.00 / 2 |" in format_table([quiet])
+
+
+def test_paired_rounds_reach_repeat_and_min_seconds_up_to_the_cap():
+    from fastdd.benchmarks.measure import MAX_ROUNDS, paired_seconds
+
+    calls = []
+    rounds = paired_seconds([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", repeat=3, warmup=0)
+    assert [len(r) for r in rounds] == [3, 3] and calls == ["a", "b"] * 3
+    assert len(paired_seconds([lambda: None], "cpu", repeat=2, min_seconds=60.0)[0]) == 2 + MAX_ROUNDS

@@ -53,7 +53,8 @@ def reference_loss(net, images, ipc, real, metric, augment):
 
 def float64_case(cls, data, ipc, metric, model=MODEL):
     """A distiller whose images, network and real batches are float64, with its augmentation draw."""
-    d = cls(data, ipc, torch.Generator().manual_seed(1), model=model, batch_real=5, metric=metric)
+    d = cls(data, ipc, torch.Generator().manual_seed(1), model=model, batch_real=5, metric=metric,
+            real_precision="float32")
     d.images = d.images.detach().double().requires_grad_(True)
     net = d.new_network()
     if model == "ConvNetBN":
@@ -188,7 +189,7 @@ for cls, plugins in ((DCC, lambda: [SDC(5.0)]), (DSAC, lambda: [])):
     images, losses = [], []
     for w in (SINGLE, world):
         d = cls(train, 2, torch.Generator().manual_seed(0), model="ConvNetW32", batch_real=16, iterations=2,
-                warmup=0.5, outer_loop=2, inner_loop=1, plugins=plugins(), world=w)
+                warmup=0.5, outer_loop=2, inner_loop=1, plugins=plugins(), world=w, real_precision="float32")
         losses.append([d.step(iteration)["loss"] for iteration in range(2)])
         d.share_shards()
         images.append(d.images.detach().clone())

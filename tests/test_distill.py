@@ -49,8 +49,9 @@ def distiller_grad(distiller, loss):
     return grad
 
 
-def make(cls, data, ipc=2, **kwargs):
-    return cls(data, ipc, torch.Generator().manual_seed(1), model=MODEL, batch_real=5, **kwargs)
+def make(cls, data, ipc=2, real_precision="float32", **kwargs):
+    return cls(data, ipc, torch.Generator().manual_seed(1), model=MODEL, batch_real=5, real_precision=real_precision,
+               **kwargs)
 
 
 @pytest.mark.parametrize("ipc", [1, 3])

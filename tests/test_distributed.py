@@ -48,7 +48,7 @@ def fastdd_command(processes: int, *arguments: str) -> list[str]:
 
 def command(out, processes: int, *options: str) -> list[str]:
     return fastdd_command(processes, "distill", "--device", "cpu", "--eval-models", "0", "--quiet", "--out", str(out),
-                          *options)
+                          "--real-precision", "float32", *options)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -280,7 +280,7 @@ train, _ = load_dataset("digits")
 images = []
 for w in (SINGLE, world):
     d = IDC(train, 1, torch.Generator().manual_seed(0), model="ConvNetW32", match_steps=3, world=w,
-            plugins=[UDD("jitter", 6000.0, every=1)])
+            plugins=[UDD("jitter", 6000.0, every=1)], real_precision="float32")
     for iteration in range(2):
         d.step(iteration)
     d.share_shards()

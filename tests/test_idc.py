@@ -114,7 +114,7 @@ def test_mix_init_reuses_images_of_a_small_class():
 
 # ----------------------------------------------------------------------------- the distiller
 def make_idc(data, ipc=2, **kwargs):
-    args = {"model": MODEL, "batch_real": 5, "match_steps": 2, "net_images": 8, **kwargs}
+    args = {"model": MODEL, "batch_real": 5, "match_steps": 2, "net_images": 8, "real_precision": "float32", **kwargs}
     return IDC(data, ipc, torch.Generator().manual_seed(1), **args)
 
 

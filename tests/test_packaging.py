@@ -1,8 +1,9 @@
-"""The build: every package shipped, each C++ source compiled into the module ``load_extension`` imports, and no
-torch of its own fetched for building."""
+"""The build: every package shipped, each C++ source compiled into the module ``load_extension`` imports, for no
+particular machine, and no torch of its own fetched for building."""
 
 from __future__ import annotations
 
+import fnmatch
 import runpy
 from pathlib import Path
 
@@ -30,12 +31,28 @@ def test_every_folder_of_modules_is_a_shipped_package(setup_py):
 def test_each_cpp_source_is_built_as_the_module_load_extension_imports(setup_py):
     sources = sorted((ROOT / "csrc").glob("*.cpp"))
     extensions = setup_py["extensions"]()
-    assert [ext.name for ext in extensions] == [_backend.ahead_of_time_name(s.stem, s.read_bytes()) for s in sources]
+    assert [ext.name for ext in extensions] == [
+        _backend.ahead_of_time_name(s.stem, _backend.source_bytes(s.stem, ROOT / "csrc")) for s in sources]
     for ext in extensions:
         assert ext.extra_compile_args[:len(_backend.CFLAGS)] == list(_backend.CFLAGS)
         assert ext.extra_link_args == list(_backend.LDFLAGS)
     for source in sources:  # the build defines TORCH_EXTENSION_NAME as the last part of the extension's name
         assert "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)" in source.read_text(), source.name
+
+
+def test_no_flag_targets_the_build_machine(setup_py):
+    """The ISA levels come from csrc/isa.h alone: a build runs on every machine of its architecture."""
+    for ext in setup_py["extensions"]():
+        assert not [f for f in ext.extra_compile_args if f.startswith(("-march", "-mtune", "-mcpu", "-mavx", "-mfma"))]
+
+
+def test_every_file_of_a_source_is_shipped(setup_py):
+    """A compile on first use (the installed build does not load) needs the kernels and isa.h beside the .cpp."""
+    patterns = setup_py["PACKAGE_DATA"]["fastdd.csrc"]
+    for source in (ROOT / "csrc").glob("*.cpp"):
+        for file in _backend.source_files(source.stem):
+            assert (ROOT / "csrc" / file).is_file(), file
+            assert any(fnmatch.fnmatch(file, pattern) for pattern in patterns), file
 
 
 def test_the_build_does_not_fetch_torch():

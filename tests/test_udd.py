@@ -209,7 +209,7 @@ def test_plugin_term_equals_a_direct_computation(tiny):
     from the same masks, the first prototype_images real images of each class and the decoded images."""
     udd = UDD("jitter", 2.5, prototype_images=3)
     d = get_distiller("idc")(tiny, 1, torch.Generator().manual_seed(0), model=MODEL, batch_real=5, factor=2,
-                             plugins=[udd])
+                             plugins=[udd], real_precision="float32")
     net = d.new_network()
     d.real_batches()
     term = udd.loss(d, net)

@@ -1,9 +1,9 @@
-"""Benchmark cases; their timing, peak memory and provenance (machine, backend, commit)."""
+"""Benchmark cases; their timing, peak memory and provenance (machine, its load, backend, commit)."""
 
 from __future__ import annotations
 
 import ctypes
-import platform
+import os
 import statistics
 import subprocess
 import time
@@ -15,6 +15,10 @@ import torch
 
 from fastdd.allocator import process_memory
 from fastdd.ops._backend import resolve_backend
+from fastdd.ops.calibration import OPS, cpu_model
+
+MAX_ROUNDS = 1000  # most rounds paired_seconds runs beyond ``repeat`` to reach ``min_seconds`` (microsecond calls)
+LOADED_SHARE = 0.3  # a machine whose 1-minute load average exceeds this share of its CPUs is "loaded"
 
 
 def unchanged(output: object) -> object:
@@ -63,23 +67,58 @@ def median_seconds(fn: Callable[[], object], device: str, repeat: int = 5, warmu
 
 def paired_median_seconds(fns: Sequence[Callable[[], object]], device: str, repeat: int = 5, warmup: int = 1,
                           min_seconds: float = 0.0) -> list[float]:
-    """Median wall time in seconds of each of ``fns``, called in turn (one call of each per round), so
-    that a slower or faster spell of a shared machine reaches every one of them alike.
+    """Median wall time in seconds of each of ``fns`` over the rounds of :func:`paired_seconds`."""
+    return [statistics.median(t) for t in paired_seconds(fns, device, repeat, warmup, min_seconds)]
 
-    Rounds go on until there are ``repeat`` of them and every function has run ``min_seconds`` in all.
+
+def paired_seconds(fns: Sequence[Callable[[], object]], device: str, repeat: int = 5, warmup: int = 1,
+                   min_seconds: float = 0.0) -> list[list[float]]:
+    """Wall time in seconds of each round of each of ``fns``, called in turn (one call of each per round, after
+    ``warmup`` calls each), so that a slower or faster spell of a shared machine reaches every one of them alike.
+
+    Rounds go on until there are ``repeat`` of them and every function has run ``min_seconds`` in all, or
+    ``repeat + MAX_ROUNDS`` rounds.
     """
     for fn in fns:
         for _ in range(warmup):
             fn()
     synchronize(device)
     times: list[list[float]] = [[] for _ in fns]
-    while len(times[0]) < repeat or min(sum(t) for t in times) < min_seconds:
+    while len(times[0]) < repeat or (min(sum(t) for t in times) < min_seconds and len(times[0]) < repeat + MAX_ROUNDS):
         for fn, spent in zip(fns, times):
             began = time.perf_counter()
             fn()
             synchronize(device)
             spent.append(time.perf_counter() - began)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """The first and third quartiles of ``values`` (at least two), interpolated between the values."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+@dataclass(frozen=True)
+class Load:
+    """The machine's 1-minute load average when a measurement began and when it ended, and its CPUs.
+
+    ``before`` is other work (this measurement's threads count in ``after`` only); the machine was ``loaded``
+    when it exceeds :data:`LOADED_SHARE` of the CPUs.
+    """
+
+    before: float
+    after: float
+    cpus: int
+
+    @property
+    def loaded(self) -> bool:
+        return self.before > LOADED_SHARE * self.cpus
+
+
+def load_average() -> float:
+    """The 1-minute load average: processes running or waiting for a CPU, averaged over the last minute."""
+    return os.getloadavg()[0]
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -120,13 +159,7 @@ def processor(device: str = "cpu") -> str:
     """The CPU model and the number of threads torch uses, or the GPU's name."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def machine(device: str = "cpu") -> str:
@@ -135,17 +168,12 @@ def machine(device: str = "cpu") -> str:
 
 
 # op -> the C++ extension (csrc/<name>.cpp) of its CPU path
-EXTENSIONS = {
-    "conv_instance_norm_relu_pool": "norm_relu_pool",
-    "grad_match_distance": "grad_match",
-    "instance_norm_relu_pool": "norm_relu_pool",
-    "masked_feature_contrastive": "masked_contrastive",
-    "per_sample_grad_norm": "grad_norm",
-}
+EXTENSIONS = {op: extension for extension, ops in OPS.items() for op in ops}
 
 
 def backend(op: str, device: str) -> str:
-    """The backend ``op`` runs on with ``backend="auto"`` on ``device``: triton, cpp or torch."""
+    """The backend ``op`` runs on with ``backend="auto"`` on ``device``: triton, cpp or torch (on CPU as calibrated,
+    :mod:`fastdd.ops.calibration`, timing it first where this machine has no calibration yet)."""
     return resolve_backend("auto", [torch.empty(0, device=device)], EXTENSIONS[op])
 
 
@@ -181,7 +209,8 @@ def record_cases(results: Path, name: str, header: str, cases: Sequence[object],
 
 
 def record(results: Path, name: str, header: str, table_rows: str, rows: list[dict]) -> None:
-    """Put ``table_rows`` at the top of ``results/<name>.md`` (newest first, under ``header``) and
+    """Put ``table_rows`` at the top of ``results/<name>.md`` (newest first, under ``header``; rows under another
+    header stay below) and
     append ``rows`` to ``results/<name>.jsonl``, holding ``results/.<name>.lock`` so that benchmarks finishing
     together (the campaign's workers) do not drop each other's rows."""
     import fcntl
@@ -192,7 +221,11 @@ def record(results: Path, name: str, header: str, table_rows: str, rows: list[di
     with open(results / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         table = results / f"{name}.md"
-        old = table.read_text()[len(header):] if table.exists() else ""
+        old = table.read_text() if table.exists() else ""
+        if old.startswith(header):
+            old = old[len(header):]
+        elif old:  # a table under another header (columns since changed) stays whole, below a blank line
+            old = "\n" + old
         atomic_write_bytes(table, (header + table_rows + old).encode())
         for row in rows:
             append_jsonl(results / f"{name}.jsonl", row)

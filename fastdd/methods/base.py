@@ -26,10 +26,10 @@ from fastdd.data import ClassBatches, RealDataset
 from fastdd.distributed import SINGLE, World
 from fastdd.methods.matching import matching_distance
 from fastdd.models import fused_blocks, get_network
+from fastdd.precision import resolve_real_precision
 from fastdd.synset import SyntheticSet
 
 INITS = ("real", "noise")
-REAL_PRECISIONS = ("float32", "bfloat16")
 # The copies of the synthetic images a run holds at once (Distiller.image_copies; a method may hold more)
 IMAGE_COPIES = ("images", "gradient", "momentum", "checkpoint copy")
 
@@ -125,9 +125,12 @@ class Distiller(ABC):
         init: ``"real"`` (random real images of the class) or ``"noise"`` (standard normal); a method
             may add its own (``inits``). Default: the method's.
         plugins: plug-ins whose terms are added to every matching loss.
-        real_precision: ``"float32"``, or ``"bfloat16"`` to run the networks' passes over real images,
-            whose results are detached targets (real gradients, real embeddings), under bfloat16
-            autocast; the synthetic side stays float32.
+        real_precision: ``"bfloat16"`` runs the networks' passes over real images, whose results are
+            detached targets (real gradients, real embeddings), under bfloat16 autocast, ``"float32"`` does
+            not; the synthetic side stays float32. ``"auto"`` (default) is bfloat16 where the run's device
+            computes in it natively, else float32 (:func:`fastdd.precision.resolve_real_precision`, which
+            warns of an emulated bfloat16). ``real_precision`` then holds the precision used, and
+            ``real_precision_requested`` the one asked for.
         world: the processes the run is split over (:mod:`fastdd.distributed`); a method whose
             ``distributed`` is False runs in one only.
     """
@@ -153,7 +156,7 @@ class Distiller(ABC):
         batch_real: int | None = None,
         init: str | None = None,
         plugins: Sequence[Plugin] = (),
-        real_precision: str = "float32",
+        real_precision: str = "auto",
         world: World = SINGLE,
     ) -> None:
         self.ipc = positive_int("ipc", ipc)
@@ -161,7 +164,8 @@ class Distiller(ABC):
         check_training_set(train, ipc, self.init, len(self.image_copies))
         if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
             raise ValueError(f"generator must be a CPU torch.Generator, got {generator!r}")
-        self.real_precision = one_of("real_precision", real_precision, REAL_PRECISIONS)
+        self.real_precision = resolve_real_precision(real_precision, train.images.device)
+        self.real_precision_requested = real_precision
         self.batch_real = positive_int("batch_real", self.default_batch_real if batch_real is None else batch_real)
         self.iterations = positive_int("iterations", self.default_iterations if iterations is None else iterations)
         self.train = train
@@ -290,7 +294,9 @@ class Distiller(ABC):
             self.world.share_rows(momentum, self.ipc)
 
     def hparams(self) -> dict[str, Any]:
-        """Every hyper-parameter of the run, as stored in the synthetic set's metadata."""
+        """Every hyper-parameter of the run, as stored in the synthetic set's metadata: ``real_precision`` is the
+        precision used, and ``real_precision_requested`` the one asked for where that differs ("auto")."""
+        requested = self.real_precision_requested
         return {
             "model": self.model,
             "iterations": self.iterations,
@@ -298,6 +304,7 @@ class Distiller(ABC):
             "batch_real": self.batch_real,
             "init": self.init,
             "real_precision": self.real_precision,
+            **({"real_precision_requested": requested} if requested != self.real_precision else {}),
             **{f"{p.name}.{k}": v for p in self.plugins for k, v in p.hparams().items()},
         }
 

@@ -140,8 +140,9 @@ class MTT(Distiller):
         soft_labels: train the students on soft labels (module docstring); default False.
         learn_soft_labels: learn the soft labels' logits with the images (needs ``soft_labels``); default False.
 
-    ``batch_real`` and ``real_precision`` do not apply (MTT makes no pass over real images): anything but
-    their defaults is a ValueError. ``plugins``: SDC only (module docstring).
+    ``batch_real`` and ``real_precision`` do not apply (MTT makes no pass over real images): ``batch_real`` must
+    be None and ``real_precision`` "auto" or "float32" (either means float32), else a ValueError.
+    ``plugins``: SDC only (module docstring).
     """
 
     name = "mtt"
@@ -168,7 +169,7 @@ class MTT(Distiller):
         soft_labels: bool = False,
         learn_soft_labels: bool = False,
         batch_real: int | None = None,
-        real_precision: str = "float32",
+        real_precision: str = "auto",
         plugins: Sequence[Plugin] = (),
         **kwargs: Any,
     ) -> None:
@@ -184,14 +185,14 @@ class MTT(Distiller):
             raise ValueError("learn_soft_labels needs soft_labels")
         if batch_real is not None:
             raise ValueError("batch_real does not apply to MTT, which draws no real batches (see batch_syn)")
-        if real_precision != "float32":
+        if real_precision not in ("auto", "float32"):
             raise ValueError(f"real_precision does not apply to MTT, which makes no pass over real images, "
                              f"got {real_precision!r}")
         other = [p.name for p in plugins if not isinstance(p, SDC)]
         if other:
             raise ValueError(f"MTT takes the sdc plug-in only, got {other}: the others need a network module, "
                              "and MTT's students are parameter vectors")
-        super().__init__(train, ipc, generator, plugins=plugins, **kwargs)
+        super().__init__(train, ipc, generator, plugins=plugins, real_precision="float32", **kwargs)
         if plugins and self.world.size > 1:
             raise ValueError(f"--plugin sdc with --method {self.name} runs in one process; started by torchrun with "
                              f"{self.world.size} processes, use one or leave the plug-in out")

@@ -11,6 +11,15 @@ module is missing (a source checkout without a build, an edited source) the sour
 ninja (through ``torch.utils.cpp_extension``), cached by torch under ``TORCH_EXTENSIONS_DIR``, and a line on stderr
 says so; when that fails (no compiler) the reference runs and a warning says so once.
 
+No build targets the machine it runs on. Each module holds its kernels compiled for every ISA level of its
+architecture (``csrc/isa.h``): on x86-64 ``"default"`` (the baseline), ``"avx2"`` (with FMA) and ``"avx512"`` (F, BW,
+VL, DQ, as ATen's level of that name), elsewhere ``"default"`` alone; so a wheel runs on every machine of its
+architecture. The loader sets each module's level once, to :func:`isa_level`: the level torch runs its own kernels at
+(``torch.backends.cpu.get_cpu_capability()``), never above it, so that ``ATEN_CPU_CAPABILITY=default|avx2|avx512``
+picks fastdd's level too. The levels share one translation unit, one module per source, because a compile is mostly
+the parsing of torch's headers: each further level costs a small part of a compile, where a module per level would
+cost a whole compile each (docs/design.md has the numbers).
+
 Launchers allocate their outputs with :func:`empty`; tests switch :data:`POISON_OUTPUTS` on so
 that every fresh output starts as NaN and an element a kernel forgot to write fails the test.
 """
@@ -24,6 +33,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import platform
 import sys
 import warnings
 from collections.abc import Iterator
@@ -37,8 +47,11 @@ from torch import Tensor
 BACKENDS = ("auto", "triton", "cpp", "torch")
 CPP_FLOATS = (torch.float32, torch.float64)  # the dtypes of the C++ kernels of grad_norm and grad_match
 POISON_OUTPUTS = False
-CFLAGS = ("-O3", "-march=native", "-fopenmp")  # the C++ extensions' flags, ahead of time (setup.py) and on first use
+CFLAGS = ("-O3", "-fopenmp")  # the C++ extensions' flags, ahead of time (setup.py) and on first use
 LDFLAGS = ("-fopenmp",)
+ISA_LEVELS = ("avx512", "avx2", "default")  # the ISA levels of the C++ kernels on x86-64, highest first
+_forced_level: str | None = None  # the level at_isa_level holds, else None (the highest of isa_levels)
+_loaded: dict[str, ModuleType] = {}  # the C++ extension last loaded under each name, whose level at_isa_level sets
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> Tensor:
@@ -59,8 +72,63 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
+def isa_levels() -> tuple[str, ...]:
+    """The ISA levels the C++ kernels can run at in this process, highest first: on x86-64 those of
+    :data:`ISA_LEVELS` at or below the level torch runs its own kernels at (``torch.backends.cpu.get_cpu_capability()``,
+    which ``ATEN_CPU_CAPABILITY`` lowers), elsewhere ``("default",)``."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ("default",)
+    torch_level = torch.backends.cpu.get_cpu_capability().lower()
+    return ISA_LEVELS[ISA_LEVELS.index(torch_level):] if torch_level in ISA_LEVELS else ("default",)
+
+
+def isa_level() -> str:
+    """The ISA level the C++ kernels run at: the highest of :func:`isa_levels`, or the one :func:`at_isa_level`
+    holds."""
+    return _forced_level or isa_levels()[0]
+
+
+@contextlib.contextmanager
+def at_isa_level(level: str) -> Iterator[None]:
+    """Run the C++ kernels at ``level``, one of :func:`isa_levels`, inside the block: for tests and benchmarks that
+    compare the levels in one process. Not thread-safe: the level is the whole process's."""
+    global _forced_level
+    if level not in isa_levels():
+        raise ValueError(f"level must be one of {', '.join(map(repr, isa_levels()))} (the ISA levels this process "
+                         f"can run), got {level!r}")
+    previous, _forced_level = _forced_level, level
+    try:
+        _set_levels()
+        yield
+    finally:
+        _forced_level = previous
+        _set_levels()
+
+
+def _set_levels() -> None:
+    for module in _loaded.values():
+        module.set_level(isa_level())
+
+
+def source_files(name: str) -> tuple[str, ...]:
+    """The files in ``csrc/`` the C++ extension ``name`` is built from: ``<name>.cpp``, its kernels and ``isa.h``."""
+    return (f"{name}.cpp", f"{name}_kernels.h", "isa.h")
+
+
+def source_bytes(name: str, folder: Path | None = None) -> bytes:
+    """The files of :func:`source_files` read from ``folder`` (by default fastdd's ``csrc``), joined."""
+    folder = _csrc() if folder is None else folder
+    return b"".join((folder / file).read_bytes() for file in source_files(name))
+
+
+def _csrc() -> Path:
+    """The folder of the installed ``fastdd.csrc``: the C++ sources, and the modules built ahead of time."""
+    return Path(str(resources.files("fastdd.csrc")))
+
+
 def ahead_of_time_name(name: str, source: bytes) -> str:
-    """The module that installing fastdd compiles ``csrc/<name>.cpp`` with content ``source`` into.
+    """The module that installing fastdd compiles the C++ extension ``name``, of :func:`source_bytes` ``source``, into.
 
     The name holds a hash of the source, so a build of an older version of the source is never imported.
     """
@@ -69,22 +137,24 @@ def ahead_of_time_name(name: str, source: bytes) -> str:
 
 @functools.cache
 def load_extension(name: str) -> ModuleType | None:
-    """The C++ extension ``csrc/<name>.cpp``: its ahead-of-time build, else compiled now; None when it cannot be built.
+    """The C++ extension ``csrc/<name>.cpp`` at :func:`isa_level`: its ahead-of-time build, else compiled now; None
+    when it cannot be built.
 
     A compile on first use happens once per source (torch caches it) and says so on stderr; a failed one warns once.
     """
-    source = resources.files("fastdd.csrc") / f"{name}.cpp"
-    module = _ahead_of_time(name, source.read_bytes())
-    if module is not None:
-        return module
-    try:
-        return _compile(name, str(source))
-    except Exception as err:  # noqa: BLE001 - any build failure means: fall back, say so once
-        lines = str(err).strip().splitlines() or [type(err).__name__]
-        reason = next((line.strip() for line in lines if "error:" in line), lines[0])  # the compiler's own message
-        warnings.warn(f"fastdd: the C++ extension {name!r} could not be built ({reason}); "
-                      "the plain torch reference runs instead", RuntimeWarning, stacklevel=3)
-        return None
+    module = _ahead_of_time(name, source_bytes(name))
+    if module is None:
+        try:
+            module = _compile(name, _csrc())
+        except Exception as err:  # noqa: BLE001 - any build failure means: fall back, say so once
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            reason = next((line.strip() for line in lines if "error:" in line), lines[0])  # the compiler's own message
+            warnings.warn(f"fastdd: the C++ extension {name!r} could not be built ({reason}); "
+                          "the plain torch reference runs instead", RuntimeWarning, stacklevel=3)
+            return None
+    module.set_level(isa_level())
+    _loaded[name] = module
+    return module
 
 
 def _ahead_of_time(name: str, source: bytes) -> ModuleType | None:
@@ -98,8 +168,8 @@ def _ahead_of_time(name: str, source: bytes) -> ModuleType | None:
         return None
 
 
-def _compile(name: str, source: str) -> ModuleType:
-    """Compile ``source`` into torch's extension cache (unless it is there already) and import it.
+def _compile(name: str, folder: Path) -> ModuleType:
+    """Compile ``<name>.cpp`` of ``folder`` into torch's extension cache (unless it is there already) and import it.
 
     torch guards a build with a ``lock`` file in the build directory and waits for it to go away, for ever when a
     stopped compile (Ctrl-C, a timeout) left it behind. Every fastdd compile holds an flock on ``fastdd.lock``
@@ -116,10 +186,11 @@ def _compile(name: str, source: str) -> ModuleType:
             stale.unlink()
             _say(f"fastdd: removed {stale}, left by a stopped compile of the C++ extension {name!r}")
         library = build_dir / f"{module}.so"
-        if not library.exists() or library.stat().st_mtime < os.path.getmtime(source):
+        changed = max((folder / file).stat().st_mtime for file in source_files(name))
+        if not library.exists() or library.stat().st_mtime < changed:
             _say(f"fastdd: compiling the C++ extension {name!r} on first use, a one-time compile of about half a "
                  f"minute (cached in {build_dir})")
-        return cpp_extension.load(name=module, sources=[source], extra_cflags=list(CFLAGS),
+        return cpp_extension.load(name=module, sources=[str(folder / f"{name}.cpp")], extra_cflags=list(CFLAGS),
                                   extra_ldflags=list(LDFLAGS), build_directory=str(build_dir), verbose=False)
 
 
@@ -173,7 +244,9 @@ def resolve_backend(backend: str, tensors: list[Tensor], extension: str,
         if device == "cuda" and triton_available():
             return "triton"
         if device == "cpu" and cpp_dtype and load_extension(extension) is not None:
-            return "cpp"
+            import fastdd.ops.calibration as calibration  # it imports this module; after the first call a lookup
+
+            return calibration.choice(extension)  # the faster of "cpp" and "torch" on this CPU, measured once
         return "torch"
     if backend == "triton":
         if device != "cuda" and not triton_interpreted():

@@ -1,0 +1,132 @@
+"""What the backend calibration (:mod:`fastdd.ops.calibration`) times for each C++ extension: its ops forward and
+backward as the methods call them, at the shapes of fastdd's default ConvNet-3 (width 128) on Fashion-MNIST
+(1 x 28 x 28, the first convolution padding by 3) and as UDD calls its contrastive term.
+
+Each :class:`Workload`'s ``setup()`` builds its inputs once, from a private generator, and returns ``run(backend)``,
+one round on ``"cpp"`` or ``"torch"``; every op is called with that backend (an ``"auto"`` call would calibrate
+inside the calibration, waiting for its own lock). Batches are a chunk of the methods' (64 real images rather than
+256, 32 images for the per-sample norms), so that a calibration takes seconds; the choice takes the two paths' ratio
+on a chunk for their ratio on the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastdd.models import ConvNet
+from fastdd.ops import (
+    conv_instance_norm_relu_pool,
+    grad_match_distance,
+    instance_norm_relu_pool,
+    masked_feature_contrastive,
+)
+from fastdd.ops.layer_rules import rule_for
+
+Run = Callable[[str], object]
+REAL_BATCH = 64
+NORMS_BATCH = 32
+UDD_SHAPES = [(100, 10), (400, 100)]  # (synthetic feature maps N, classes K): IPC 10 of 10 classes; 400 decoded
+UDD_TAU = 0.01  # UDD's default temperature
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is timed (``what``, for tables) and ``setup() -> run``."""
+
+    what: str
+    setup: Callable[[], Run]
+
+
+def _blocks(batch: int) -> list[tuple[nn.Conv2d, nn.Module, torch.Size, torch.Size]]:
+    """Each block of ConvNet-3 on ``batch`` Fashion-MNIST images: its conv and norm modules (on the meta device),
+    the conv's input shape and its output shape (the norm's input and output)."""
+    with torch.device("meta"):
+        net = ConvNet(1, 10, 28)
+    side, found = 28, []
+    for block in net.blocks:
+        conv = block.conv
+        out = side + 2 * conv.padding[0] - conv.kernel_size[0] + 1  # stride 1
+        found.append((conv, block.norm, torch.Size((batch, conv.in_channels, side, side)),
+                      torch.Size((batch, conv.out_channels, out, out))))
+        side = out // 2  # the block's 2 x 2 pooling
+    return found
+
+
+def _grad_match() -> Run:
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        shapes = [p.shape for p in ConvNet(1, 10, 28).parameters()]
+    calls = []
+    for lead, batched in (((10,), True), ((), False)):
+        syn = [torch.randn(*lead, *s, generator=g).requires_grad_(True) for s in shapes]
+        calls.append((syn, [torch.randn(*lead, *s, generator=g) for s in shapes], batched))
+
+    def run(backend: str) -> None:
+        for syn, real, batched in calls:  # "ours" skips the one-dimensional parameters: allow_unused
+            torch.autograd.grad(grad_match_distance(syn, real, "ours", batched=batched, backend=backend), syn,
+                                allow_unused=True)
+    return run
+
+
+def _grad_norm() -> Run:
+    g = torch.Generator().manual_seed(0)
+    records: list[tuple[nn.Module, Tensor, Tensor]] = []
+    for conv, norm, conv_in, conv_out in _blocks(NORMS_BATCH):
+        records += [(conv, torch.randn(conv_in, generator=g), torch.randn(conv_out, generator=g)),
+                    (norm, torch.randn(conv_out, generator=g), torch.randn(conv_out, generator=g))]
+
+    def run(backend: str) -> None:
+        with torch.no_grad():  # as in per_sample_grad_norm's backward hooks without create_graph
+            for layer, a, grad in records:
+                sum(grads.sq_norms() for grads in rule_for(layer)(layer, a, grad, backend).values())
+    return run
+
+
+def _norm_relu_pool() -> Run:
+    g = torch.Generator().manual_seed(0)
+    (conv, _, x_shape, first_out), *later = _blocks(REAL_BATCH)
+    x = torch.randn(x_shape, generator=g)
+    first = [torch.randn(shape, generator=g).requires_grad_(True)
+             for shape in (conv.weight.shape, conv.bias.shape, conv.bias.shape, conv.bias.shape)]
+    maps = [torch.randn(out, generator=g).requires_grad_(True) for _, _, _, out in later]
+    affine = [[torch.randn(out[1], generator=g).requires_grad_(True) for _ in range(2)] for _, _, _, out in later]
+    pooled = [(*s[:2], s[2] // 2, s[3] // 2) for s in (first_out, *(out for _, _, _, out in later))]
+    grad_outs = [torch.randn(shape, generator=g) for shape in pooled]
+    leaves = [*first, *maps, *(t for pair in affine for t in pair)]
+
+    def run(backend: str) -> None:
+        outs = [conv_instance_norm_relu_pool(x, *first, conv.padding[0], backend=backend)]
+        outs += [instance_norm_relu_pool(z, w, b, backend=backend) for z, (w, b) in zip(maps, affine)]
+        torch.autograd.grad(outs, leaves, grad_outs)
+    return run
+
+
+def _masked_contrastive() -> Run:
+    g = torch.Generator().manual_seed(0)
+    calls = []
+    for n, k in UDD_SHAPES:
+        features = torch.randn(n, 128, 8, 8, generator=g).requires_grad_(True)
+        masks = (torch.rand(n, 1, 8, 8, generator=g) < 0.75).float()
+        calls.append((features, masks, torch.arange(n) % k, torch.randn(k, 128, generator=g)))
+
+    def run(backend: str) -> None:
+        for features, masks, labels, prototypes in calls:
+            torch.autograd.grad(masked_feature_contrastive(features, masks, labels, prototypes, UDD_TAU,
+                                                           backend=backend), features)
+    return run
+
+
+WORKLOADS = {
+    "grad_match": Workload("DC's distance over ConvNet-3's gradients: one class-batched call of 10 classes and one "
+                           "class's call, backward to the synthetic side", _grad_match),
+    "grad_norm": Workload(f"per-sample squared norms of ConvNet-3's conv and norm parameter gradients, {NORMS_BATCH} "
+                          "images, no graph", _grad_norm),
+    "masked_contrastive": Workload("UDD's term on [N, 128, 8, 8] feature maps, N = 100 of 10 classes and 400 of "
+                                   "100, backward to the features", _masked_contrastive),
+    "norm_relu_pool": Workload(f"ConvNet-3's three blocks on {REAL_BATCH} real images (the first with its "
+                               "convolution fused), forward and backward", _norm_relu_pool),
+}

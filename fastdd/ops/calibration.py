@@ -1,0 +1,237 @@
+"""Which path ``backend="auto"`` runs on CPU tensors: the C++ extension or plain torch, measured once per machine.
+
+Each C++ extension serves one family of ops (:data:`OPS`). For each, the calibration times the extension's ops on
+``"cpp"`` and on ``"torch"``, forward and backward, at the shapes the methods call them with
+(:mod:`fastdd.benchmarks.workloads`): the two sides in alternation, each round's order flipped, until
+:data:`BUDGET_S` seconds of timed calls and at least :data:`MIN_ROUNDS` rounds (at most :data:`MAX_ROUNDS`), after
+a warm-up call each. ``"torch"`` is chosen only when the median over rounds of torch's time over cpp's is below
+``1 - MARGIN``, so that close calls stay on C++ and do not flip from one calibration to the next.
+
+The measurements are kept in a JSON file per machine key (:func:`machine_key`: CPU model, the C++ kernels' ISA
+level and sources, torch's and fastdd's versions; a change of any of them means a fresh calibration) under the user
+cache folder, ``$XDG_CACHE_HOME/fastdd`` or ``~/.cache/fastdd``. An extension is measured on its first ``auto`` call
+in a process that finds no measurement (a line on stderr says so), or all at once by ``fastdd bench --calibrate``
+(:func:`calibrate`). Writes are atomic; processes calibrating at once take turns on a lock file, the later one
+reading what the earlier one stored. A damaged file is measured again, with a line saying so; a folder that
+cannot be written keeps the measurement for the process alone. An extension's choice is read (or measured) once
+per process, at its first ``auto`` call, under the ISA level then in force; :func:`choice` is a dictionary lookup
+after that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import fastdd
+from fastdd.errors import DamagedFileError, WriteError, one_line
+from fastdd.io import atomic_write_json, read_json_file
+from fastdd.ops import _backend
+
+# C++ extension -> the public ops whose CPU path it is
+OPS = {
+    "grad_match": ("grad_match_distance",),
+    "grad_norm": ("per_sample_grad_norm",),
+    "masked_contrastive": ("masked_feature_contrastive",),
+    "norm_relu_pool": ("instance_norm_relu_pool", "conv_instance_norm_relu_pool"),
+}
+EXTENSIONS = tuple(OPS)
+CHOICES = ("cpp", "torch")
+MARGIN = 0.05  # torch is chosen when it takes less than 1 - MARGIN of the C++ path's time
+BUDGET_S = 1.0  # timed seconds per extension, both sides together
+MIN_ROUNDS = 3
+MAX_ROUNDS = 50
+LOCK_FILE = ".calibration.lock"
+
+_choices: dict[str, str] = {}  # extension -> "cpp" or "torch", this process's (filled on first use)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One extension's calibration: the median milliseconds of a round of its workload on each path, the median over
+    rounds of torch's time over cpp's, the rounds, and the path chosen."""
+
+    backend: str
+    cpp_ms: float
+    torch_ms: float
+    torch_over_cpp: float
+    rounds: int
+
+
+def choose(torch_over_cpp: float) -> str:
+    """``"torch"`` when torch takes less than ``1 - MARGIN`` of the C++ path's time, else ``"cpp"``."""
+    return "torch" if torch_over_cpp < 1 - MARGIN else "cpp"
+
+
+def choice(extension: str) -> str:
+    """``"cpp"`` or ``"torch"``: the faster path of ``extension``'s ops on this machine's CPU (a name of
+    :data:`OPS`, whose C++ extension loads), measured and stored on first use."""
+    return _choices.get(extension) or _calibrated(extension)
+
+
+def wall_seconds(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call of ``fn``."""
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def measure(run_cpp: Callable[[], object], run_torch: Callable[[], object]) -> Measurement:
+    """Time one round of each side in alternation (module docstring), each call by :func:`wall_seconds`."""
+    run_cpp()
+    run_torch()
+    cpp: list[float] = []
+    reference: list[float] = []
+    while len(cpp) < MIN_ROUNDS or (sum(cpp) + sum(reference) < BUDGET_S and len(cpp) < MAX_ROUNDS):
+        sides = [(cpp, run_cpp), (reference, run_torch)]
+        for spent, fn in sides if len(cpp) % 2 == 0 else sides[::-1]:
+            spent.append(wall_seconds(fn))
+    ratio = statistics.median(t / c for c, t in zip(cpp, reference))
+    return Measurement(choose(ratio), 1e3 * statistics.median(cpp), 1e3 * statistics.median(reference), ratio,
+                       len(cpp))
+
+
+def calibrate(extensions: Sequence[str] = EXTENSIONS) -> dict[str, Measurement]:
+    """Measure ``extensions`` (names of :data:`OPS`) again, those whose C++ extension loads, and store them; returns
+    every measurement stored for this machine (an extension whose C++ extension does not load has none)."""
+    unknown = sorted(set(extensions) - set(OPS))
+    if unknown:
+        raise ValueError(f"extensions must be among {', '.join(EXTENSIONS)}, got {', '.join(unknown)}")
+    found = _update([e for e in extensions if _backend.load_extension(e) is not None], again=True)
+    _choices.update({name: m.backend for name, m in found.items()})
+    return found
+
+
+def stored() -> dict[str, Measurement]:
+    """This machine's stored measurements, without measuring anything; DamagedFileError for a damaged file."""
+    key = machine_key()
+    path = cache_file(key)
+    try:
+        return _parse(read_json_file(path, "backend calibration"), key, path)
+    except FileNotFoundError:
+        return {}
+
+
+def save(key: dict[str, str], measurements: dict[str, Measurement]) -> Path:
+    """Write ``measurements`` as those of machine ``key`` (atomically); returns the file."""
+    path = cache_file(key)
+    atomic_write_json(path, {"key": key, "measurements": {name: asdict(m) for name, m in measurements.items()}})
+    return path
+
+
+def machine_key() -> dict[str, str]:
+    """What a calibration holds for: the CPU model, the ISA level of the C++ kernels, torch's and fastdd's versions,
+    and a hash of the C++ kernels' sources (an edited kernel is measured again)."""
+    sources = hashlib.sha256(b"".join(_backend.source_bytes(name) for name in EXTENSIONS)).hexdigest()[:16]
+    return {"cpu": cpu_model(), "isa_level": _backend.isa_level(), "torch": torch.__version__,
+            "fastdd": fastdd.__version__, "kernels": sources}
+
+
+def cache_file(key: dict[str, str]) -> Path:
+    """The file of machine ``key``'s calibration: ``calibration-<hash of the key>.json`` in the user cache folder."""
+    root = os.environ.get("XDG_CACHE_HOME", "")
+    folder = (Path(root) if os.path.isabs(root) else Path.home() / ".cache") / "fastdd"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return folder / f"calibration-{digest}.json"
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows of it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def _calibrated(extension: str) -> str:
+    """The choice for ``extension``, stored or measured now; the C++ path where measuring fails (with a line)."""
+    try:
+        found = _update([extension], again=False)
+    except Exception as err:  # noqa: BLE001 - a calibration that fails must not fail the op that asked for it
+        _backend._say(f"fastdd: could not time the backends of {', '.join(OPS[extension])} ({one_line(err)}); "
+                      "they run on the C++ extension")
+        found = {}
+    _choices.update({name: m.backend for name, m in found.items()})
+    return _choices.setdefault(extension, "cpp")
+
+
+def _update(extensions: Sequence[str], again: bool) -> dict[str, Measurement]:
+    """This machine's stored measurements with ``extensions`` measured (``again``, or where missing) and stored,
+    holding the lock while reading, measuring and writing."""
+    key = machine_key()
+    path = cache_file(key)
+    with _lock(path.parent):
+        found = _read(path, key)
+        measured = [name for name in extensions if again or name not in found]
+        for name in measured:
+            _backend._say(f"fastdd: timing {', '.join(OPS[name])} on the C++ extension and on torch, to run the "
+                          "faster on this CPU (once per machine, a few seconds)")
+            found[name] = _measured(name)
+        if measured:
+            try:
+                save(key, found)
+            except WriteError as err:
+                _backend._say(f"fastdd: {one_line(err)}; the calibration holds for this process only")
+    return found
+
+
+@contextlib.contextmanager
+def _lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s calibration lock, waiting while another process calibrates; a folder that cannot be
+    written holds none (the write that follows fails and says so)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_backend._exclusive(folder / LOCK_FILE, "calibrating the backends of fastdd's ops"))
+        except OSError:
+            pass
+        yield
+
+
+def _measured(extension: str) -> Measurement:
+    """:func:`measure` of ``extension``'s workload, with gradients on and autocast off whatever the caller's mode."""
+    from fastdd.benchmarks.workloads import WORKLOADS  # it imports the ops, which import this module's importer
+
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        run = WORKLOADS[extension].setup()
+        return measure(lambda: run("cpp"), lambda: run("torch"))
+
+
+def _read(path: Path, key: dict[str, str]) -> dict[str, Measurement]:
+    """The measurements stored in ``path`` for ``key``; none when it is absent, or damaged (with a line)."""
+    try:
+        return _parse(read_json_file(path, "backend calibration"), key, path)
+    except FileNotFoundError:
+        return {}
+    except DamagedFileError as err:
+        _backend._say(f"fastdd: {one_line(err)}; calibrating again")
+        return {}
+
+
+def _parse(data: object, key: dict[str, str], path: Path) -> dict[str, Measurement]:
+    """The measurements of a calibration file's content ``data`` when it holds ``key``'s (else none);
+    DamagedFileError when it is not what :func:`save` writes."""
+    try:
+        found = {name: Measurement(**fields) for name, fields in data["measurements"].items() if name in OPS}
+        stored_key = data["key"]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise DamagedFileError(f"{path}: damaged backend calibration ({one_line(err)})") from err
+    valid = isinstance(stored_key, dict) and all(
+        m.backend in CHOICES and isinstance(m.rounds, int)
+        and all(isinstance(v, (int, float)) for v in (m.cpp_ms, m.torch_ms, m.torch_over_cpp)) for m in found.values())
+    if not valid:
+        raise DamagedFileError(f"{path}: damaged backend calibration (a key that is not a record, a backend other "
+                               "than cpp or torch, or a measurement that is not a number)")
+    return found if stored_key == key else {}
