@@ -15,7 +15,7 @@ import torch
 
 from fastdd.allocator import process_memory
 from fastdd.ops._backend import resolve_backend
-from fastdd.ops.calibration import OPS, cpu_model
+from fastdd.ops.calibration import OPS, cpu_model, extension_of
 
 MAX_ROUNDS = 1000  # most rounds paired_seconds runs beyond ``repeat`` to reach ``min_seconds`` (microsecond calls)
 LOADED_SHARE = 0.3  # a machine whose 1-minute load average exceeds this share of its CPUs is "loaded"
@@ -167,14 +167,15 @@ def machine(device: str = "cpu") -> str:
     return f"{processor(device)}, torch {torch.__version__}"
 
 
-# op -> the C++ extension (csrc/<name>.cpp) of its CPU path
-EXTENSIONS = {op: extension for extension, ops in OPS.items() for op in ops}
+# op -> its family in the calibration
+FAMILIES = {op: family for family, ops in OPS.items() for op in ops}
 
 
 def backend(op: str, device: str) -> str:
     """The backend ``op`` runs on with ``backend="auto"`` on ``device``: triton, cpp or torch (on CPU as calibrated,
     :mod:`fastdd.ops.calibration`, timing it first where this machine has no calibration yet)."""
-    return resolve_backend("auto", [torch.empty(0, device=device)], EXTENSIONS[op])
+    family = FAMILIES[op]
+    return resolve_backend("auto", [torch.empty(0, device=device)], extension_of(family), family=family)
 
 
 def commit() -> str:

@@ -1,4 +1,4 @@
-"""What the backend calibration (:mod:`fastdd.ops.calibration`) times for each C++ extension: its ops forward and
+"""What the backend calibration (:mod:`fastdd.ops.calibration`) times for each family of ops: its ops forward and
 backward as the methods call them, at the shapes of fastdd's default ConvNet-3 (width 128) on Fashion-MNIST
 (1 x 28 x 28, the first convolution padding by 3) and as UDD calls its contrastive term.
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fastdd.models import ConvNet
 from fastdd.ops import (
@@ -87,21 +88,38 @@ def _grad_norm() -> Run:
 
 
 def _norm_relu_pool() -> Run:
+    """The tail op on the output maps of ConvNet-3's three convolutions, forward and backward."""
     g = torch.Generator().manual_seed(0)
-    (conv, _, x_shape, first_out), *later = _blocks(REAL_BATCH)
-    x = torch.randn(x_shape, generator=g)
-    first = [torch.randn(shape, generator=g).requires_grad_(True)
-             for shape in (conv.weight.shape, conv.bias.shape, conv.bias.shape, conv.bias.shape)]
-    maps = [torch.randn(out, generator=g).requires_grad_(True) for _, _, _, out in later]
-    affine = [[torch.randn(out[1], generator=g).requires_grad_(True) for _ in range(2)] for _, _, _, out in later]
-    pooled = [(*s[:2], s[2] // 2, s[3] // 2) for s in (first_out, *(out for _, _, _, out in later))]
-    grad_outs = [torch.randn(shape, generator=g) for shape in pooled]
-    leaves = [*first, *maps, *(t for pair in affine for t in pair)]
+    maps = [torch.randn(out, generator=g).requires_grad_(True) for _, _, _, out in _blocks(REAL_BATCH)]
+    affine = [[torch.randn(z.shape[1], generator=g).requires_grad_(True) for _ in range(2)] for z in maps]
+    grad_outs = [torch.randn(*z.shape[:2], z.shape[2] // 2, z.shape[3] // 2, generator=g) for z in maps]
+    leaves = [*maps, *(t for pair in affine for t in pair)]
 
     def run(backend: str) -> None:
-        outs = [conv_instance_norm_relu_pool(x, *first, conv.padding[0], backend=backend)]
-        outs += [instance_norm_relu_pool(z, w, b, backend=backend) for z, (w, b) in zip(maps, affine)]
+        outs = [instance_norm_relu_pool(z, w, b, backend=backend) for z, (w, b) in zip(maps, affine)]
         torch.autograd.grad(outs, leaves, grad_outs)
+    return run
+
+
+def _conv_norm_relu_pool() -> Run:
+    """The first block whole, forward and backward: on ``"cpp"`` the fused kernel, on ``"torch"`` what the op runs
+    when the calibration chooses against it, the convolution followed by the tail op (its C++ path)."""
+    g = torch.Generator().manual_seed(0)
+    (conv, _, x_shape, out), *_ = _blocks(REAL_BATCH)
+    x = torch.randn(x_shape, generator=g)
+    params = [torch.randn(shape, generator=g).requires_grad_(True)
+              for shape in (conv.weight.shape, conv.bias.shape, conv.bias.shape, conv.bias.shape)]
+    grad_out = torch.randn(*out[:2], out[2] // 2, out[3] // 2, generator=g)
+    padding = conv.padding[0]
+
+    def run(backend: str) -> None:
+        if backend == "cpp":
+            y = conv_instance_norm_relu_pool(x, *params, padding, backend="cpp")
+        else:
+            weight, bias, norm_weight, norm_bias = params
+            y = instance_norm_relu_pool(F.conv2d(x, weight, bias, padding=padding), norm_weight, norm_bias,
+                                        backend="cpp")
+        torch.autograd.grad(y, params, grad_out)
     return run
 
 
@@ -127,6 +145,8 @@ WORKLOADS = {
                           "images, no graph", _grad_norm),
     "masked_contrastive": Workload("UDD's term on [N, 128, 8, 8] feature maps, N = 100 of 10 classes and 400 of "
                                    "100, backward to the features", _masked_contrastive),
-    "norm_relu_pool": Workload(f"ConvNet-3's three blocks on {REAL_BATCH} real images (the first with its "
-                               "convolution fused), forward and backward", _norm_relu_pool),
+    "norm_relu_pool": Workload(f"the tail of ConvNet-3's three blocks on {REAL_BATCH} real images, forward and "
+                               "backward", _norm_relu_pool),
+    "conv_norm_relu_pool": Workload(f"ConvNet-3's first block on {REAL_BATCH} real images, forward and backward: "
+                                    "fused, or the convolution then the tail", _conv_norm_relu_pool),
 }

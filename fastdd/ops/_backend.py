@@ -223,14 +223,15 @@ def apply(function: type[torch.autograd.Function], *args: object) -> object:
 
 
 def resolve_backend(backend: str, tensors: list[Tensor], extension: str,
-                    cpp_dtypes: tuple[torch.dtype, ...] | None = None) -> str:
+                    cpp_dtypes: tuple[torch.dtype, ...] | None = None, family: str | None = None) -> str:
     """The backend an op runs on, for ``tensors`` (all on one device) and the C++ ``extension``.
 
     ``cpp_dtypes``: where given, the dtypes the C++ kernels take; the floating tensors must then share one of
     them for ``"cpp"``: ``"auto"`` runs the torch reference otherwise, and an explicit ``"cpp"`` is refused.
-    Raises ValueError for an unknown name, tensors on several devices, ``"cpp"`` off the CPU or on other dtypes and
-    ``"triton"`` off CUDA without the interpreter; RuntimeError when the asked backend is not installed (Triton) or
-    its C++ extension cannot be built.
+    ``family``: the family of ops (:data:`fastdd.ops.calibration.OPS`) whose calibrated choice ``"auto"`` takes on
+    CPU; by default the one named after ``extension``. Raises ValueError for an unknown name, tensors on several
+    devices, ``"cpp"`` off the CPU or on other dtypes and ``"triton"`` off CUDA without the interpreter;
+    RuntimeError when the asked backend is not installed (Triton) or its C++ extension cannot be built.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -246,7 +247,7 @@ def resolve_backend(backend: str, tensors: list[Tensor], extension: str,
         if device == "cpu" and cpp_dtype and load_extension(extension) is not None:
             import fastdd.ops.calibration as calibration  # it imports this module; after the first call a lookup
 
-            return calibration.choice(extension)  # the faster of "cpp" and "torch" on this CPU, measured once
+            return calibration.choice(family or extension)  # the faster of "cpp" and "torch" here, measured once
         return "torch"
     if backend == "triton":
         if device != "cuda" and not triton_interpreted():

@@ -1,8 +1,10 @@
 """Which path ``backend="auto"`` runs on CPU tensors: the C++ extension or plain torch, measured once per machine.
 
-Each C++ extension serves one family of ops (:data:`OPS`). For each, the calibration times the extension's ops on
-``"cpp"`` and on ``"torch"``, forward and backward, at the shapes the methods call them with
-(:mod:`fastdd.benchmarks.workloads`): the two sides in alternation, each round's order flipped, until
+Each family of ops (:data:`OPS`) is chosen for on its own: one family per C++ extension, except the fused first block
+(``conv_instance_norm_relu_pool``), chosen apart from the tail op it shares its extension with, because at some ISA
+levels oneDNN's convolution followed by the tail beats it while the tail alone stays faster in C++. For each family
+the calibration times its ops on ``"cpp"`` and on ``"torch"``, forward and backward, at the shapes the methods call
+them with (:mod:`fastdd.benchmarks.workloads`): the two sides in alternation, each round's order flipped, until
 :data:`BUDGET_S` seconds of timed calls and at least :data:`MIN_ROUNDS` rounds (at most :data:`MAX_ROUNDS`), after
 a warm-up call each. ``"torch"`` is chosen only when the median over rounds of torch's time over cpp's is below
 ``1 - MARGIN``, so that close calls stay on C++ and do not flip from one calibration to the next.
@@ -39,14 +41,16 @@ from fastdd.errors import DamagedFileError, WriteError, one_line
 from fastdd.io import atomic_write_json, read_json_file
 from fastdd.ops import _backend
 
-# C++ extension -> the public ops whose CPU path it is
+# family -> the public ops whose CPU path it chooses; a family is named after its C++ extension, or in EXTENSION
 OPS = {
     "grad_match": ("grad_match_distance",),
     "grad_norm": ("per_sample_grad_norm",),
     "masked_contrastive": ("masked_feature_contrastive",),
-    "norm_relu_pool": ("instance_norm_relu_pool", "conv_instance_norm_relu_pool"),
+    "norm_relu_pool": ("instance_norm_relu_pool",),
+    "conv_norm_relu_pool": ("conv_instance_norm_relu_pool",),
 }
-EXTENSIONS = tuple(OPS)
+EXTENSION = {"conv_norm_relu_pool": "norm_relu_pool"}  # family -> its C++ extension, where not named after it
+EXTENSIONS = tuple(OPS)  # the families
 CHOICES = ("cpp", "torch")
 MARGIN = 0.05  # torch is chosen when it takes less than 1 - MARGIN of the C++ path's time
 BUDGET_S = 1.0  # timed seconds per extension, both sides together
@@ -108,7 +112,7 @@ def calibrate(extensions: Sequence[str] = EXTENSIONS) -> dict[str, Measurement]:
     unknown = sorted(set(extensions) - set(OPS))
     if unknown:
         raise ValueError(f"extensions must be among {', '.join(EXTENSIONS)}, got {', '.join(unknown)}")
-    found = _update([e for e in extensions if _backend.load_extension(e) is not None], again=True)
+    found = _update([e for e in extensions if _backend.load_extension(extension_of(e)) is not None], again=True)
     _choices.update({name: m.backend for name, m in found.items()})
     return found
 
@@ -133,9 +137,15 @@ def save(key: dict[str, str], measurements: dict[str, Measurement]) -> Path:
 def machine_key() -> dict[str, str]:
     """What a calibration holds for: the CPU model, the ISA level of the C++ kernels, torch's and fastdd's versions,
     and a hash of the C++ kernels' sources (an edited kernel is measured again)."""
-    sources = hashlib.sha256(b"".join(_backend.source_bytes(name) for name in EXTENSIONS)).hexdigest()[:16]
+    built = sorted({extension_of(name) for name in EXTENSIONS})
+    sources = hashlib.sha256(b"".join(_backend.source_bytes(name) for name in built)).hexdigest()[:16]
     return {"cpu": cpu_model(), "isa_level": _backend.isa_level(), "torch": torch.__version__,
             "fastdd": fastdd.__version__, "kernels": sources}
+
+
+def extension_of(family: str) -> str:
+    """The C++ extension (``csrc/<name>.cpp``) of ``family``'s ops."""
+    return EXTENSION.get(family, family)
 
 
 def cache_file(key: dict[str, str]) -> Path:

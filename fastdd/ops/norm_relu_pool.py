@@ -178,12 +178,13 @@ def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tens
     x [N, Cin, H, W] non-empty, float32, float64 or bfloat16; conv_weight [C, Cin, kh, kw] (stride 1) and conv_bias
     [C] of x's dtype (any floating dtypes under autocast); weight, bias floating [C]; all five on one device;
     padding an int >= 0 with H' = H + 2 padding - kh + 1 >= 2 (W' alike); eps a finite number > 0. Returns
-    [N, C, H' // 2, W' // 2]. The fused C++ kernel runs where ``backend`` resolves to ``"cpp"``, x is float32 or
-    float64 and needs no gradient, and Cin kh kw <= ``MAX_FUSED_TAPS``; otherwise the composition (with ``backend``
-    passed on).
+    [N, C, H' // 2, W' // 2]. The fused C++ kernel runs where ``backend`` resolves to ``"cpp"`` (``"auto"``: as
+    calibrated for this op, against the convolution followed by the C++ tail), x is float32 or float64 and needs no
+    gradient, and Cin kh kw <= ``MAX_FUSED_TAPS``; otherwise the composition (with ``backend`` passed on).
     """
     _validate_conv(x, conv_weight, conv_bias, weight, bias, padding, eps)
-    name = _backend.resolve_backend(backend, [x, conv_weight, conv_bias, weight, bias], _EXTENSION)
+    name = _backend.resolve_backend(backend, [x, conv_weight, conv_bias, weight, bias], _EXTENSION,
+                                    family="conv_norm_relu_pool")
     fused = (name == "cpp" and not x.requires_grad and x.dtype in (torch.float32, torch.float64)
              and conv_weight.shape[1:].numel() <= MAX_FUSED_TAPS and not torch._C._are_functorch_transforms_active())
     if not fused:
