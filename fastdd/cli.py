@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--real-precision", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="precision of the passes over real images (their gradients or embeddings are targets): "
                         "auto (default) is bfloat16 where the hardware computes in it natively (CPUs with "
-                        "AVX512-BF16 or AMX, GPUs from sm_80), where it is faster, else float32; bfloat16 elsewhere "
+                        "AMX, GPUs from sm_80), where it is faster, else float32; bfloat16 elsewhere "
                         "is emulated and several times slower")
     d.add_argument("--seed", type=int, default=0, help="the one seed of the run (default 0)")
     d.add_argument("--out", default=None, metavar="DIR", help="run directory (default runs/DATASET-METHOD-ipcN)")

@@ -11,6 +11,7 @@ native and float32 elsewhere.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,10 @@ import torch
 from fastdd.checks import one_of
 
 REAL_PRECISIONS = ("auto", "float32", "bfloat16")
-X86_BFLOAT16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of native bfloat16 on x86
+# The /proc/cpuinfo flag of bfloat16 faster than float32 on x86: AMX's tiles. AVX512-BF16 alone (its dot products,
+# with oneDNN capped below AMX) made a DC and a DM iteration slower than float32 (bench/results/isa_levels.md).
+X86_BFLOAT16_FLAG = "amx_bf16"
+AMX_ISAS = ("AVX512_CORE_AMX", "DEFAULT", "ALL")  # ONEDNN_MAX_CPU_ISA values that leave oneDNN its AMX kernels
 ARM_BFLOAT16_FLAG = "bf16"  # its Features flag on aarch64
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -51,10 +55,11 @@ def _device(value: torch.device | str) -> torch.device:
 def native_bfloat16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` computes in bfloat16 natively, so that bfloat16 passes are faster than float32 ones.
 
-    CPU: an x86 CPU with the ``avx512_bf16`` or ``amx_bf16`` flag whose torch kernels run at the AVX512 level
-    (``torch.backends.cpu.get_cpu_capability()``; lowered by ``ATEN_CPU_CAPABILITY=avx2``, the answer is False as on
-    a CPU without them), or an aarch64 CPU with the ``bf16`` feature; False where /proc/cpuinfo cannot be read.
-    CUDA: compute capability 8.0 (sm_80) or above. Any other device: False.
+    CPU: an x86 CPU with AMX (the ``amx_bf16`` flag) whose torch kernels run at the AVX512 level
+    (``torch.backends.cpu.get_cpu_capability()``) and whose oneDNN may use AMX (``ONEDNN_MAX_CPU_ISA`` unset or at
+    an AMX level): lowered by either variable, the answer is False as on a CPU without AMX. Or an aarch64 CPU with
+    the ``bf16`` feature. False where /proc/cpuinfo cannot be read. CUDA: compute capability 8.0 (sm_80) or above.
+    Any other device: False.
     """
     device = _device(device)
     if device.type == "cuda":
@@ -62,8 +67,9 @@ def native_bfloat16(device: torch.device | str = "cpu") -> bool:
     if device.type != "cpu":
         return False
     flags = cpu_flags()
-    if flags & X86_BFLOAT16_FLAGS:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    if X86_BFLOAT16_FLAG in flags:
+        onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "DEFAULT")).upper()
+        return torch.backends.cpu.get_cpu_capability() == "AVX512" and onednn.startswith(AMX_ISAS)
     return ARM_BFLOAT16_FLAG in flags
 
 

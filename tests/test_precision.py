@@ -48,9 +48,9 @@ def native(request, monkeypatch) -> bool:
 
 
 @pytest.mark.parametrize("text, capability, expected", [
-    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n", "AVX512", True),
-    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n", "AVX512", True),
-    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n", "AVX2", False),  # ATEN_CPU_CAPABILITY=avx2
+    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n", "AVX512", False),  # slower than float32
+    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n", "AVX512", True),
+    ("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n", "AVX2", False),  # ATEN_CPU_CAPABILITY=avx2
     ("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n", "AVX512", False),
     ("processor\t: 0\nFeatures\t: fp asimd sve bf16\n", "DEFAULT", True),
     ("processor\t: 0\nFeatures\t: fp asimd\n", "DEFAULT", False),
@@ -59,6 +59,15 @@ def native(request, monkeypatch) -> bool:
 def test_native_bfloat16_on_cpus(cpuinfo, text, capability, expected):
     cpuinfo(text, capability)
     assert native_bfloat16() is expected and native_bfloat16(torch.device("cpu")) is expected
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", False), ("DNNL_MAX_CPU_ISA", "avx2", False),
+    ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", True), ("ONEDNN_MAX_CPU_ISA", "ALL", True)])
+def test_onednn_capped_below_amx_is_a_cpu_without_bfloat16(cpuinfo, monkeypatch, variable, value, expected):
+    cpuinfo("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n", "AVX512")
+    monkeypatch.setenv(variable, value)
+    assert native_bfloat16() is expected
 
 
 @pytest.mark.parametrize("capability, expected", [((8, 0), True), ((9, 0), True), ((7, 5), False)])
