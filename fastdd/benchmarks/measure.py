@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fastdd.allocator import process_memory
-from fastdd.ops._backend import resolve_backend
+from fastdd.ops._backend import isa_level, resolve_backend
 from fastdd.ops.calibration import OPS, cpu_model, extension_of
 
 MAX_ROUNDS = 1000  # most rounds paired_seconds runs beyond ``repeat`` to reach ``min_seconds`` (microsecond calls)
@@ -156,10 +156,11 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
 
 
 def processor(device: str = "cpu") -> str:
-    """The CPU model and the number of threads torch uses, or the GPU's name."""
+    """The CPU model, the ISA level of torch's and fastdd's kernels and the number of threads torch uses, or the
+    GPU's name."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {isa_level()}, {torch.get_num_threads()} threads"
 
 
 def machine(device: str = "cpu") -> str:
