@@ -32,7 +32,7 @@ def calibrated_for_cpp(tmp_path_factory):
         cpp = calibration.Measurement("cpp", 1.0, 1.0, 1.0, 0)  # nominal timings: nothing was measured
         for level in _backend.isa_levels():
             calibration.save({**calibration.machine_key(), "isa_level": level},
-                             dict.fromkeys(calibration.EXTENSIONS, cpp))
+                             dict.fromkeys(calibration.FAMILIES, cpp))
         yield
 
 
@@ -53,7 +53,7 @@ def fake_timings(monkeypatch, tmp_path) -> types.SimpleNamespace:
     monkeypatch.setattr(calibration, "_choices", {})
     monkeypatch.setattr(calibration, "wall_seconds", lambda fn: fn())
     monkeypatch.setattr(_backend, "load_extension", lambda name: types.SimpleNamespace())
-    for name in calibration.EXTENSIONS:
+    for name in calibration.FAMILIES:
         monkeypatch.setitem(workloads.WORKLOADS, name, workloads.Workload("fake", functools.partial(setup, name)))
     return fake
 

@@ -50,7 +50,7 @@ OPS = {
     "conv_norm_relu_pool": ("conv_instance_norm_relu_pool",),
 }
 EXTENSION = {"conv_norm_relu_pool": "norm_relu_pool"}  # family -> its C++ extension, where not named after it
-EXTENSIONS = tuple(OPS)  # the families
+FAMILIES = tuple(OPS)
 CHOICES = ("cpp", "torch")
 MARGIN = 0.05  # torch is chosen when it takes less than 1 - MARGIN of the C++ path's time
 BUDGET_S = 1.0  # timed seconds per extension, both sides together
@@ -106,12 +106,12 @@ def measure(run_cpp: Callable[[], object], run_torch: Callable[[], object]) -> M
                        len(cpp))
 
 
-def calibrate(extensions: Sequence[str] = EXTENSIONS) -> dict[str, Measurement]:
+def calibrate(extensions: Sequence[str] = FAMILIES) -> dict[str, Measurement]:
     """Measure ``extensions`` (names of :data:`OPS`) again, those whose C++ extension loads, and store them; returns
     every measurement stored for this machine (an extension whose C++ extension does not load has none)."""
     unknown = sorted(set(extensions) - set(OPS))
     if unknown:
-        raise ValueError(f"extensions must be among {', '.join(EXTENSIONS)}, got {', '.join(unknown)}")
+        raise ValueError(f"extensions must be among {', '.join(FAMILIES)}, got {', '.join(unknown)}")
     found = _update([e for e in extensions if _backend.load_extension(extension_of(e)) is not None], again=True)
     _choices.update({name: m.backend for name, m in found.items()})
     return found
@@ -137,7 +137,7 @@ def save(key: dict[str, str], measurements: dict[str, Measurement]) -> Path:
 def machine_key() -> dict[str, str]:
     """What a calibration holds for: the CPU model, the ISA level of the C++ kernels, torch's and fastdd's versions,
     and a hash of the C++ kernels' sources (an edited kernel is measured again)."""
-    built = sorted({extension_of(name) for name in EXTENSIONS})
+    built = sorted({extension_of(name) for name in FAMILIES})
     sources = hashlib.sha256(b"".join(_backend.source_bytes(name) for name in built)).hexdigest()[:16]
     return {"cpu": cpu_model(), "isa_level": _backend.isa_level(), "torch": torch.__version__,
             "fastdd": fastdd.__version__, "kernels": sources}
