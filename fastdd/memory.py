@@ -45,10 +45,6 @@ from fastdd.ops.norm_relu_pool import MAX_FUSED_TAPS
 # A backward pass holds the gradients of the activations it walks through besides the saved ones: about this
 # multiple of the saved bytes of the pass (measured: DM's embedding pass 1.35, MTT's second-order step 1.55).
 BACKWARD_FACTOR = 1.45
-# DC's and IDC's real passes run, one class at a time, before the synthetic pass and are freed before it; about
-# this share of one real pass stays with the process meanwhile (measured from 0 to 1.2 on the cases of
-# bench/results/plan.md).
-REAL_PASS_SHARE = 0.5
 GIB = 2**30
 
 
@@ -192,18 +188,18 @@ def _images(count: int, per_image: float) -> int:
 def _matching(d: DC | IDC, act: ActivationBytes, per_class: int, copies: int) -> Term:
     """A gradient-matching step over ``per_class`` synthetic images a class, of this process's classes.
 
-    Where a class holds at most ``MAX_BATCHED_PER_CLASS`` images, one second-order pass over every class's images,
-    with :data:`REAL_PASS_SHARE` of a real class batch's first-order pass. Otherwise one class's second-order pass
-    and its backward at a time (:func:`fastdd.methods.matching.per_class_distance` takes each class's image gradient
-    at once), or that share of a real pass when larger (the real passes all run before the synthetic ones), and
-    ``copies`` of every class's synthetic images meanwhile (their gradients, and their augmented copies where the
-    method augments)."""
+    The real passes, one class batch's first-order pass at a time, all run and are freed before the synthetic
+    ones: the larger of the two counts. Where a class holds at most ``MAX_BATCHED_PER_CLASS`` images, one
+    second-order pass over every class's images. Otherwise one class's second-order pass and its backward at a time
+    (:func:`fastdd.methods.matching.per_class_distance` takes each class's image gradient at once), and ``copies``
+    of every class's synthetic images meanwhile (their gradients, and their augmented copies where the method
+    augments)."""
     syn = len(d.own_classes) * per_class
-    real = _images(d.batch_real, REAL_PASS_SHARE * act.first_order)
+    real = _images(d.batch_real, act.first_order)
     what = f"matching step ({d.batch_real} real images, {syn} synthetic images"
     options = ("a lower --ipc", "a lower --batch-real", "a smaller --model")
     if per_class <= MAX_BATCHED_PER_CLASS:
-        return Term(f"{what} in one pass)", real + _images(syn, act.second_order), options)
+        return Term(f"{what} in one pass)", max(real, _images(syn, act.second_order)), options)
     image_bytes = 4 * d.train.channels * d.train.height * d.train.width
     one_class = _images(per_class, BACKWARD_FACTOR * act.second_order)
     return Term(f"{what}, {per_class} in a pass)", max(real, one_class) + copies * syn * image_bytes, options)
@@ -225,12 +221,13 @@ def _dc(d: DC, act: ActivationBytes) -> list[Term]:
 @step_terms.register
 def _dcc(d: DCC, act: ActivationBytes) -> list[Term]:
     """DC's working set (:func:`_dc`: the warm-up's matching steps, the network's training) or, when larger, a
-    contrastive matching step: :data:`REAL_PASS_SHARE` of a real class batch's first-order pass, one second-order pass
-    over every synthetic image of this process's classes with its backward, and with DSA their augmented copies."""
+    contrastive matching step: a real class batch's first-order pass (freed before the synthetic pass) or one
+    second-order pass over every synthetic image of this process's classes with its backward, and with DSA their
+    augmented copies."""
     (dc,) = _dc(d, act)
     syn = len(d.own_classes) * d.ipc
     image_bytes = 4 * d.train.channels * d.train.height * d.train.width
-    passes = _images(d.batch_real, REAL_PASS_SHARE * act.first_order) + _images(syn, BACKWARD_FACTOR * act.second_order)
+    passes = max(_images(d.batch_real, act.first_order), _images(syn, BACKWARD_FACTOR * act.second_order))
     contrastive = Term(f"contrastive matching step ({d.batch_real} real images, {syn} synthetic images in one pass)",
                        passes + (0 if d.dsa is None else syn * image_bytes), _matching(d, act, d.ipc, copies=1).options)
     return [max(dc, contrastive, key=lambda term: term.bytes)]

@@ -130,10 +130,12 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     One warm-up call first (lazy initialisation, such as loading an extension, is not the op's memory).
     CUDA: the allocator's peak. CPU (Linux): the resident-set high-water mark, reset through
     /proc/self/clear_refs before the call, minus the resident set before it. glibc would otherwise
-    serve large buffers from pages an earlier call left resident (its mmap threshold grows as
-    buffers are freed), so the threshold is pinned at 128 KiB first: every large buffer is then
-    freshly mapped and counted. That also slows later large allocations: take CPU peaks in a
-    process of their own (``fastdd.benchmarks.suite`` does).
+    serve buffers from pages an earlier call left resident, which the resident set before the call
+    already counts: the mmap threshold is pinned at 128 KiB first (every large buffer is then freshly
+    mapped) and the free pages of the heaps are returned (malloc_trim) before the resident set is
+    read, so the small buffers count too (without that, the peak of the same call measured 8-10.7
+    MiB in successive processes; with it, within 3 %). That also slows later allocations: take CPU
+    peaks in a process of their own (``fastdd.benchmarks.suite`` does).
     """
     if device.startswith("cuda"):
         fn()
@@ -144,8 +146,10 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
         synchronize(device)
         return torch.cuda.max_memory_allocated() - before
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
         fn()
+        libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
         before = process_memory("VmRSS")
         fn()
