@@ -17,6 +17,7 @@ import torch
 from fastdd.data.base import RealDataset
 from fastdd.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar10, load_cifar100
 from fastdd.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits
+from fastdd.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from fastdd.data.idx import (
     FASHION_MNIST_DEFAULT_ROOT,
     FASHION_MNIST_MEAN,
@@ -26,7 +27,7 @@ from fastdd.data.idx import (
     load_fashion_mnist,
     load_mnist,
 )
-from fastdd.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
+from fastdd.data.imagefolder import load_imagefolder
 from fastdd.data.svhn import SVHN_MEAN, SVHN_STD, load_svhn
 
 __all__ = ["DATASETS", "DEFAULT_ROOTS", "NORMALIZATION", "load_dataset"]
