@@ -1,8 +1,8 @@
 """The library's two entry points, also behind ``fastdd distill`` and ``fastdd evaluate`` (docs/api.md).
 
-:func:`distill` runs a :class:`fastdd.config.RunConfig`: it loads the data, builds the distiller,
-distils into the run directory (checkpointed, resumable: :mod:`fastdd.run`), and evaluates the
-result by the standard protocol unless ``eval_models`` is 0. :func:`evaluate` evaluates a synthetic
+:func:`distill` runs a :class:`fastdd.config.RunConfig`: it loads the data (or takes a set held in memory,
+``data=``), builds the distiller, distils into the run directory (checkpointed, resumable: :mod:`fastdd.run`),
+and evaluates the result by the standard protocol unless ``eval_models`` is 0. :func:`evaluate` evaluates a synthetic
 set, in memory or on disk, by the same protocol. Both check every argument, and that no file would be
 replaced unasked, before any work. A result whose report cannot be written is not lost: the
 :class:`fastdd.errors.UnsavedResultError` raised carries it.
@@ -10,6 +10,7 @@ replaced unasked, before any work. A result whose report cannot be written is no
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -22,7 +23,8 @@ import torch
 from fastdd.allocator import process_memory
 from fastdd.checks import boolean, one_of, positive_int, seed_value
 from fastdd.config import RunConfig, device_name, path
-from fastdd.data import RealDataset, load_dataset
+from fastdd.data import DATASETS, RealDataset, load_dataset
+from fastdd.data.base import data_pair
 from fastdd.data.zca import REGULARIZATION, whitened
 from fastdd.distributed import World, join, local_device
 from fastdd.errors import UnsavedResultError, WriteError
@@ -117,9 +119,49 @@ def load_data(dataset: str, data_root: str | None, device: torch.device, image_s
     return (train, test) if zca is None else whitened(train, test, zca)
 
 
-def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
-            progress: bool = True) -> DistillResult:
+def _placed(data: tuple[RealDataset, RealDataset], device: torch.device,
+            zca: float | None) -> tuple[RealDataset, RealDataset]:
+    """(train, test) held in memory on ``device``, whitened as :func:`load_data` whitens."""
+    train, test = (split.to(device) for split in data)
+    return (train, test) if zca is None else whitened(train, test, zca)
+
+
+def _with_data(config: RunConfig, data: Any) -> tuple[RunConfig, tuple[RealDataset, RealDataset] | None]:
+    """``config`` as the run on ``data`` records it, and ``data`` checked (:func:`fastdd.data.base.data_pair`).
+    Without ``data`` the run reads the files of ``config.dataset``, which must be a built-in data set. With it no
+    file is read: ``dataset`` becomes the data's name, ``data_root`` None, and ``image_size`` (which resizes images
+    read from files) must be None."""
+    if data is None:
+        if config.dataset not in DATASETS:
+            raise ValueError(f"dataset (--dataset) must be one of {', '.join(map(repr, DATASETS))} to be read from "
+                             f"files, got {config.dataset!r}; a set held in memory is passed as data=(train, test)")
+        return config, None
+    train, test = data_pair("data", data)
+    if config.image_size is not None:
+        raise ValueError(f"image_size (--image-size) resizes images read from files; with data it must be None (its "
+                         f"images are {train.height}x{train.width}), got {config.image_size}")
+    return dataclasses.replace(config, dataset=train.name, data_root=None), (train, test)
+
+
+def _run_data(config: RunConfig, data: tuple[RealDataset, RealDataset] | None,
+              device: torch.device) -> tuple[RealDataset, RealDataset]:
+    """The run's (train, test) on ``device``: ``data`` when given, else read from files; whitened when
+    ``config.zca``."""
+    zca = REGULARIZATION if config.zca else None
+    if data is None:
+        return load_data(config.dataset, config.data_root, device, config.image_size, zca)
+    return _placed(data, device, zca)
+
+
+def distill(config: RunConfig, *, data: tuple[RealDataset, RealDataset] | None = None, resume: bool = False,
+            overwrite: bool = False, progress: bool = True) -> DistillResult:
     """Distil by ``config`` into its run directory, then evaluate unless ``config.eval_models`` is 0.
+
+    ``data``: a (train, test) pair held in memory (``fastdd.data.from_tensors``, ``from_dataset``) to distil, and
+    evaluate on, instead of the files of ``config.dataset``. The run then records (config.json, the result's
+    ``config``) the data's name as ``dataset`` and no ``data_root``; its default run directory is named after it;
+    ``image_size`` must be None. Resuming it needs the same data again: config.json's ``dataset`` names it, and a
+    run of a set held in memory resumed without ``data`` is refused.
 
     The run directory (``config.run_dir()``) gets config.json (``config.resolved(...).recorded()``),
     checkpoints, metrics, the synthetic set and its picture, and report.json when evaluated. It must be
@@ -135,22 +177,22 @@ def distill(config: RunConfig, *, resume: bool = False, overwrite: bool = False,
     """
     if not isinstance(config, RunConfig):
         raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
+    config, data = _with_data(config, data)
     boolean("resume (--resume)", resume)
     boolean("overwrite (--overwrite)", overwrite)
     boolean("progress (--quiet)", progress)
     device = resolve_device(config.device)
     world = join(device)
     with run_lock(config.run_dir(), "out (--out)", world):
-        return _distill(config, world, local_device(device), resume, overwrite, progress)
+        return _distill(config, data, world, local_device(device), resume, overwrite, progress)
 
 
-def _distill(config: RunConfig, world: World, device: torch.device, resume: bool, overwrite: bool,
-             progress: bool) -> DistillResult:
+def _distill(config: RunConfig, data: tuple[RealDataset, RealDataset] | None, world: World, device: torch.device,
+             resume: bool, overwrite: bool, progress: bool) -> DistillResult:
     """:func:`distill` once its arguments are checked and the run directory is held."""
     check_run_dir(config.run_dir(), resume=resume, overwrite=overwrite)
     check_size_fits(config, device)
-    train, test = load_data(config.dataset, config.data_root, device, config.image_size,
-                            REGULARIZATION if config.zca else None)
+    train, test = _run_data(config, data, device)
     distiller = config.build_distiller(train, world)
     if config.eval_models > 0 and config.baseline:
         check_baseline(train, config.ipc)
@@ -199,21 +241,23 @@ class PlanResult:
         return self.seconds_per_iteration * self.config.iterations
 
 
-def plan(config: RunConfig, *, steps: int = 2, progress: bool = True) -> PlanResult:
-    """The memory plan of the run of ``config`` and, when it fits, the measured time of ``steps`` of its
-    iterations; writes nothing (the run directory is not looked at). The data is loaded and the distiller built
-    as :func:`distill` does; its iterations then run on a copy of the run's state that is thrown away. Under
-    torchrun every process plans its own part (its classes, its share of the machine's memory on CPU)."""
+def plan(config: RunConfig, *, data: tuple[RealDataset, RealDataset] | None = None, steps: int = 2,
+         progress: bool = True) -> PlanResult:
+    """The memory plan of the run of ``config`` (on ``data`` when given, as :func:`distill` takes it) and, when it
+    fits, the measured time of ``steps`` of its iterations; writes nothing (the run directory is not looked at).
+    The data is loaded and the distiller built as :func:`distill` does; its iterations then run on a copy of the
+    run's state that is thrown away. Under torchrun every process plans its own part (its classes, its share of
+    the machine's memory on CPU)."""
     if not isinstance(config, RunConfig):
         raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
+    config, data = _with_data(config, data)
     positive_int("steps", steps)
     boolean("progress (--quiet)", progress)
     device = resolve_device(config.device)
     world = join(device)
     device = local_device(device)
     check_size_fits(config, device)
-    train, _ = load_data(config.dataset, config.data_root, device, config.image_size,
-                         REGULARIZATION if config.zca else None)
+    train, _ = _run_data(config, data, device)
     distiller = config.build_distiller(train, world)
     memory = plan_memory(distiller)
     resolved = config.resolved(distiller)
@@ -234,8 +278,8 @@ def plan(config: RunConfig, *, steps: int = 2, progress: bool = True) -> PlanRes
 
 def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, model: str = "ConvNet",
              epochs: int | None = None, augment: str | None = None, baseline: bool = True, seed: int = 0,
-             data_root: str | os.PathLike[str] | None = None, device: str = "auto",
-             report: str | os.PathLike[str] | None = None, overwrite: bool = False,
+             data_root: str | os.PathLike[str] | None = None, data: tuple[RealDataset, RealDataset] | None = None,
+             device: str = "auto", report: str | os.PathLike[str] | None = None, overwrite: bool = False,
              progress: bool = True) -> EvalResult:
     """Evaluate ``synset`` by the standard protocol (docs/design.md section 2) on its data set's real test set.
 
@@ -243,7 +287,8 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     ``models`` fresh ``model`` networks on it for ``epochs`` epochs with augmentation ``augment`` ("none",
     "dsa"; both default to the protocol of the method that made the set, ``synset.meta["method"]``), at
     its learned lr when it has one; with ``baseline`` also IPC random real images per class. The real
-    data set (``meta["dataset"]``, from ``data_root``) is whitened as the set was (``meta["zca"]``).
+    data set (``meta["dataset"]``, from ``data_root``; or ``data``, the (train, test) pair held in memory the set
+    was distilled from, which must bear that name) is whitened as the set was (``meta["zca"]``).
     Randomness comes from ``seed``. The report goes to ``report``, by default report.json beside a set
     read from disk; a set given in memory without ``report`` is not written. An existing report file is
     refused (FileExistsError) unless ``overwrite``; it is written holding its folder's lock (:mod:`fastdd.lock`).
@@ -258,6 +303,10 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     boolean("baseline (--no-baseline)", baseline)
     seed_value("seed (--seed)", seed)
     data_root = None if data_root is None else path("data_root (--data-root)", data_root)
+    if data is not None:
+        data = data_pair("data", data)
+        if data_root is not None:
+            raise ValueError(f"data_root (--data-root) reads files; it must be None with data, got {data_root!r}")
     boolean("overwrite (--overwrite)", overwrite)
     boolean("progress (--quiet)", progress)
     device = resolve_device(device)
@@ -279,11 +328,25 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
         raise ValueError(f"synset: its meta lacks {', '.join(missing)}, needed to evaluate it (sets fastdd makes have "
                          "them)")
     eval_config = default_eval_config(meta.get("method", ""), model, epochs, augment)
-    train, test = load_data(meta["dataset"], data_root, device, None, meta.get("zca"))
+    train, test = _evaluation_data(meta, data_root, data, device)
     if baseline:
         check_baseline(train, meta["ipc"])
     return _evaluate_on(synset, synset_path, train, test, eval_config, models, baseline, seed, report_path,
                         overwrite, progress, world)
+
+
+def _evaluation_data(meta: dict[str, Any], data_root: str | None, data: tuple[RealDataset, RealDataset] | None,
+                     device: torch.device) -> tuple[RealDataset, RealDataset]:
+    """The real (train, test) a set of metadata ``meta`` is evaluated on, on ``device``, whitened as the set was:
+    ``data`` when given (it must bear ``meta["dataset"]``), else read from ``data_root``."""
+    if data is not None:
+        if data[0].name != meta["dataset"]:
+            raise ValueError(f"data: the set was distilled from {meta['dataset']!r}, not {data[0].name!r}")
+        return _placed(data, device, meta.get("zca"))
+    if meta["dataset"] not in DATASETS:
+        raise ValueError(f"synset: it was distilled from {meta['dataset']!r}, a set held in memory; pass that set as "
+                         "data=(train, test)")
+    return load_data(meta["dataset"], data_root, device, None, meta.get("zca"))
 
 
 def _set_file(given: str) -> Path:

@@ -38,7 +38,8 @@ from fastdd.checks import (
     positive_int,
     seed_value,
 )
-from fastdd.data import DATASETS, RealDataset
+from fastdd.data import RealDataset
+from fastdd.data.registry import dataset_name
 from fastdd.distributed import SINGLE, World
 from fastdd.evaluation import AUGMENTS, EvalConfig, default_eval_config
 from fastdd.methods import METHODS, Distiller, Plugin, get_distiller
@@ -119,7 +120,7 @@ def _plugin_names(name: str, value: Any) -> tuple[str, ...]:
 
 # RunConfig field -> check(name, value) returning the value as stored (floats as float, paths as str)
 FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "dataset": choice(sorted(DATASETS)),
+    "dataset": dataset_name,
     "data_root": optional(path),
     "image_size": optional(positive_int),
     "zca": boolean,
@@ -169,9 +170,10 @@ FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
 class RunConfig:
     """Every option of ``fastdd distill``; defaults equal the command's. ``None``: the method's default.
 
-    Data: ``dataset`` (one of ``fastdd.data.DATASETS``), ``data_root`` (folder of its files; None: the
-    data set's default), ``image_size`` (pixels per side, imagefolder only), ``zca`` (whiten with ZCA of
-    regularization 0.1 fitted on the training set).
+    Data: ``dataset`` (one of ``fastdd.data.DATASETS``, read from files; any other data set name is that of a set
+    held in memory, which ``fastdd.distill(config, data=...)`` takes and names here), ``data_root`` (folder of its
+    files; None: the data set's default), ``image_size`` (pixels per side, imagefolder only), ``zca`` (whiten with
+    ZCA of regularization 0.1 fitted on the training set).
     Distillation: ``method`` (one of ``fastdd.methods.METHODS``), ``ipc`` (synthetic images per class),
     ``iterations`` (outer iterations), ``lr_img`` (image learning rate), ``batch_real`` (real images
     per class per step), ``init`` (real, noise; mix for idc), ``model`` (network name),

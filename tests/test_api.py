@@ -63,7 +63,7 @@ def test_config_stores_plain_values():
     ({"ipc": 0}, "ipc (--ipc) must be an integer >= 1, got 0"),
     ({"lr_img": -1.0}, "lr_img (--lr-img) must be a finite number > 0"),
     ({"method": "kmeans"}, "method (--method) must be one of"),
-    ({"dataset": "mnist10"}, "dataset (--dataset) must be one of"),
+    ({"dataset": "my set"}, "dataset (--dataset) must be a data set name"),
     ({"model": "VGG"}, "model (--model) must be one of"),
     ({"init": "mix"}, "init (--init) of --method dc must be one of 'real', 'noise'"),
     ({"seed": -1}, "seed (--seed): expected an integer in [0, 2**63), got -1"),

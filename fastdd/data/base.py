@@ -11,13 +11,15 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from fastdd.checks import shown
 from fastdd.data.zca import ZCA
 
-__all__ = ["ClassBatches", "DatasetError", "RealDataset", "require_root", "tensor_from_numpy"]
+__all__ = ["ClassBatches", "DatasetError", "RealDataset", "data_pair", "require_root", "tensor_from_numpy"]
 
 
 class DatasetError(Exception):
@@ -163,6 +165,25 @@ class RealDataset:
     def to(self, device: str | torch.device) -> RealDataset:
         """A copy of the set with images and labels on ``device``."""
         return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
+
+
+def data_pair(name: str, value: Any) -> tuple[RealDataset, RealDataset]:
+    """``value`` as (train, test) if it is a pair of splits of one data set, as :func:`fastdd.data.load_dataset` and
+    :func:`fastdd.data.from_tensors` make them: two RealDatasets, each holding images, alike in name, classes,
+    image shape and normalisation, neither whitened."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(isinstance(s, RealDataset) for s in value):
+        raise ValueError(f"{name} must be a (train, test) pair of RealDatasets, as fastdd.data.from_tensors returns, "
+                         f"got {shown(value)}")
+    train, test = value
+    differing = [field for field in ("name", "class_names", "image_shape", "mean", "std")
+                 if getattr(train, field) != getattr(test, field)]
+    if differing:
+        raise ValueError(f"{name}: train and test differ in {', '.join(differing)}; they must split one data set")
+    if train.whitening is not None or test.whitening is not None:
+        raise ValueError(f"{name}: the sets are whitened already; pass them unwhitened (zca (--zca) whitens them)")
+    if not len(train) or not len(test):
+        raise ValueError(f"{name}: train and test must hold at least one image each, got {len(train)} and {len(test)}")
+    return train, test
 
 
 def tensor_from_numpy(array: np.ndarray, device: str | torch.device) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 ``fastdd cache --dataset imagefolder --data-root DIR [--image-size PX] [--out CACHE] [--workers N]``
 (:func:`build_cache`) decodes the folder once, on worker processes, with the in-memory reader's decoder
-(:mod:`fastdd.data.imagefolder`: same layouts, same pixels) into CACHE, by default
+(:mod:`fastdd.data.folder`: same layouts, same pixels) into CACHE, by default
 ``DIR/.fastdd-cache/<H>x<W>``:
 
     cache.json        the header: format, source folder, image size [H, W] and whether images were resized
@@ -77,16 +77,7 @@ import torch
 from fastdd import io, lock
 from fastdd.checks import positive_int, shown
 from fastdd.data.base import DatasetError, RealDataset, require_root
-from fastdd.data.imagefolder import (
-    _LAYOUT,
-    Items,
-    Listing,
-    _read_image,
-    _target_size,
-    check_size,
-    list_folder,
-    split_datasets,
-)
+from fastdd.data.folder import LAYOUT, Items, Listing, check_size, list_folder, read_image, split_datasets, target_size
 from fastdd.errors import DamagedFileError, WriteError, one_line
 from fastdd.progress import progress_bar
 
@@ -146,7 +137,7 @@ def build_cache(
     decoding processes (default: one per CPU); returns the cache directory. An up-to-date cache there is
     verified (every chunk read) and kept, or rebuilt when damaged; a folder ``out`` that holds other files
     is refused."""
-    folder = require_root(root, "imagefolder", _LAYOUT)
+    folder = require_root(root, "imagefolder", LAYOUT)
     if is_cache(folder):
         raise DatasetError(f"imagefolder: {folder} is a cache already; --data-root must be the image folder it caches")
     listing = list_folder(folder, image_size)
@@ -384,7 +375,7 @@ def _decode(path: Path, size: tuple[int, int], resize: bool, reference: Path) ->
     """(uint8 [3, H, W] of ``path``, "") or (None, why it cannot be decoded); DatasetError for an image of
     another size than ``reference``'s when not ``resize``."""
     try:
-        pixels = _read_image(path, size if resize else None)
+        pixels = read_image(path, size if resize else None)
     except DatasetError as e:
         return None, str(e).removeprefix(f"{path}: ")
     return check_size(pixels, path, size, reference), ""
@@ -608,7 +599,7 @@ def open_cache(
     directory = Path(directory)
     header = _read_header(directory)
     size = tuple(header["image_size"])
-    if image_size is not None and _target_size(image_size) != size:
+    if image_size is not None and target_size(image_size) != size:
         raise DatasetError(f"{directory}: the cache holds {size[0]}x{size[1]} images, not the image_size "
                            f"(--image-size) {image_size}; build a cache of that size with fastdd cache")
     source = Path(header["source"])

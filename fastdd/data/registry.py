@@ -9,14 +9,17 @@ Names are case-insensitive and ``_`` may stand for ``-`` (``Fashion_MNIST`` = ``
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from fastdd.checks import shown
 from fastdd.data.base import RealDataset
 from fastdd.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, load_cifar10, load_cifar100
 from fastdd.data.digits import DIGITS_MEAN, DIGITS_STD, load_digits
+from fastdd.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from fastdd.data.idx import (
     FASHION_MNIST_DEFAULT_ROOT,
     FASHION_MNIST_MEAN,
@@ -26,10 +29,10 @@ from fastdd.data.idx import (
     load_fashion_mnist,
     load_mnist,
 )
-from fastdd.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, load_imagefolder
+from fastdd.data.imagefolder import load_imagefolder
 from fastdd.data.svhn import SVHN_MEAN, SVHN_STD, load_svhn
 
-__all__ = ["DATASETS", "DEFAULT_ROOTS", "NORMALIZATION", "load_dataset"]
+__all__ = ["DATASETS", "DEFAULT_ROOTS", "NORMALIZATION", "dataset_name", "load_dataset"]
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "imagefolder")
 DEFAULT_ROOTS: dict[str, Path] = {"fashion-mnist": FASHION_MNIST_DEFAULT_ROOT}
@@ -43,6 +46,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
 }  # (mean, std) per channel, [0, 1] pixel units
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32}
 _FIXED_LOADERS: dict[str, Callable[[Path | str | None, str | torch.device], tuple[RealDataset, RealDataset]]] = {
     "digits": lambda root, device: load_digits(device),
@@ -52,6 +56,16 @@ _FIXED_LOADERS: dict[str, Callable[[Path | str | None, str | torch.device], tupl
     "cifar100": load_cifar100,
     "svhn": load_svhn,
 }
+
+
+def dataset_name(name: str, value: Any) -> str:
+    """``value`` if it can name a data set: letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit
+    (it becomes part of file names: a run directory's default, cached proxies). Every name in :data:`DATASETS` is
+    one; a set held in memory (:mod:`fastdd.data.memory`) may take any other."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(f"{name} must be a data set name (letters, digits, '.', '_', '-', starting with a letter or "
+                         f"digit), got {shown(value)}")
+    return value
 
 
 def load_dataset(
