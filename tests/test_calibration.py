@@ -13,8 +13,7 @@ import torch
 
 import fastdd
 from fastdd import io
-from fastdd.benchmarks import workloads
-from fastdd.ops import _backend, calibration
+from fastdd.ops import _backend, calibration, workloads
 
 
 def test_torch_is_chosen_only_beyond_the_margin():
@@ -172,3 +171,15 @@ def test_the_workloads_run():
     """On the C++ path (the torch path is the same calls with another backend, and slower)."""
     for workload in workloads.WORKLOADS.values():
         workload.setup()("cpp")
+
+
+def test_the_workloads_have_convnet3s_layers_and_shapes():
+    """The ops do not import fastdd.models: the workloads spell ConvNet-3 out, as fastdd.models builds it."""
+    from fastdd.models import ConvNet
+
+    with torch.device("meta"):
+        net = ConvNet(workloads.CHANNELS, workloads.CLASSES, workloads.SIDE)
+    assert workloads.parameter_shapes() == [p.shape for p in net.parameters()]
+    for (conv, norm, conv_in, conv_out), block in zip(workloads.blocks(2), net.blocks, strict=True):
+        assert repr(conv) == repr(block.conv) and repr(norm) == repr(block.norm)
+        assert block.conv(torch.empty(conv_in, device="meta")).shape == conv_out
