@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-import fastdd
-from fastdd import io
+from fastdd import io, version
+from fastdd.errors import DamagedFileError
 from fastdd.ops import _backend, calibration, workloads
 
 
@@ -65,7 +65,7 @@ def test_a_changed_machine_key_means_a_fresh_calibration(fake_timings, monkeypat
     changed = {"cpu": (calibration, "cpu_model", lambda: "Another CPU"),
                "isa_level": (_backend, "isa_level", lambda: "another level"),
                "torch": (torch, "__version__", "0.0.1"),
-               "fastdd": (fastdd, "__version__", "0.0.1")}[part]
+               "fastdd": (version, "__version__", "0.0.1")}[part]
     monkeypatch.setattr(*changed)
     calibration._choices.clear()
     fake_timings.seconds["torch"] = 0.5
@@ -93,7 +93,7 @@ def test_a_measurement_that_is_not_as_written_is_damaged(fake_timings):
     data = json.loads(path.read_text())
     data["measurements"]["grad_norm"]["backend"] = "triton"
     path.write_text(json.dumps(data))
-    with pytest.raises(fastdd.errors.DamagedFileError, match="a backend other than cpp or torch"):
+    with pytest.raises(DamagedFileError, match="a backend other than cpp or torch"):
         calibration.stored()
 
 

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-import fastdd
+from fastdd import version
 from fastdd.errors import DamagedFileError, WriteError, one_line
 from fastdd.io import atomic_write_json, read_json_file
 from fastdd.ops import _backend
+from fastdd.ops.workloads import WORKLOADS
 
 # family -> the public ops whose CPU path it chooses; a family is named after its C++ extension, or in EXTENSION
 OPS = {
@@ -140,7 +141,7 @@ def machine_key() -> dict[str, str]:
     built = sorted({extension_of(name) for name in FAMILIES})
     sources = hashlib.sha256(b"".join(_backend.source_bytes(name) for name in built)).hexdigest()[:16]
     return {"cpu": cpu_model(), "isa_level": _backend.isa_level(), "torch": torch.__version__,
-            "fastdd": fastdd.__version__, "kernels": sources}
+            "fastdd": version.__version__, "kernels": sources}
 
 
 def extension_of(family: str) -> str:
@@ -212,8 +213,6 @@ def _lock(folder: Path) -> Iterator[None]:
 
 def _measured(extension: str) -> Measurement:
     """:func:`measure` of ``extension``'s workload, with gradients on and autocast off whatever the caller's mode."""
-    from fastdd.ops.workloads import WORKLOADS  # it imports the ops, which import this module's importer
-
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
         run = WORKLOADS[extension].setup()
         return measure(lambda: run("cpp"), lambda: run("torch"))
