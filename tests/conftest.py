@@ -2,8 +2,9 @@
 kernel outputs; Triton kernels interpreted on CPU when no GPU is present; a script run over two processes; a
 backend calibration that keeps ``backend="auto"`` on the C++ extensions without timing anything.
 
-The benchmark harness (``bench/harness``, not part of the package) imports as ``harness``: ``bench/`` is appended to
-the path, after everything installed, as ``python bench/SCRIPT.py`` has it first."""
+The benchmark harness (``bench/harness``, not part of the package) imports as ``harness``, as in the scripts of
+``bench/``: ``bench/`` is appended to the path (after everything installed; ``python bench/SCRIPT.py`` puts it
+first)."""
 
 from __future__ import annotations
 
