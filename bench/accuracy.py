@@ -28,11 +28,11 @@ import torch
 
 import fastdd
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.cli import build_parser, config_from_args
 from fastdd.io import atomic_write_bytes
 from fastdd.methods import Plugin
 from fastdd.run import CONFIG, SYNSET
+from harness.measure import commit, machine, record
 
 RESULTS = Path(__file__).parent / "results"
 HEADER = (

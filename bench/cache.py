@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.data import RealDataset, build_cache, load_dataset
+from harness.measure import commit, machine, record
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 256

@@ -1,11 +1,11 @@
-"""What ``backend="auto"`` runs on CPU at each ISA level: ``fastdd bench --calibrate`` in a fresh process per level
+"""What ``backend="auto"`` runs on CPU at each ISA level: ``fastdd calibrate`` in a fresh process per level
 (the level's variables of ``bench/isa_levels.py``, a cache folder of its own so that nothing stored is reused),
 recorded in bench/results/calibration.md (newest first) and calibration.jsonl.
 
     python bench/calibration.py [--levels avx2 avx512 native] [--results DIR]
 
 Each row: the op family (one C++ extension), both paths' median milliseconds per round of its workload (forward and
-backward at the methods' shapes, ``fastdd.benchmarks.workloads``), the median over rounds of torch's time over the
+backward at the methods' shapes, ``fastdd.ops.workloads``), the median over rounds of torch's time over the
 C++ path's, and what ``auto`` runs; with the load average before and after, the machine and the commit.
 """
 
@@ -20,8 +20,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastdd.benchmarks.measure import commit, load_average, machine, record_cases
 from fastdd.ops import calibration
+from harness.measure import commit, load_average, machine, record_cases
 from isa_levels import RESULTS, level_environment, levels_to_run
 
 HEADER = ("| date | level | ops | cpp ms | torch ms | torch / cpp | rounds | auto runs | load before -> after | "
@@ -29,11 +29,11 @@ HEADER = ("| date | level | ops | cpp ms | torch ms | torch / cpp | rounds | aut
 
 
 def measure(level: str) -> list[dict]:
-    """One row per C++ extension: ``fastdd bench --calibrate`` at ``level`` with an empty cache folder."""
+    """One row per C++ extension: ``fastdd calibrate`` at ``level`` with an empty cache folder."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**level_environment(level, threads=os.cpu_count() or 1), "XDG_CACHE_HOME": cache}
         before = load_average()
-        subprocess.run([sys.executable, "-m", "fastdd.cli", "bench", "--calibrate"], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "fastdd.cli", "calibrate"], env=env, check=True)
         after = load_average()
         stored = [json.loads(path.read_text()) for path in Path(cache, "fastdd").glob("calibration-*.json")]
     (found,) = stored

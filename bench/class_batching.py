@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record_cases
 from fastdd.methods.matching import class_batched_distance, per_class_distance
 from fastdd.models import get_network
+from harness.measure import commit, machine, paired_median_seconds, record_cases
 from step import SHAPES
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,4 +1,4 @@
-"""Session of the op microbenchmarks (``pytest bench``): glibc keeps freed memory, as under ``fastdd bench``."""
+"""Session of the op microbenchmarks (``pytest bench``): glibc keeps freed memory, as under ``bench/ops.py``."""
 
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, record_cases
 from fastdd.methods import DC, DM
+from harness.measure import commit, machine, record_cases
 from isa_levels import CASES, LEVELS, expected_capability, level_environment, levels_to_run
 from step import BATCH_REAL, SHAPES, random_shaped
 from step import CASES as STEP_CASES

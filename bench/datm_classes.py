@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from fastdd.api import load_data
-from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.cli import build_parser, config_from_args
 from fastdd.evaluation import train_and_test
 from fastdd.models import get_network
 from fastdd.synset import SyntheticSet
+from harness.measure import commit, machine, record
 
 RESULTS = Path(__file__).parent / "results"
 HEADER = ("| date | seed | set | model | accuracy % | per-class accuracy % (classes 0-9) | predicted per class "

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from fastdd.api import load_data
-from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.cli import build_parser, config_from_args
 from fastdd.evaluation import evaluate_random_real, evaluate_synset
 from fastdd.run import CONFIG, METRICS, run_distillation
+from harness.measure import commit, machine, record
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("start, hard", "start, soft", "final, soft", "final, hard", "final, start soft")

@@ -4,7 +4,7 @@ newest first, and distributed.jsonl).
 
     python bench/distributed.py [--cases dm-ipc10 dc-ipc10] [--repeat 3] [--processes 2]
 
-Set-up of every case: CIFAR-100 shapes (:mod:`fastdd.benchmarks.method_steps`: 100 classes of 3 x 32 x 32, 300
+Set-up of every case: CIFAR-100 shapes (:mod:`harness.method_steps`: 100 classes of 3 x 32 x 32, 300
 random uint8 images per class), model ConvNetW32 (depth 3, width 32, 70,884 parameters in 14 tensors), IPC 10,
 each method's default hyper-parameters otherwise:
 
@@ -12,7 +12,7 @@ each method's default hyper-parameters otherwise:
   embeds its own classes' real and synthetic images and sends the loss (one float64 all-reduce).
 - ``dc``: DC without augmentation, 256 real images per class, outer_loop 10, inner_loop 50, network SGD lr
   0.01, batch 256. An iteration runs for many minutes here, so ONE OUTER STEP is timed, as in
-  bench/method_scale.py (:func:`fastdd.benchmarks.method_steps.dc_outer_step`, through the distiller's own
+  bench/method_scale.py (:func:`harness.method_steps.dc_outer_step`, through the distiller's own
   methods and its world): the matching step of the process's own classes, the loss summed over the processes,
   every shard's images handed to every process (``World.share_rows``: one broadcast per process, from the
   process that owns the shard), then 50 epochs of data-parallel training on the 1,000 synthetic images (4
@@ -69,10 +69,10 @@ import torch
 import torch.distributed as dist
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import cell, commit, machine, median_seconds, record_cases
-from fastdd.benchmarks.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step, gradient_settings
 from fastdd.distributed import World, join, leave
 from fastdd.methods import DC, DM, Distiller
+from harness.measure import cell, commit, machine, median_seconds, record_cases
+from harness.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step, gradient_settings
 
 RESULTS = Path(__file__).parent / "results"
 THREADS = 1  # per process

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from fastdd.benchmarks.measure import machine, median_seconds
+from harness.measure import machine, median_seconds
 
 
 def main() -> None:

@@ -80,9 +80,9 @@ import torch
 from torch import Tensor, nn
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, record_cases
 from fastdd.data import load_dataset
 from fastdd.methods import DC, DM
+from harness.measure import commit, machine, record_cases
 from step import BATCH_REAL
 from step import CASES as STEP_CASES
 

@@ -30,8 +30,8 @@ image), each method's default hyper-parameters otherwise:
   ``settings`` column shows.
 
 Every number comes from a fresh process: seconds, the median of ``repeat`` iterations (DC: outer steps)
-after one warm-up, with :func:`fastdd.allocator.keep_freed_memory`; peak, :func:`fastdd.benchmarks.
-measure.peak_bytes` of one iteration (DC: outer step) beyond what the process held before it (the data,
+after one warm-up, with :func:`fastdd.allocator.keep_freed_memory`; peak, :func:`harness.measure.
+peak_bytes` of one iteration (DC: outer step) beyond what the process held before it (the data,
 the synthetic set, the experts). A process that fails is recorded as ``failed (exit status N)``.
 """
 
@@ -47,11 +47,11 @@ from pathlib import Path
 import torch
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import cell, commit, machine, median_seconds, peak_bytes, record_cases
-from fastdd.benchmarks.memory_plan import random_expert
-from fastdd.benchmarks.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step, gradient_settings
 from fastdd.data import RealDataset
 from fastdd.methods import DC, DM, MTT, Distiller
+from harness.measure import cell, commit, machine, median_seconds, peak_bytes, record_cases
+from harness.memory_plan import random_expert
+from harness.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step, gradient_settings
 
 RESULTS = Path(__file__).parent / "results"
 MTT_BATCH_SYN = {50: 2500, 100: 2500}  # IPC -> batch_syn where the default (all images) is too slow here

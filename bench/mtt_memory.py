@@ -14,9 +14,9 @@ their values. Each number comes from a fresh process:
 - seconds: median of ``repeat`` iterations after one warm-up iteration, with
   :func:`fastdd.allocator.keep_freed_memory` as the ``fastdd`` command sets it; with ``--paired`` the
   modes are timed in one process, one iteration of each in turn
-  (:func:`fastdd.benchmarks.measure.paired_median_seconds`), so that a busy spell of a shared machine
+  (:func:`harness.measure.paired_median_seconds`), so that a busy spell of a shared machine
   slows every mode alike;
-- peak MiB: :func:`fastdd.benchmarks.measure.peak_bytes` of one iteration (CPU: the resident-set
+- peak MiB: :func:`harness.measure.peak_bytes` of one iteration (CPU: the resident-set
   high-water mark beyond the resident set before the iteration; CUDA: the allocator's peak).
 
 Modes left out by ``--modes`` show as ``-``. A measurement whose process fails (for example killed for want
@@ -38,11 +38,11 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import cell, commit, machine, paired_median_seconds, peak_bytes, record
 from fastdd.methods import MTT
 from fastdd.methods.mtt import MODES
 from fastdd.models import get_network
 from fastdd.trajectory import Trajectory, expert_path
+from harness.measure import cell, commit, machine, paired_median_seconds, peak_bytes, record
 from step import fashion_mnist_shaped
 
 RESULTS = Path(__file__).parent / "results"

@@ -2,9 +2,9 @@
 
     python bench/ops.py [--ops grad_match_distance ...] [--device cpu|cuda] [--repeat N] [--results DIR]
 
-Runs the same suite as ``fastdd bench``, adds its rows at the top of ``RESULTS/ops.md`` (newest first) and
+Runs the op microbenchmarks (:mod:`harness.suite`), adds its rows at the top of ``RESULTS/ops.md`` (newest first) and
 appends them to ``RESULTS/ops.jsonl`` (``--results``, default bench/results). Each row states the speed-up's
-spread over the rounds and the machine's load (``fastdd.benchmarks.suite``).
+spread over the rounds and the machine's load (:mod:`harness.suite`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastdd.benchmarks import suite
-from fastdd.benchmarks.measure import record
+from harness import suite
+from harness.measure import record
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,4 +1,4 @@
-"""The memory plan against measured peaks: for each case of :mod:`fastdd.benchmarks.memory_plan` (distillers on
+"""The memory plan against measured peaks: for each case of :mod:`harness.memory_plan` (distillers on
 random images), the plan's working set of an iteration and the peak measured over one iteration, each case in a
 fresh process; recorded under bench/results/ (plan.md, newest first, and plan.jsonl).
 
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastdd.benchmarks.measure import cell, commit, machine, record_cases
-from fastdd.benchmarks.memory_plan import CASES
+from harness.measure import cell, commit, machine, record_cases
+from harness.memory_plan import CASES
+from harness.process import run_module
 
 RESULTS = Path(__file__).parent / "results"
 HEADER = ("| date | case | method | model | classes x IPC | side | planned MiB | measured MiB | planned / measured "
@@ -23,7 +22,7 @@ HEADER = ("| date | case | method | model | classes x IPC | side | planned MiB |
 
 
 def measure(name: str) -> dict:
-    run = subprocess.run([sys.executable, "-m", "fastdd.benchmarks.memory_plan", name], capture_output=True, text=True)
+    run = run_module("memory_plan", name)
     measured = json.loads(run.stdout.splitlines()[-1]) if run.returncode == 0 else {}
     case = CASES[name]
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "case": name, "method": case.method,

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, paired_median_seconds, record_cases
 from fastdd.methods import DC
 from fastdd.methods.sdc import SDC, default_lambda
+from harness.measure import commit, machine, paired_median_seconds, record_cases
 from step import BATCH_REAL, fashion_mnist_shaped
 
 RESULTS = Path(__file__).parent / "results"

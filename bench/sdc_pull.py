@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from fastdd.benchmarks.measure import commit, machine, record
 from fastdd.config import METHOD_KEYWORDS, RunConfig
 from fastdd.data import load_dataset
 from fastdd.methods import MTT, Distiller
 from fastdd.methods.sdc import SDC
+from harness.measure import commit, machine, record
 
 RESULTS = Path(__file__).parent / "results"
 HEADER = ("| date | method | seeds | ratio at lambda 1 (min - max) | LAMBDA0 for a tenth | machine | commit |\n"

@@ -52,13 +52,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import commit, machine, median_seconds, record_cases, synchronize
 from fastdd.data import RealDataset
 from fastdd.data.idx import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from fastdd.evaluation import EvalConfig, train_and_test
 from fastdd.methods import DC, DM
 from fastdd.models import get_network
 from fastdd.ops import naive
+from harness.measure import commit, machine, median_seconds, record_cases, synchronize
 
 RESULTS = Path(__file__).parent / "results"
 SIDES = ("reference", "reference-kept", "fastdd", "fastdd-bf16")

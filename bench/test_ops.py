@@ -1,12 +1,12 @@
-"""Every fused op against its baseline with pytest-benchmark, on the cases ``fastdd bench`` times.
+"""Every fused op against its baseline with pytest-benchmark, on the cases ``bench/ops.py`` times.
 
     pytest bench --benchmark-only --benchmark-json=bench/results/pytest_benchmark_cpu.json
 
-One benchmark group per case of :mod:`fastdd.benchmarks` (test id ``OP-INDEX``, as ``python -m
-fastdd.benchmarks.suite OP INDEX`` addresses it), holding two benchmarks: ``fastdd`` and ``baseline``.
+One benchmark group per case of :mod:`harness.suite` (test id ``OP-INDEX``, as ``python -m harness.suite OP
+INDEX`` addresses it), holding two benchmarks: ``fastdd`` and ``baseline``.
 Measured: the wall time of one call in seconds (the case's forward and backward; on CUDA up to a
 synchronize), after one warm-up call. pytest-benchmark's defaults set the rounds: at least 5 and about
-1 s per side, the ``--repeat 5`` and ``MIN_SECONDS`` of ``fastdd bench``. Unlike ``fastdd bench`` on CPU,
+1 s per side, the ``--repeat 5`` and ``MIN_SECONDS`` of ``bench/ops.py``. Unlike ``bench/ops.py`` on CPU,
 all cases share one process (freed memory kept for the whole session, see ``conftest.py``) and each side's
 rounds run together rather than in alternation with the other's.
 
@@ -21,8 +21,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fastdd.benchmarks import suite
-from fastdd.benchmarks.measure import Calls, Case, backend, commit, processor, synchronize
+from harness import suite
+from harness.measure import Calls, Case, backend, commit, processor, synchronize
 
 pytest.importorskip("pytest_benchmark")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from fastdd.kernels import resources
 
-from fastdd.benchmarks.measure import commit
 from fastdd.io import append_jsonl, atomic_write_bytes
+from harness.measure import commit
 
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ("kernel", "config", "target", "num_warps", "registers", "spill_stores", "spill_loads", "stack", "shared")

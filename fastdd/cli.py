@@ -1,4 +1,4 @@
-"""Command line: ``fastdd distill | evaluate | experts | difficulty | bench | cache | info``."""
+"""Command line: ``fastdd distill | evaluate | experts | difficulty | calibrate | cache | info``."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import torch
 from fastdd import __version__
 from fastdd.allocator import keep_freed_memory
 from fastdd.api import DistillResult, EvalResult, PlanResult, distill, evaluate, load_data, plan, resolve_device
-from fastdd.benchmarks import suite
-from fastdd.checks import positive_int, seed_value
+from fastdd.checks import seed_value
 from fastdd.config import FLAGS, PLUGINS, RunConfig
 from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.data.cache import HEADER, REPORT, build_cache
@@ -37,7 +36,6 @@ from fastdd.distributed import is_main_process, join, leave, local_device
 from fastdd.errors import DamagedFileError, NonFiniteError, UnsavedResultError, one_line
 from fastdd.evaluation import training_data
 from fastdd.experts import train_experts
-from fastdd.io import append_jsonl
 from fastdd.lock import FolderInUseError, folder_lock
 from fastdd.memory import check_image_fits
 from fastdd.methods import METHODS
@@ -229,22 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    b = sub.add_parser("bench", help="time the fused ops against their baselines on this machine",
-                       description="Microbenchmarks of the fused ops, each against its baseline in the same run; "
-                                   "prints one row per measurement with the speed-up, its spread over the rounds, "
-                                   "peak memory and the machine's load. On CPU each case is timed in a fresh process "
-                                   "with freed memory kept, both sides alike.")
-    b.add_argument("--ops", nargs="+", default=None, metavar="OP", choices=sorted(suite.SUITES),
-                   help=f"which ops (default: all): {' '.join(sorted(suite.SUITES))}")
-    b.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
-    b.add_argument("--repeat", type=int, default=5,
-                   help="timed rounds per measurement, at least (median; default 5; 3 or more, for the spread)")
-    b.add_argument("--json", default=None, metavar="FILE", help="also write the rows to FILE (JSON lines)")
-    b.add_argument("--calibrate", action="store_true",
-                   help="instead of the benchmarks: time each fused op's C++ and torch paths on this CPU, store the "
-                        f"faster as the one backend='auto' runs (torch only when more than {100 * calibration.MARGIN:g}"
-                        "%% faster) and print the table; without it each op is timed on its first use. Takes no "
-                        "--ops or --json")
+    sub.add_parser("calibrate", help="time each fused op's C++ and torch paths on this CPU again",
+                   description="Time each fused op's C++ and torch paths on this CPU, at the shapes the methods call "
+                               "them with, store the faster as the one backend='auto' runs (torch only when more "
+                               f"than {100 * calibration.MARGIN:g}% faster) and print the table; otherwise each op is "
+                               "timed on its first use. The op microbenchmarks, each op against its baseline, "
+                               "are python bench/ops.py in a source checkout.")
 
     c = sub.add_parser("cache", help="decode an image folder once into a memory-mapped, class-indexed cache",
                        description="Decode an image folder into a memory-mapped uint8 file per split, class by class, "
@@ -464,18 +452,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.calibrate:
-        if args.ops or args.json:
-            raise ValueError("--calibrate times each op's own workload; it takes no --ops or --json")
-        show_calibration(calibration.calibrate())
-        return 0
-    positive_int("repeat (--repeat)", args.repeat)
-    device = str(resolve_device(args.device))
-    rows = suite.run(args.ops or list(suite.SUITES), device, args.repeat)
-    if args.json:
-        for row in rows:
-            append_jsonl(args.json, row)
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    show_calibration(calibration.calibrate())
     return 0
 
 
@@ -533,14 +511,14 @@ def _backend_rows() -> list[tuple[str, str]]:
         chosen = ("not calibrated yet (cpp until measured)" if m is None else
                   f"{m.backend} (measured, a round: cpp {m.cpp_ms:.1f} ms, torch {m.torch_ms:.1f} ms)")
         rows += [(f"auto on CPU: {op}", chosen) for op in ops]
-    where = str(path) if path.exists() else "none yet: on first use of each op, or fastdd bench --calibrate"
+    where = str(path) if path.exists() else "none yet: on first use of each op, or fastdd calibrate"
     return [*rows, ("calibration", where)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"distill": cmd_distill, "evaluate": cmd_evaluate, "experts": cmd_experts, "difficulty": cmd_difficulty,
-                "bench": cmd_bench, "cache": cmd_cache, "info": cmd_info}
+                "calibrate": cmd_calibrate, "cache": cmd_cache, "info": cmd_info}
     command = commands[args.command]
     processes = os.environ.get("WORLD_SIZE", "1")
     if args.command not in ("distill", "evaluate", "experts") and processes != "1":

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from fastdd.ops.grad_norm import Tail
 from fastdd.ops.norm_relu_pool import conv_instance_norm_relu_pool
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
@@ -233,6 +234,16 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor, run_block: BlockForward | None = None) -> torch.Tensor:
         """[B, C, H, W] -> logits [B, num_classes]; ``run_block`` as in :meth:`embed`."""
         return self.classifier(self.embed(x, run_block))
+
+    def tail_norms(self) -> tuple[nn.Module, ...]:
+        """Every block's norm in a network in its default configuration (``fusable``), else none: the tails (norm,
+        ReLU, 2 x 2 average pooling) :func:`fastdd.ops.per_sample_grad_norm` may run fused
+        (:class:`fastdd.ops.grad_norm.FusableTails`)."""
+        return tuple(block.norm for block in self.blocks) if self.fusable else ()
+
+    def forward_with_tails(self, x: torch.Tensor, tail: Tail) -> torch.Tensor:
+        """Logits as :meth:`forward`, each block run as ``tail(block.conv(h), block.norm)`` on its input h."""
+        return self(x, run_block=lambda block, h: tail(block.conv(h), block.norm))
 
 
 def _resnet_norm(norm: str, channels: int) -> nn.Module:

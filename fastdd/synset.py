@@ -40,7 +40,6 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
-from fastdd import __version__
 from fastdd.checks import (
     finite,
     integer,
@@ -55,6 +54,7 @@ from fastdd.checks import (
 )
 from fastdd.errors import DamagedFileError
 from fastdd.io import atomic_write_bytes
+from fastdd.version import __version__
 
 METADATA_KEY = "fastdd"
 FORMAT_VERSION = 1

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdd.ops import _backend
+from fastdd.ops._dtypes import MASKED_CONTRASTIVE_CUDA
 
 from .resources import LaunchConfig, pointer, powers_of_two
 
@@ -94,10 +95,8 @@ def pool_backward(masks: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 def launch_configs() -> list[LaunchConfig]:
     """Every kernel specialisation :func:`pool_forward` and :func:`pool_backward` can launch: features of each dtype
     the op takes on CUDA (masks, scale and the pooled values in the compute dtype), each :func:`_block_l`."""
-    from fastdd.ops.masked_contrastive import _CUDA_DTYPES
-
     configs = []
-    for dtype in _CUDA_DTYPES:
+    for dtype in MASKED_CONTRASTIVE_CUDA:
         f, compute = pointer(dtype), pointer(torch.float64 if dtype == torch.float64 else torch.float32)
         for block_l in powers_of_two(_MIN_BLOCK_L, _MAX_BLOCK_L):
             constexprs = dict(ACC=_acc_type(dtype), BLOCK_C=_BLOCK_C, BLOCK_L=block_l)

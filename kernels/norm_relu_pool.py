@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastdd.ops._dtypes import NORM_RELU_POOL
+
 from .resources import LaunchConfig, pointer, powers_of_two
 
 MIN_BLOCK = 128  # one value per thread of the default 4 warps: a smaller tile would leave threads idle
@@ -137,10 +139,8 @@ def backward(grad_out: Tensor, x: Tensor, gamma: Tensor, beta: Tensor, mean: Ten
 def launch_configs() -> list[LaunchConfig]:
     """Every kernel specialisation :func:`forward` and :func:`backward` can launch: x of each dtype the op takes
     (gamma, beta and the statistics in the accumulation dtype), each tile size :func:`block` returns."""
-    from fastdd.ops.norm_relu_pool import DTYPES
-
     configs = []
-    for dtype in DTYPES:
+    for dtype in NORM_RELU_POOL:
         x, acc = pointer(dtype), pointer(torch.float64 if dtype == torch.float64 else torch.float32)
         ints = dict(C="i32", H="i32", W="i32")
         for size in powers_of_two(MIN_BLOCK, MAX_BLOCK):

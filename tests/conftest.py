@@ -1,6 +1,10 @@
 """Shared fixtures: a tiny random real data set that every distiller test can use; NaN-poisoned
 kernel outputs; Triton kernels interpreted on CPU when no GPU is present; a script run over two processes; a
-backend calibration that keeps ``backend="auto"`` on the C++ extensions without timing anything."""
+backend calibration that keeps ``backend="auto"`` on the C++ extensions without timing anything.
+
+The benchmark harness (``bench/harness``, not part of the package) imports as ``harness``, as in the scripts of
+``bench/``: ``bench/`` is appended to the path (after everything installed; ``python bench/SCRIPT.py`` puts it
+first)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import types
 from pathlib import Path
 
 import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.append(str(BENCH))
 
 if not torch.cuda.is_available():  # must precede the first import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,7 +48,7 @@ def fake_timings(monkeypatch, tmp_path) -> types.SimpleNamespace:
     """Calibrations that time nothing: an empty user cache ``cache``, no choice made yet in this process, every C++
     extension loading, and workloads whose round on a backend takes the seconds ``seconds[backend]`` says (the
     timer reads them; 1.0 each until a test sets them); ``measured`` lists the extensions measured, in turn."""
-    from fastdd.benchmarks import workloads
+    from fastdd.ops import workloads
 
     fake = types.SimpleNamespace(cache=tmp_path / "cache", seconds={"cpp": 1.0, "torch": 1.0}, measured=[])
 

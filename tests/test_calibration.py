@@ -11,10 +11,9 @@ import time
 import pytest
 import torch
 
-import fastdd
-from fastdd import io
-from fastdd.benchmarks import workloads
-from fastdd.ops import _backend, calibration
+from fastdd import io, version
+from fastdd.errors import DamagedFileError
+from fastdd.ops import _backend, calibration, workloads
 
 
 def test_torch_is_chosen_only_beyond_the_margin():
@@ -66,7 +65,7 @@ def test_a_changed_machine_key_means_a_fresh_calibration(fake_timings, monkeypat
     changed = {"cpu": (calibration, "cpu_model", lambda: "Another CPU"),
                "isa_level": (_backend, "isa_level", lambda: "another level"),
                "torch": (torch, "__version__", "0.0.1"),
-               "fastdd": (fastdd, "__version__", "0.0.1")}[part]
+               "fastdd": (version, "__version__", "0.0.1")}[part]
     monkeypatch.setattr(*changed)
     calibration._choices.clear()
     fake_timings.seconds["torch"] = 0.5
@@ -94,7 +93,7 @@ def test_a_measurement_that_is_not_as_written_is_damaged(fake_timings):
     data = json.loads(path.read_text())
     data["measurements"]["grad_norm"]["backend"] = "triton"
     path.write_text(json.dumps(data))
-    with pytest.raises(fastdd.errors.DamagedFileError, match="a backend other than cpp or torch"):
+    with pytest.raises(DamagedFileError, match="a backend other than cpp or torch"):
         calibration.stored()
 
 
@@ -172,3 +171,15 @@ def test_the_workloads_run():
     """On the C++ path (the torch path is the same calls with another backend, and slower)."""
     for workload in workloads.WORKLOADS.values():
         workload.setup()("cpp")
+
+
+def test_the_workloads_have_convnet3s_layers_and_shapes():
+    """The ops do not import fastdd.models: the workloads spell ConvNet-3 out, as fastdd.models builds it."""
+    from fastdd.models import ConvNet
+
+    with torch.device("meta"):
+        net = ConvNet(workloads.CHANNELS, workloads.CLASSES, workloads.SIDE)
+    assert workloads.parameter_shapes() == [p.shape for p in net.parameters()]
+    for (conv, norm, conv_in, conv_out), block in zip(workloads.blocks(2), net.blocks, strict=True):
+        assert repr(conv) == repr(block.conv) and repr(norm) == repr(block.norm)
+        assert block.conv(torch.empty(conv_in, device="meta")).shape == conv_out

@@ -67,25 +67,6 @@ def test_help_lists_commands_and_defaults(capsys):
         assert option in text
 
 
-def test_bench_rejects_unknown_op(capsys):
-    with pytest.raises(SystemExit):
-        main(["bench", "--ops", "nope"])
-    err = capsys.readouterr().err
-    assert "invalid choice: 'nope'" in err and "per_sample_grad_norm" in err
-
-
-def test_bench_row_and_table():
-    from fastdd.benchmarks.measure import Calls, Case
-    from fastdd.benchmarks.suite import add_peaks, format_table, timing_row
-
-    case = Case("op", "tiny", "sum", lambda: Calls(lambda: sum(range(100)), lambda: sum(range(1000))), 2.0)
-    row = timing_row(case, "cpu", 0.5, 1.0)
-    add_peaks(row, "masked_feature_contrastive", 0, "cpu")
-    assert row["speedup"] == 2.0 and row["target"] == 2.0 and row["peak_mib"] is not None
-    table = format_table([row])
-    assert table.count("\n") == 3 and "| op | tiny | sum |" in table
-
-
 def test_python_dash_m_runs_the_command():
     run = subprocess.run([sys.executable, "-m", "fastdd", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.startswith("fastdd ")
@@ -110,9 +91,9 @@ def test_info_before_any_calibration(fake_timings, capsys):
     assert fake_timings.measured == []
 
 
-def test_bench_calibrate_prints_the_table_and_stores_it(fake_timings, capsys):
+def test_calibrate_prints_the_table_and_stores_it(fake_timings, capsys):
     fake_timings.seconds["torch"] = 0.5
-    assert main(["bench", "--calibrate"]) == 0
+    assert main(["calibrate"]) == 0
     out = capsys.readouterr().out
     assert "conv_instance_norm_relu_pool 1000.00 500.00 0.50 3 torch" in " ".join(out.split())
     assert out.count(" torch\n") == 5 and "stored in" in out
@@ -120,34 +101,3 @@ def test_bench_calibrate_prints_the_table_and_stores_it(fake_timings, capsys):
                                              "norm_relu_pool"]
     assert main(["info"]) == 0
     assert "auto on CPU: per_sample_grad_norm torch (measured" in " ".join(capsys.readouterr().out.split())
-
-
-def test_bench_calibrate_takes_no_ops(fake_timings, capsys):
-    assert main(["bench", "--calibrate", "--ops", "grad_match_distance"]) == 1
-    assert capsys.readouterr().err == ("fastdd bench: error: --calibrate times each op's own workload; it takes no "
-                                       "--ops or --json\n")
-    assert fake_timings.measured == []
-
-
-def test_bench_row_states_spread_and_load():
-    from fastdd.benchmarks.measure import Calls, Case, Load
-    from fastdd.benchmarks.suite import format_table, timing_row
-
-    case = Case("op", "tiny", "sum", lambda: Calls(lambda: None, lambda: None))
-    row = timing_row(case, "cpu", 0.5, 1.0, [1.8, 2.0, 2.2, 2.4], Load(1.5, 1.9, 2))
-    assert row["speedup_iqr"] == [1.95, 2.25] and row["rounds"] == 4
-    assert row["load"] == {"before": 1.5, "after": 1.9, "cpus": 2, "loaded": True}
-    assert "| 2.00x | 1.95-2.25x (4) |" in format_table([row])
-    assert "| 1.50 -> 1.90 / 2, loaded |" in format_table([row])
-    quiet = timing_row(case, "cpu", 0.5, 1.0, [2.0, 2.0], Load(0.5, 1.0, 2))
-    assert quiet["speedup_iqr"] is None and "| 2.00x | - |" in format_table([quiet])  # too few rounds for a spread
-    assert "| 0.50 -> 1.00 / 2 |" in format_table([quiet])
-
-
-def test_paired_rounds_reach_repeat_and_min_seconds_up_to_the_cap():
-    from fastdd.benchmarks.measure import MAX_ROUNDS, paired_seconds
-
-    calls = []
-    rounds = paired_seconds([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", repeat=3, warmup=0)
-    assert [len(r) for r in rounds] == [3, 3] and calls == ["a", "b"] * 3
-    assert len(paired_seconds([lambda: None], "cpu", repeat=2, min_seconds=60.0)[0]) == 2 + MAX_ROUNDS

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fastdd.models import fused_blocks, get_network
-from fastdd.ops import naive, per_sample_grad_norm
+from fastdd.ops import grad_norm, naive, per_sample_grad_norm
 from fastdd.ops.weight_sq_norms import _fused_sq_norms
 
 BACKENDS = ["torch", "cpp", "triton"]
@@ -259,3 +259,25 @@ def test_fused_blocks_path_counts_only_trainable_norms():
     x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 0])
     torch.testing.assert_close(per_sample_grad_norm(net, x, y), naive.per_sample_grad_norm(net, x, y),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_a_default_convnet_offers_its_tails_and_the_cpu_path_fuses_them(monkeypatch):
+    """ConvNet is a FusableTails (the ops do not import fastdd.models): in its default configuration each block's
+    norm comes from one fused tail that reports its per-sample squared norms; switched off, from the hooks alone."""
+    net = get_network("ConvNet", 1, 3, (8, 8), torch.Generator().manual_seed(2)).double()
+    assert isinstance(net, grad_norm.FusableTails) and net.tail_norms() == tuple(b.norm for b in net.blocks)
+    x, y = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1, 0])
+    fused, tail = [], grad_norm.instance_norm_relu_pool
+
+    def counted(*args, **kwargs):
+        fused.append(kwargs["per_sample_sq_norms"] is not None)
+        return tail(*args, **kwargs)
+
+    monkeypatch.setattr(grad_norm, "instance_norm_relu_pool", counted)
+    expected = naive.per_sample_grad_norm(net, x, y)
+    torch.testing.assert_close(per_sample_grad_norm(net, x, y), expected, rtol=1e-10, atol=1e-12)
+    assert fused == [True] * len(net.blocks)
+    net.fusable = False
+    assert net.tail_norms() == ()
+    torch.testing.assert_close(per_sample_grad_norm(net, x, y), expected, rtol=1e-10, atol=1e-12)
+    assert fused == [True] * len(net.blocks)

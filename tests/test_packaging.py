@@ -1,10 +1,13 @@
 """The build: every package shipped, each C++ source compiled into the module ``load_extension`` imports, for no
-particular machine, and no torch of its own fetched for building."""
+particular machine, no torch of its own fetched for building, and no benchmark code in what is shipped."""
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,22 @@ def test_the_build_does_not_fetch_torch():
     tomllib = pytest.importorskip("tomllib")
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
     assert not [r for r in requires if r.startswith("torch")]
+
+
+def test_the_wheel_holds_no_benchmark_code(tmp_path):
+    """The Python files a wheel ships, as setup.py's build_py lays them out (the wheel's modules without compiling its
+    extensions): all under ``fastdd/``, none of the benchmark harness (``bench/harness``, once ``fastdd/benchmarks``),
+    none importing the benchmarks' baselines (Opacus, BackPACK)."""
+    built = tmp_path / "lib"
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build_py",
+                    "--build-lib", str(built)], cwd=ROOT, check=True, capture_output=True)
+    shipped = sorted(built.rglob("*.py"))
+    assert {path.relative_to(built).parts[0] for path in shipped} == {"fastdd"}
+    assert built.joinpath("fastdd", "ops", "calibration.py").is_file()  # the files are there to look at
+    assert not [path for path in shipped if path.relative_to(built).parts[:2] == ("fastdd", "benchmarks")]
+    baselines = {"opacus", "backpack"}
+    for path in shipped:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not {name.partition(".")[0] for name in names} & baselines, path

@@ -15,9 +15,10 @@ from PIL import Image
 
 import fastdd
 import fastdd.memory
-from fastdd.benchmarks.memory_plan import SMALL_CASES
 from fastdd.cli import main
 from fastdd.memory import activation_bytes, check_image_fits
+from harness.memory_plan import SMALL_CASES
+from harness.process import run_module
 
 
 def test_activation_bytes_order_and_scale():
@@ -31,8 +32,7 @@ def test_activation_bytes_order_and_scale():
 def test_plan_within_a_quarter_of_the_measured_peak():
     """DC, IDC, DM and MTT (exact and flat): the plan's working set of an iteration against the peak measured over
     one iteration, in a process of its own."""
-    run = subprocess.run([sys.executable, "-m", "fastdd.benchmarks.memory_plan", *SMALL_CASES], capture_output=True,
-                         text=True, check=True)
+    run = run_module("memory_plan", *SMALL_CASES, check=True)
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     assert [row["case"] for row in rows] == list(SMALL_CASES)
     for row in rows:

@@ -15,10 +15,10 @@ import torch
 
 import fastdd
 from fastdd import precision
-from fastdd.benchmarks.memory_plan import random_expert
 from fastdd.methods import DC, MTT
 from fastdd.precision import native_bfloat16, resolve_real_precision
 from fastdd.run import CONFIG
+from harness.memory_plan import random_expert
 
 MODEL = "ConvNetW32"
 TINY = {"dataset": "digits", "method": "dc", "ipc": 1, "iterations": 1, "batch_real": 8, "model": MODEL,

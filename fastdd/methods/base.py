@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdd import __version__
 from fastdd.allocator import physical_memory
 from fastdd.checks import one_of, positive_float, positive_int
 from fastdd.data import ClassBatches, RealDataset
@@ -28,6 +27,7 @@ from fastdd.methods.matching import matching_distance
 from fastdd.models import fused_blocks, get_network
 from fastdd.precision import resolve_real_precision
 from fastdd.synset import SyntheticSet
+from fastdd.version import __version__
 
 INITS = ("real", "noise")
 # The copies of the synthetic images a run holds at once (Distiller.image_copies; a method may hold more)

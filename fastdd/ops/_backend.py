@@ -36,7 +36,7 @@ import os
 import platform
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +52,7 @@ LDFLAGS = ("-fopenmp",)
 ISA_LEVELS = ("avx512", "avx2", "default")  # the ISA levels of the C++ kernels on x86-64, highest first
 _forced_level: str | None = None  # the level at_isa_level holds, else None (the highest of isa_levels)
 _loaded: dict[str, ModuleType] = {}  # the C++ extension last loaded under each name, whose level at_isa_level sets
+_cpu_choice: Callable[[str], str] | None = None  # family -> what "auto" runs on CPU: set_cpu_choice's
 
 
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> Tensor:
@@ -222,6 +223,14 @@ def apply(function: type[torch.autograd.Function], *args: object) -> object:
     return super(torch.autograd.Function, function).apply(*args)
 
 
+def set_cpu_choice(choose: Callable[[str], str]) -> None:
+    """Make ``choose(family)``, ``"cpp"`` or ``"torch"``, what ``"auto"`` runs for the ops of ``family`` on CPU
+    tensors where their C++ extension loads. ``fastdd.ops`` sets the calibration's measured choice
+    (:func:`fastdd.ops.calibration.choice`), which imports this module: this module does not import it back."""
+    global _cpu_choice
+    _cpu_choice = choose
+
+
 def resolve_backend(backend: str, tensors: list[Tensor], extension: str,
                     cpp_dtypes: tuple[torch.dtype, ...] | None = None, family: str | None = None) -> str:
     """The backend an op runs on, for ``tensors`` (all on one device) and the C++ ``extension``.
@@ -245,9 +254,7 @@ def resolve_backend(backend: str, tensors: list[Tensor], extension: str,
         if device == "cuda" and triton_available():
             return "triton"
         if device == "cpu" and cpp_dtype and load_extension(extension) is not None:
-            import fastdd.ops.calibration as calibration  # it imports this module; after the first call a lookup
-
-            return calibration.choice(family or extension)  # the faster of "cpp" and "torch" here, measured once
+            return _cpu_choice(family or extension)  # the faster of "cpp" and "torch" here, measured once
         return "torch"
     if backend == "triton":
         if device != "cuda" and not triton_interpreted():

@@ -4,7 +4,7 @@ Each family of ops (:data:`OPS`) is chosen for on its own: one family per C++ ex
 (``conv_instance_norm_relu_pool``), chosen apart from the tail op it shares its extension with, because at some ISA
 levels oneDNN's convolution followed by the tail beats it while the tail alone stays faster in C++. For each family
 the calibration times its ops on ``"cpp"`` and on ``"torch"``, forward and backward, at the shapes the methods call
-them with (:mod:`fastdd.benchmarks.workloads`): the two sides in alternation, each round's order flipped, until
+them with (:mod:`fastdd.ops.workloads`): the two sides in alternation, each round's order flipped, until
 :data:`BUDGET_S` seconds of timed calls and at least :data:`MIN_ROUNDS` rounds (at most :data:`MAX_ROUNDS`), after
 a warm-up call each. ``"torch"`` is chosen only when the median over rounds of torch's time over cpp's is below
 ``1 - MARGIN``, so that close calls stay on C++ and do not flip from one calibration to the next.
@@ -12,7 +12,7 @@ a warm-up call each. ``"torch"`` is chosen only when the median over rounds of t
 The measurements are kept in a JSON file per machine key (:func:`machine_key`: CPU model, the C++ kernels' ISA
 level and sources, torch's and fastdd's versions; a change of any of them means a fresh calibration) under the user
 cache folder, ``$XDG_CACHE_HOME/fastdd`` or ``~/.cache/fastdd``. An extension is measured on its first ``auto`` call
-in a process that finds no measurement (a line on stderr says so), or all at once by ``fastdd bench --calibrate``
+in a process that finds no measurement (a line on stderr says so), or all at once by ``fastdd calibrate``
 (:func:`calibrate`). Writes are atomic; processes calibrating at once take turns on a lock file, the later one
 reading what the earlier one stored. A damaged file is measured again, with a line saying so; a folder that
 cannot be written keeps the measurement for the process alone. An extension's choice is read (or measured) once
@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-import fastdd
+from fastdd import version
 from fastdd.errors import DamagedFileError, WriteError, one_line
 from fastdd.io import atomic_write_json, read_json_file
 from fastdd.ops import _backend
+from fastdd.ops.workloads import WORKLOADS
 
 # family -> the public ops whose CPU path it chooses; a family is named after its C++ extension, or in EXTENSION
 OPS = {
@@ -140,7 +141,7 @@ def machine_key() -> dict[str, str]:
     built = sorted({extension_of(name) for name in FAMILIES})
     sources = hashlib.sha256(b"".join(_backend.source_bytes(name) for name in built)).hexdigest()[:16]
     return {"cpu": cpu_model(), "isa_level": _backend.isa_level(), "torch": torch.__version__,
-            "fastdd": fastdd.__version__, "kernels": sources}
+            "fastdd": version.__version__, "kernels": sources}
 
 
 def extension_of(family: str) -> str:
@@ -212,8 +213,6 @@ def _lock(folder: Path) -> Iterator[None]:
 
 def _measured(extension: str) -> Measurement:
     """:func:`measure` of ``extension``'s workload, with gradients on and autocast off whatever the caller's mode."""
-    from fastdd.benchmarks.workloads import WORKLOADS  # it imports the ops, which import this module's importer
-
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
         run = WORKLOADS[extension].setup()
         return measure(lambda: run("cpp"), lambda: run("torch"))

@@ -13,12 +13,17 @@ in a plain backward.
 A layer without a rule (BatchNorm: it mixes samples), a frozen BatchNorm that normalises with batch statistics,
 a module used twice in one forward, and a model without trainable parameters are refused with a clear error.
 With ``create_graph=True`` the norms are differentiable w.r.t. ``x`` (SDC backpropagates through them).
+
+On CPU without a graph of the norms, a model that offers its norm + ReLU + pooling tails (:class:`FusableTails`,
+as ``fastdd.models.ConvNet`` in its default configuration does) runs them as the fused C++ op
+:func:`~fastdd.ops.norm_relu_pool.instance_norm_relu_pool`, which reports the norms' per-sample squared norms itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +36,20 @@ from fastdd.ops import _checks as checks
 from fastdd.ops.layer_rules import Rule, rule_for
 from fastdd.ops.norm_relu_pool import instance_norm_relu_pool
 
-if TYPE_CHECKING:
-    from fastdd.models import BlockForward
+Tail = Callable[[Tensor, nn.Module], Tensor]
+"""(z, norm) -> a block's tail on its convolution's output z: ``norm``, ReLU and 2 x 2 average pooling."""
+
+
+@runtime_checkable
+class FusableTails(Protocol):
+    """A model whose blocks end in a tail (:data:`Tail`) with an affine per-channel instance norm (``InstanceNorm2d``
+    or ``GroupNorm`` with a group per channel) and that can run every tail through a given function."""
+
+    def tail_norms(self) -> tuple[nn.Module, ...]:
+        """The norm of each tail, in the order the forward runs them; empty when the model has none to fuse."""
+
+    def forward_with_tails(self, x: Tensor, tail: Tail) -> Tensor:
+        """The model's output on ``x``, each tail run as ``tail(z, norm)``, every other layer as in ``forward``."""
 
 
 def trainable_layers(model: nn.Module) -> dict[nn.Module, Rule]:
@@ -124,26 +141,21 @@ def _validate(model: nn.Module, x: Tensor, y: Tensor, create_graph: bool, chunk_
     return layers
 
 
-def _fused_tails(model: nn.Module, x: Tensor, create_graph: bool, backend: str,
-                 sink: list[Tensor]) -> BlockForward | None:
-    """On CPU, for a ConvNet in its default configuration and no graph of the norms: a block forward
-    (``ConvNet.forward``'s ``run_block``) that runs each block's norm + ReLU + pooling as the fused C++ op,
-    which appends its per-sample weight and bias squared norms to ``sink`` and forms neither the normalised nor
-    the rectified map; None otherwise."""
-    from fastdd.models import ConvBlock, ConvNet  # fastdd.models imports fastdd.ops
-
-    if create_graph or backend == "torch" or not isinstance(model, ConvNet) or not model.fusable:
+def _fused_tails(model: nn.Module, x: Tensor, create_graph: bool, backend: str, sink: list[Tensor]) -> Tail | None:
+    """On CPU, for a model with tails to fuse (:class:`FusableTails`) and no graph of the norms: a :data:`Tail`
+    that runs as the fused C++ op, which appends its per-sample weight and bias squared norms to ``sink`` and forms
+    neither the normalised nor the rectified map; None otherwise."""
+    if create_graph or backend == "torch" or not isinstance(model, FusableTails) or not model.tail_norms():
         return None
     if _backend.resolve_backend("auto", [x], "norm_relu_pool", norm_relu_pool.DTYPES) != "cpp":
         return None
-    if not all(block.norm.weight.requires_grad == block.norm.bias.requires_grad for block in model.blocks):
+    if not all(norm.weight.requires_grad == norm.bias.requires_grad for norm in model.tail_norms()):
         return None
 
-    def run_block(block: ConvBlock, x: Tensor) -> Tensor:
-        norm = block.norm
-        return instance_norm_relu_pool(block.conv(x), norm.weight, norm.bias, norm.eps, backend="cpp",
+    def tail(z: Tensor, norm: nn.Module) -> Tensor:
+        return instance_norm_relu_pool(z, norm.weight, norm.bias, norm.eps, backend="cpp",
                                        per_sample_sq_norms=sink if norm.weight.requires_grad else None)
-    return run_block
+    return tail
 
 
 def _chunk_norms(model: nn.Module, layers: dict[nn.Module, Rule], x: Tensor, y: Tensor, create_graph: bool,
@@ -152,15 +164,15 @@ def _chunk_norms(model: nn.Module, layers: dict[nn.Module, Rule], x: Tensor, y: 
     # fires, and no weight gradient is formed (the input gradient of the first layer is the only extra).
     x = x if x.requires_grad else x.detach().requires_grad_(True)
     sink: list[Tensor] = []
-    run_block = _fused_tails(model, x, create_graph, backend, sink)
+    tail = _fused_tails(model, x, create_graph, backend, sink)
     hooked = layers
-    if run_block is not None:  # the fused tails report the norms' squared norms themselves
-        fused = {block.norm for block in model.blocks}
+    if tail is not None:  # the fused tails report the norms' squared norms themselves
+        fused = set(model.tail_norms())
         hooked = {m: rule for m, rule in layers.items() if m not in fused}
     sq_norms, handles = _record(hooked, create_graph, backend)
     try:
         with torch.enable_grad():
-            logits = model(x) if run_block is None else model(x, run_block=run_block)
+            logits = model(x) if tail is None else model.forward_with_tails(x, tail)
             if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(x):
                 got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
                 raise ValueError(f"model must map x [B, ...] to logits [B, K] = [{len(x)}, K], got {got}")

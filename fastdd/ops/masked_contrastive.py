@@ -22,10 +22,10 @@ from torch import Tensor
 from fastdd.checks import positive_float
 from fastdd.ops import _backend, naive
 from fastdd.ops import _checks as checks
+from fastdd.ops._dtypes import MASKED_CONTRASTIVE_CUDA as _CUDA_DTYPES
 
 _EXTENSION = "masked_contrastive"
 _CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NORM_EPS = 1e-12  # as F.normalize
 
 

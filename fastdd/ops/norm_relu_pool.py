@@ -32,9 +32,9 @@ from torch import Tensor
 from fastdd.checks import nonnegative_int, positive_float
 from fastdd.ops import _backend, naive
 from fastdd.ops import _checks as checks
+from fastdd.ops._dtypes import NORM_RELU_POOL as DTYPES  # x on every backend
 
 _EXTENSION = "norm_relu_pool"
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # x on every backend
 # Most input channels x kernel positions of a convolution the fused C++ block computes itself: one channel of
 # 3 x 3 (grey images). Measured (bench/NOTES.md): at 27 taps (RGB) oneDNN's convolution is faster.
 MAX_FUSED_TAPS = 9

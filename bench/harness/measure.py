@@ -135,7 +135,7 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int | None:
     mapped) and the free pages of the heaps are returned (malloc_trim) before the resident set is
     read, so the small buffers count too (without that, the peak of the same call measured 8-10.7
     MiB in successive processes; with it, within 3 %). That also slows later allocations: take CPU
-    peaks in a process of their own (``fastdd.benchmarks.suite`` does).
+    peaks in a process of their own (:mod:`harness.suite` does).
     """
     if device.startswith("cuda"):
         fn()

@@ -1,11 +1,11 @@
 """The memory plan (:mod:`fastdd.memory`) against measured peaks: distillers on random images, the plan's working
-set of an iteration and the peak :func:`fastdd.benchmarks.measure.peak_bytes` measures over one iteration.
+set of an iteration and the peak :func:`harness.measure.peak_bytes` measures over one iteration.
 
-    python -m fastdd.benchmarks.memory_plan CASE [CASE ...]
+    python -m harness.memory_plan CASE [CASE ...]
 
-prints one JSON line per case (``case``, ``planned``, ``measured``: bytes). Run it in a process of its own:
-``peak_bytes`` pins the allocator's mmap threshold. ``tests/test_plan.py`` runs the small cases, bench/plan.py
-all of them.
+(``bench/`` on the path, as :func:`harness.process.run_module` runs it) prints one JSON line per case (``case``,
+``planned``, ``measured``: bytes). Run it in a process of its own: ``peak_bytes`` pins the allocator's mmap
+threshold. ``tests/test_plan.py`` runs the small cases, bench/plan.py all of them.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from fastdd.benchmarks.measure import peak_bytes
 from fastdd.data import RealDataset
 from fastdd.memory import plan_memory
 from fastdd.methods import DC, DM, IDC, MTT
 from fastdd.methods.base import Distiller
 from fastdd.models import get_network
 from fastdd.trajectory import Trajectory, expert_path
+from harness.measure import peak_bytes
 
 
 @dataclass(frozen=True)

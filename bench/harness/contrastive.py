@@ -12,8 +12,8 @@ from functools import partial
 
 import torch
 
-from fastdd.benchmarks.measure import Calls, Case
 from fastdd.ops import masked_feature_contrastive, naive
+from harness.measure import Calls, Case
 
 # (N, C, H = W, K)
 SHAPES = [(100, 128, 8, 10), (400, 128, 8, 100), (100, 128, 16, 10), (2000, 128, 8, 100)]

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from fastdd.benchmarks.memory_plan import random_set
 from fastdd.data import RealDataset
 from fastdd.methods import DC, DM, get_loops
+from harness.memory_plan import random_set
 
 CLASSES, SIDE, PER_CLASS, MODEL = 100, 32, 300, "ConvNetW32"
 

@@ -3,7 +3,7 @@
 Each row states, beside the speed-up (the ratio of the two sides' median times), its spread: the interquartile
 range of the per-round speed-ups (each round times both sides once, in turn), over at least :data:`MIN_ROUNDS`
 rounds; and the machine's load: its 1-minute load average before and after the case and its CPUs, ``loaded`` when
-other work held more than :data:`~fastdd.benchmarks.measure.LOADED_SHARE` of them at the start.
+other work held more than :data:`~harness.measure.LOADED_SHARE` of them at the start.
 """
 
 from __future__ import annotations
@@ -13,22 +13,22 @@ import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from fastdd.allocator import keep_freed_memory
-from fastdd.benchmarks.measure import Case, Load, commit, load_average, machine, paired_seconds, peak_bytes, quartiles
+from harness.measure import Case, Load, commit, load_average, machine, paired_seconds, peak_bytes, quartiles
+from harness.process import run_module
 
 MIN_SECONDS = 1.0  # each side is timed for at least this long: millisecond ops get hundreds of calls
 MIN_ROUNDS = 3  # the fewest rounds a row's spread is stated over
-# op name -> module under fastdd.benchmarks with a ``cases(device) -> list[Case]`` function
+# op name -> module of the harness with a ``cases(device) -> list[Case]`` function
 SUITES = {
-    "grad_match_distance": "fastdd.benchmarks.grad_match",
-    "instance_norm_relu_pool": "fastdd.benchmarks.norm_relu_pool",
-    "masked_feature_contrastive": "fastdd.benchmarks.contrastive",
-    "per_sample_grad_norm": "fastdd.benchmarks.grad_norm",
+    "grad_match_distance": "harness.grad_match",
+    "instance_norm_relu_pool": "harness.norm_relu_pool",
+    "masked_feature_contrastive": "harness.contrastive",
+    "per_sample_grad_norm": "harness.grad_norm",
 }
 
 
@@ -61,9 +61,8 @@ def timing_row(case: Case, device: str, seconds: float, baseline_seconds: float,
 
 
 def _in_fresh_process(op: str, index: int, *args: str) -> str:
-    """The last line ``python -m fastdd.benchmarks.suite OP INDEX *args`` prints."""
-    return subprocess.run([sys.executable, "-m", "fastdd.benchmarks.suite", op, str(index), *args],
-                          capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    """The last line ``python -m harness.suite OP INDEX *args`` prints."""
+    return run_module("suite", op, str(index), *args, check=True).stdout.splitlines()[-1]
 
 
 def timings(op: str, index: int, device: str, repeat: int) -> Timing:
@@ -101,7 +100,7 @@ def add_peaks(row: dict, op: str, index: int, device: str) -> None:
 
 
 def cases(op: str, device: str) -> list[Case]:
-    """The cases of ``op`` on ``device`` (listed, not built: see :class:`~fastdd.benchmarks.measure.Case`)."""
+    """The cases of ``op`` on ``device`` (listed, not built: see :class:`~harness.measure.Case`)."""
     if op not in SUITES:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(SUITES)}")
     return importlib.import_module(SUITES[op]).cases(device)

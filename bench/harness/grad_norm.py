@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdd.benchmarks.measure import Calls, Case, unchanged
 from fastdd.models import get_network
 from fastdd.ops import per_sample_grad_norm
+from harness.measure import Calls, Case, unchanged
 
 OP = "per_sample_grad_norm"
 BATCH = 256

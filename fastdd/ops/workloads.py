@@ -1,6 +1,11 @@
 """What the backend calibration (:mod:`fastdd.ops.calibration`) times for each family of ops: its ops forward and
-backward as the methods call them, at the shapes of fastdd's default ConvNet-3 (width 128) on Fashion-MNIST
-(1 x 28 x 28, the first convolution padding by 3) and as UDD calls its contrastive term.
+backward as the methods call them, at the shapes of fastdd's default ConvNet-3 on Fashion-MNIST and as UDD calls its
+contrastive term.
+
+ConvNet-3 (``fastdd.models.ConvNet(1, 10, 28)``, which the ops do not import: its layers are spelled out here, and a
+test holds them to the model's): three blocks of a 3 x 3 convolution to 128 channels (on 1 x 28 x 28 images the first
+pads by 3, the others by 1), an instance norm (``GroupNorm`` with a group per channel), ReLU and 2 x 2 average
+pooling, then a linear layer from the 128 x 4 x 4 features to 10 classes.
 
 Each :class:`Workload`'s ``setup()`` builds its inputs once, from a private generator, and returns ``run(backend)``,
 one round on ``"cpp"`` or ``"torch"``; every op is called with that backend (an ``"auto"`` call would calibrate
@@ -18,20 +23,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fastdd.models import ConvNet
-from fastdd.ops import (
-    conv_instance_norm_relu_pool,
-    grad_match_distance,
-    instance_norm_relu_pool,
-    masked_feature_contrastive,
-)
+from fastdd.ops.grad_match import grad_match_distance
 from fastdd.ops.layer_rules import rule_for
+from fastdd.ops.masked_contrastive import masked_feature_contrastive
+from fastdd.ops.norm_relu_pool import conv_instance_norm_relu_pool, instance_norm_relu_pool
 
 Run = Callable[[str], object]
 REAL_BATCH = 64
 NORMS_BATCH = 32
 UDD_SHAPES = [(100, 10), (400, 100)]  # (synthetic feature maps N, classes K): IPC 10 of 10 classes; 400 decoded
 UDD_TAU = 0.01  # UDD's default temperature
+CHANNELS, SIDE, CLASSES, WIDTH = 1, 28, 10, 128  # ConvNet-3 on Fashion-MNIST
+PADDINGS = (3, 1, 1)  # of the blocks' convolutions
 
 
 @dataclass(frozen=True)
@@ -42,25 +45,32 @@ class Workload:
     setup: Callable[[], Run]
 
 
-def _blocks(batch: int) -> list[tuple[nn.Conv2d, nn.Module, torch.Size, torch.Size]]:
-    """Each block of ConvNet-3 on ``batch`` Fashion-MNIST images: its conv and norm modules (on the meta device),
-    the conv's input shape and its output shape (the norm's input and output)."""
-    with torch.device("meta"):
-        net = ConvNet(1, 10, 28)
-    side, found = 28, []
-    for block in net.blocks:
-        conv = block.conv
-        out = side + 2 * conv.padding[0] - conv.kernel_size[0] + 1  # stride 1
-        found.append((conv, block.norm, torch.Size((batch, conv.in_channels, side, side)),
-                      torch.Size((batch, conv.out_channels, out, out))))
-        side = out // 2  # the block's 2 x 2 pooling
+def blocks(batch: int) -> list[tuple[nn.Conv2d, nn.GroupNorm, torch.Size, torch.Size]]:
+    """Each block of ConvNet-3 (module docstring) on ``batch`` Fashion-MNIST images: its conv and norm modules (on the
+    meta device), the conv's input shape and its output shape (the norm's input and output)."""
+    side, channels, found = SIDE, CHANNELS, []
+    for padding in PADDINGS:
+        with torch.device("meta"):
+            conv, norm = nn.Conv2d(channels, WIDTH, 3, padding=padding), nn.GroupNorm(WIDTH, WIDTH)
+        out = side + 2 * padding - 2  # stride 1
+        found.append((conv, norm, torch.Size((batch, channels, side, side)), torch.Size((batch, WIDTH, out, out))))
+        side, channels = out // 2, WIDTH  # the block's 2 x 2 pooling
     return found
+
+
+def parameter_shapes() -> list[torch.Size]:
+    """The shapes of ConvNet-3's parameters, in the order of ``ConvNet.parameters()``: each block's convolution and
+    norm, then the linear layer."""
+    found = blocks(1)
+    pooled = found[-1][3][-1] // 2  # the side of the last block's pooled map
+    layers = [*(layer for conv, norm, _, _ in found for layer in (conv, norm)),
+              nn.Linear(WIDTH * pooled * pooled, CLASSES, device="meta")]
+    return [p.shape for layer in layers for p in layer.parameters()]
 
 
 def _grad_match() -> Run:
     g = torch.Generator().manual_seed(0)
-    with torch.device("meta"):
-        shapes = [p.shape for p in ConvNet(1, 10, 28).parameters()]
+    shapes = parameter_shapes()
     calls = []
     for lead, batched in (((10,), True), ((), False)):
         syn = [torch.randn(*lead, *s, generator=g).requires_grad_(True) for s in shapes]
@@ -76,7 +86,7 @@ def _grad_match() -> Run:
 def _grad_norm() -> Run:
     g = torch.Generator().manual_seed(0)
     records: list[tuple[nn.Module, Tensor, Tensor]] = []
-    for conv, norm, conv_in, conv_out in _blocks(NORMS_BATCH):
+    for conv, norm, conv_in, conv_out in blocks(NORMS_BATCH):
         records += [(conv, torch.randn(conv_in, generator=g), torch.randn(conv_out, generator=g)),
                     (norm, torch.randn(conv_out, generator=g), torch.randn(conv_out, generator=g))]
 
@@ -90,7 +100,7 @@ def _grad_norm() -> Run:
 def _norm_relu_pool() -> Run:
     """The tail op on the output maps of ConvNet-3's three convolutions, forward and backward."""
     g = torch.Generator().manual_seed(0)
-    maps = [torch.randn(out, generator=g).requires_grad_(True) for _, _, _, out in _blocks(REAL_BATCH)]
+    maps = [torch.randn(out, generator=g).requires_grad_(True) for _, _, _, out in blocks(REAL_BATCH)]
     affine = [[torch.randn(z.shape[1], generator=g).requires_grad_(True) for _ in range(2)] for z in maps]
     grad_outs = [torch.randn(*z.shape[:2], z.shape[2] // 2, z.shape[3] // 2, generator=g) for z in maps]
     leaves = [*maps, *(t for pair in affine for t in pair)]
@@ -105,7 +115,7 @@ def _conv_norm_relu_pool() -> Run:
     """The first block whole, forward and backward: on ``"cpp"`` the fused kernel, on ``"torch"`` what the op runs
     when the calibration chooses against it, the convolution followed by the tail op (its C++ path)."""
     g = torch.Generator().manual_seed(0)
-    (conv, _, x_shape, out), *_ = _blocks(REAL_BATCH)
+    (conv, _, x_shape, out), *_ = blocks(REAL_BATCH)
     x = torch.randn(x_shape, generator=g)
     params = [torch.randn(shape, generator=g).requires_grad_(True)
               for shape in (conv.weight.shape, conv.bias.shape, conv.bias.shape, conv.bias.shape)]

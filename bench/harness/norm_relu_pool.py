@@ -12,8 +12,8 @@ from functools import partial
 
 import torch
 
-from fastdd.benchmarks.measure import Calls, Case
 from fastdd.ops import conv_instance_norm_relu_pool, instance_norm_relu_pool, naive
+from harness.measure import Calls, Case
 
 SHAPES = [(256, 128, 32, 32), (256, 128, 16, 16)]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -13,9 +13,9 @@ from functools import partial
 
 import torch
 
-from fastdd.benchmarks.measure import Calls, Case
 from fastdd.models import ConvNet
 from fastdd.ops import grad_match_distance, naive
+from harness.measure import Calls, Case
 
 # (data set, channels, image size, classes, metric, target speed-up)
 CASES = [
