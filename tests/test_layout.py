@@ -22,15 +22,10 @@ import ast
 import functools
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"fastdd": ROOT / "fastdd", "fastdd.kernels": ROOT / "kernels"}  # package -> its source folder
 HELPERS = frozenset({"fastdd.checks", "fastdd.errors", "fastdd.io", "fastdd.version"})
 OPS = ("fastdd.ops", "fastdd.kernels")
-# fastdd/data/cache.py <-> fastdd/data/imagefolder.py: the one cycle known, being taken apart on another branch.
-# Once that is merged test_no_cycle_is_left passes and, being a strict xfail, fails the suite: delete it and this.
-KNOWN_CYCLES = [frozenset({"fastdd.data.cache", "fastdd.data.imagefolder"})]
 
 
 def modules() -> dict[str, Path]:
@@ -126,14 +121,7 @@ def test_the_graph_sees_every_kind_of_import():
     assert {"fastdd.api", "fastdd.config", "fastdd.version"} <= edges["fastdd"]
 
 
-def test_no_import_cycle_beyond_the_known_one():
-    edges = graph()
-    found = [c for c in cycles(edges) if c not in KNOWN_CYCLES]
-    assert not found, "import cycles: " + " | ".join(_shown(c, edges) for c in found)
-
-
-@pytest.mark.xfail(strict=True, reason="fastdd/data/cache.py <-> fastdd/data/imagefolder.py, fixed on another branch")
-def test_no_cycle_is_left():
+def test_no_import_cycle():
     edges = graph()
     found = cycles(edges)
     assert not found, "import cycles: " + " | ".join(_shown(c, edges) for c in found)
