@@ -3,10 +3,13 @@ and load it states, the paired rounds, a case's peak in a fresh process, and ``b
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
-from harness.measure import MAX_ROUNDS, Calls, Case, Load, paired_seconds
+import pytest
+
+from harness.measure import MAX_ROUNDS, Calls, Case, Load, OwnLoad, paired_seconds
 from harness.process import BENCH
 from harness.suite import add_peaks, format_table, timing_row
 
@@ -24,12 +27,22 @@ def test_row_states_spread_and_load():
     case = Case("op", "tiny", "sum", lambda: Calls(lambda: None, lambda: None))
     row = timing_row(case, "cpu", 0.5, 1.0, [1.8, 2.0, 2.2, 2.4], Load(1.5, 1.9, 2))
     assert row["speedup_iqr"] == [1.95, 2.25] and row["rounds"] == 4
-    assert row["load"] == {"before": 1.5, "after": 1.9, "cpus": 2, "loaded": True}
+    assert row["load"] == {"before": 1.5, "after": 1.9, "cpus": 2, "own": 0.0, "loaded": True}
     assert "| 2.00x | 1.95-2.25x (4) |" in format_table([row])
     assert "| 1.50 -> 1.90 / 2, loaded |" in format_table([row])
     quiet = timing_row(case, "cpu", 0.5, 1.0, [2.0, 2.0], Load(0.5, 1.0, 2))
     assert quiet["speedup_iqr"] is None and "| 2.00x | - |" in format_table([quiet])  # too few rounds for a spread
     assert "| 0.50 -> 1.00 / 2 |" in format_table([quiet])
+    own = timing_row(case, "cpu", 0.5, 1.0, [2.0, 2.0], Load(1.5, 1.9, 2, own=1.2))  # the suite's own threads
+    assert not own["load"]["loaded"] and "| 1.50 (1.20 own) -> 1.90 / 2 |" in format_table([own])
+
+
+def test_own_load_averages_in_like_the_kernel():
+    own = OwnLoad(threads=2)
+    own.ran(60.0)
+    assert own.value == pytest.approx(2 * (1 - math.exp(-1)))
+    own.ran(600.0)
+    assert own.value == pytest.approx(2.0, rel=1e-4)
 
 
 def test_paired_rounds_reach_repeat_and_min_seconds_up_to_the_cap():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import statistics
 import subprocess
@@ -101,19 +102,36 @@ def quartiles(values: Sequence[float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Load:
-    """The machine's 1-minute load average when a measurement began and when it ended, and its CPUs.
+    """The machine's 1-minute load average when a measurement began and when it ended, its CPUs, and ``own``: the
+    part of ``before`` that the benchmark's own earlier measurements still account for (:class:`OwnLoad`).
 
-    ``before`` is other work (this measurement's threads count in ``after`` only); the machine was ``loaded``
-    when it exceeds :data:`LOADED_SHARE` of the CPUs.
+    ``before - own`` is other work (this measurement's threads count in ``after`` only); the machine was ``loaded``
+    when that exceeds :data:`LOADED_SHARE` of the CPUs.
     """
 
     before: float
     after: float
     cpus: int
+    own: float = 0.0
 
     @property
     def loaded(self) -> bool:
-        return self.before > LOADED_SHARE * self.cpus
+        return self.before - self.own > LOADED_SHARE * self.cpus
+
+
+class OwnLoad:
+    """What a run of back-to-back measurements adds to the 1-minute load average: ``threads`` runnable while one
+    runs, averaged in as the kernel averages the load (exponentially, time constant 60 s), so that one case's
+    threads are not taken for other work in the next case's ``before``."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.value = 0.0
+
+    def ran(self, seconds: float) -> None:
+        """Account for ``seconds`` of measuring."""
+        decay = math.exp(-seconds / 60)
+        self.value = self.value * decay + self.threads * (1 - decay)
 
 
 def load_average() -> float:

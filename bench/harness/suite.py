@@ -3,7 +3,8 @@
 Each row states, beside the speed-up (the ratio of the two sides' median times), its spread: the interquartile
 range of the per-round speed-ups (each round times both sides once, in turn), over at least :data:`MIN_ROUNDS`
 rounds; and the machine's load: its 1-minute load average before and after the case and its CPUs, ``loaded`` when
-other work held more than :data:`~harness.measure.LOADED_SHARE` of them at the start.
+other work held more than :data:`~harness.measure.LOADED_SHARE` of them at the start (the average less what the
+suite's own earlier cases left in it, :class:`~harness.measure.OwnLoad`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
+import torch
+
 from fastdd.allocator import keep_freed_memory
-from harness.measure import Case, Load, commit, load_average, machine, paired_seconds, peak_bytes, quartiles
+from harness.measure import Case, Load, OwnLoad, commit, load_average, machine, paired_seconds, peak_bytes, quartiles
 from harness.process import run_module
 
 MIN_SECONDS = 1.0  # each side is timed for at least this long: millisecond ops get hundreds of calls
@@ -65,7 +69,7 @@ def _in_fresh_process(op: str, index: int, *args: str) -> str:
     return run_module("suite", op, str(index), *args, check=True).stdout.splitlines()[-1]
 
 
-def timings(op: str, index: int, device: str, repeat: int) -> Timing:
+def timings(op: str, index: int, device: str, repeat: int, own: OwnLoad) -> Timing:
     """Seconds per round of case ``index`` of ``op``, fastdd and baseline in alternation, over ``repeat`` rounds (at
     least :data:`MIN_ROUNDS`) and :data:`MIN_SECONDS` a side.
 
@@ -73,15 +77,17 @@ def timings(op: str, index: int, device: str, repeat: int) -> Timing:
     (:func:`fastdd.allocator.keep_freed_memory`, as the ``fastdd`` command runs): with glibc's defaults,
     whether a buffer is reused or mapped fresh (a page fault per 4 KiB) depends on the order of every
     earlier allocation and free, and moved single cases by 2x in either direction, unrelated to the op.
+    ``own`` accounts for the suite's earlier cases in the load and takes this one's time.
     """
     rounds = max(repeat, MIN_ROUNDS)
-    before = load_average()
+    before, own_before, start = load_average(), own.value, time.perf_counter()
     if device.startswith("cuda"):
         calls = cases(op, device)[index].setup()
         run, baseline = paired_seconds([calls.run, calls.baseline], device, rounds, min_seconds=MIN_SECONDS)
     else:
         run, baseline = json.loads(_in_fresh_process(op, index, "time", str(rounds)))
-    return Timing(run, baseline, Load(before, load_average(), os.cpu_count() or 1))
+    own.ran(time.perf_counter() - start)
+    return Timing(run, baseline, Load(before, load_average(), os.cpu_count() or 1, own_before))
 
 
 def add_peaks(row: dict, op: str, index: int, device: str) -> None:
@@ -109,10 +115,11 @@ def cases(op: str, device: str) -> list[Case]:
 def run(ops: list[str], device: str, repeat: int = 5, progress: bool = True) -> list[dict]:
     """Rows for every case of the named ops on ``device``: all timings, then all peaks."""
     suites = {op: cases(op, device) for op in ops}
+    own = OwnLoad(torch.get_num_threads())
     measured = []
     for op, listed in suites.items():
         for index, case in enumerate(listed):
-            timing = timings(op, index, device, repeat)
+            timing = timings(op, index, device, repeat, own)
             ratios = [b / r for r, b in zip(timing.run, timing.baseline)]
             row = timing_row(case, device, statistics.median(timing.run), statistics.median(timing.baseline),
                              ratios, timing.load)
@@ -149,7 +156,8 @@ def format_table(rows: list[dict], header: bool = True) -> str:
         if r.get("load") is None:
             return "-"
         before, after, cpus, loaded = (r["load"][k] for k in ("before", "after", "cpus", "loaded"))
-        return f"{before:.2f} -> {after:.2f} / {cpus}" + (", loaded" if loaded else "")
+        own = f" ({r['load']['own']:.2f} own)" if r["load"].get("own") else ""
+        return f"{before:.2f}{own} -> {after:.2f} / {cpus}" + (", loaded" if loaded else "")
 
     lines = [
         f"| {r['date']} | {r['op']} | {r['case']} | {r['baseline']} | {1e3 * r['seconds']:.2f} "
