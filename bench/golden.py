@@ -2,13 +2,15 @@
 
     python bench/golden.py --record          # run every case, write tests/golden/<case>.safetensors and machine.json
     python bench/golden.py --check           # run every case again, print per case: bitwise equal, or the largest
-                                             # absolute difference (and whether it is within TOLERANCE)
+                                             # absolute difference (off the recording machine: and
+                                             # whether it is within the case's tolerance)
     python bench/golden.py --check --cases dc mtt --threads 2 --json out.json
 
-Each case is one call of the public API, ``fastdd.distill(fastdd.RunConfig(...))``: seed 0, IPC 1, two iterations,
-no evaluation (``eval_models=0``), on CPU, into a temporary run directory. What is kept is every tensor of the set the
-run writes (``synset.safetensors``: ``images``, ``labels`` and, where the method makes them, ``soft_labels``) and the
-learned learning rate of its header (``lr``, MTT, FTD and DATM), stored as a float64 tensor ``lr``.
+Each case is one call of the public API, ``fastdd.distill(fastdd.RunConfig(...))``: seed 0, IPC 1, two iterations
+(IDC one, below), no evaluation (``eval_models=0``), on CPU, into a temporary run directory. What is kept is every
+tensor of the set the run writes (``synset.safetensors``: ``images``, ``labels`` and, where the method makes them,
+``soft_labels``) and the learned learning rate of its header (``lr``, MTT, FTD and DATM), stored as a float64 tensor
+``lr``.
 
 What a run depends on besides its configuration, and how each is held fixed:
 
@@ -23,7 +25,7 @@ What a run depends on besides its configuration, and how each is held fixed:
   same). :func:`pin_cpp_backends` is the one place that touches fastdd below its public API.
 - Threads: :data:`THREADS` (1). Intra-op parallel reductions split their sums by the thread count, and one thread
   also keeps a run fast on a machine whose cores are busy (two threads on a loaded two-core machine made an IDC
-  matching step 50x slower).
+  matching step tens of times slower).
 - Inputs: the digits set bundled with scikit-learn (fastdd's default data set); the trajectory methods' experts,
   trained first by ``fastdd experts`` (one expert, three epochs at lr 0.05: DATM starts from training images the
   expert classifies correctly and needs one of every class, which lr 0.01 does not give within 8 epochs; at lr 0.1
@@ -31,14 +33,14 @@ What a run depends on besides its configuration, and how each is held fixed:
   for IDC a two-class image folder written from the digits (below).
 
 IDC runs on the image folder and for one iteration: an IDC iteration is 100 matching steps with network training
-between them (no ``RunConfig`` field changes that), about 17 s per iteration on the ten digit classes; on two
+between them (no ``RunConfig`` field changes that), tens of seconds per iteration on the ten digit classes; on two
 classes of 8 + 2 images it is a few seconds. That folder also puts the three-channel path (imagefolder reads RGB,
 IDC's mse metric) under the golden set.
 
 ``machine.json`` holds the key of the machine that recorded (:func:`machine_key`: CPU model, torch's ISA level,
 torch version, threads, and any cap of oneDNN's or MKL's instruction set in the environment) and what else the
-recording ran with. tests/test_golden.py asserts bitwise equality where the key is the recording's and closeness
-within :data:`TOLERANCE` elsewhere.
+recording ran with. tests/test_golden.py asserts bitwise equality where the key is the recording's and, elsewhere,
+closeness within each case's measured tolerance (:data:`TOLERANCE`, :data:`TOLERANCES`).
 """
 
 from __future__ import annotations
@@ -73,14 +75,40 @@ HEADER_KEY = "fastdd"  # the set file's header metadata key, a JSON string holdi
 THREADS = 1
 ISA_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
-# Off the recording machine's key the sets must agree within max|got - golden| <= TOLERANCE * max(1, max|golden|),
-# per tensor (labels exactly). Measured against the recording (Intel Xeon with AVX-512 and AMX, torch 2.13.0+cpu,
-# one thread), largest over every case and tensor:
-#   ATEN_CPU_CAPABILITY=avx2                                                 <MEASURED>
-#   ATEN_CPU_CAPABILITY=default                                              <MEASURED>
-#   avx2 with ONEDNN_MAX_CPU_ISA=AVX2 and MKL_ENABLE_INSTRUCTIONS=AVX2       <MEASURED>
-#   two threads instead of one                                               <MEASURED>
+# Off the recording machine's key a case's set must agree with its golden file within max|got - golden| <=
+# tolerance * max(1, max|golden|), per tensor (labels exactly): TOLERANCE, or the case's entry in TOLERANCES (None:
+# no closeness asked, only the same tensors, shapes, dtypes and labels). Measured against the recording (Intel Xeon
+# with AVX-512 and AMX, torch 2.13.0+cpu, one thread), the largest of max|got - golden| / max(1, max|golden|) over a
+# case's tensors, on the recording machine run
+#   (a) with ATEN_CPU_CAPABILITY=avx2, (b) =default, (c) =avx2 with ONEDNN_MAX_CPU_ISA=AVX2 and
+#   MKL_ENABLE_INSTRUCTIONS=AVX2, (d) =default with ONEDNN_MAX_CPU_ISA=SSE41 and MKL_ENABLE_INSTRUCTIONS=SSE4_2,
+#   (e) with two threads:
+#
+#   case        (a)      (b)      (c)      (d)      (e)
+#   dc          2.5e-7   2.1e-6   1.0e-6   1.4e-5   2.3e-7
+#   dsa         1.8e-7   1.1e-6   5.3e-5   1.1e-6   1.2e-7
+#   dcc         1.2e-7   1.5e-6   2.7e-7   2.6e-6   1.2e-7
+#   dsac        1.2e-7   1.0e-6   9.8e-6   1.1e-6   1.2e-7
+#   dm          0        2.5e-7   3.7e-7   5.8e-7   0
+#   mtt         7.4e-7   9.4e-7   1.1e-6   9.2e-7   5.9e-7
+#   ftd         4.2e-7   1.0e-6   8.2e-7   7.2e-7   5.8e-7
+#   dc-sdc      6.3e-7   2.2e-6   1.0e-6   1.5e-5   4.2e-7
+#   mtt-sdc     7.5e-7   1.0e-6   1.2e-6   8.9e-7   6.2e-7
+#   mtt-flat    8.5e-7   7.1e-7   1.3e-6   8.7e-7   6.7e-7
+#   mtt-lean    5.4e-7   7.0e-7   1.3e-6   8.6e-7   4.9e-7
+#   dc-udd      3.6e-7   2.6e-6   1.6e-6   1.3e-5   4.9e-7
+#   datm        2.4e-6   3.5e-7   7.5e-3   1.2e-2   1.7e-2
+#   mtt-soft    3.3e-6   8.8e-7   1.7e-2   1.4e-6   7.1e-2
+#   idc         0        7.3e-2   0.53     0.21     0.14
+#   idc-udd     0        0.57     0.58     0.83     0.76
+#
+# The first twelve stay below 6e-5: TOLERANCE 1e-3. DATM's and TESLA's soft labels are the logits of the expert's
+# last epoch, which the expert's training moves by up to 1e-4 between levels, and the images' lr of 1000 magnifies
+# that: 0.25 for them, 3.5 times the largest seen. IDC's 100 matching steps, with the network trained between them,
+# amplify a last-bit difference exponentially (measured: 8e-6 after 10 steps, 5e-4 after 30, 0.2 after 100), so its
+# sets off the recording machine are unrelated numbers and only their structure is compared.
 TOLERANCE = 1e-3
+TOLERANCES: dict[str, float | None] = {"datm": 0.25, "mtt-soft": 0.25, "idc": None, "idc-udd": None}
 
 # Placeholders in the case table for the inputs made before the runs (Inputs)
 EXPERTS = "<experts>"
@@ -173,7 +201,8 @@ def pin_cpp_backends() -> None:
 
     nominal = calibration.Measurement("cpp", 1.0, 1.0, 1.0, 0)
     for level in _backend.isa_levels():
-        calibration.save({**calibration.machine_key(), "isa_level": level}, dict.fromkeys(calibration.FAMILIES, nominal))
+        key = {**calibration.machine_key(), "isa_level": level}
+        calibration.save(key, dict.fromkeys(calibration.FAMILIES, nominal))
 
 
 @contextlib.contextmanager
@@ -324,15 +353,20 @@ def compare(got: dict[str, torch.Tensor], golden: dict[str, torch.Tensor]) -> di
     return result
 
 
-def within_tolerance(comparison: dict[str, Any], tolerance: float = TOLERANCE) -> bool:
-    """Every tensor present with its shape and dtype, integer tensors (labels) equal, the others within
-    ``tolerance * scale``."""
+def tolerance_of(case: str) -> float | None:
+    """The tolerance of ``case`` off the recording machine (None: its structure only)."""
+    return TOLERANCES.get(case, TOLERANCE)
+
+
+def within_tolerance(comparison: dict[str, Any], tolerance: float | None) -> bool:
+    """Every tensor present with its shape and dtype, the labels equal, and (unless ``tolerance`` is None) every
+    other tensor within ``tolerance * scale``."""
     for name, c in comparison.items():
         if not math.isfinite(c["max_abs"]):
             return False
         if name == "labels" and not c["equal"]:
             return False
-        if c["max_abs"] > tolerance * c["scale"]:
+        if tolerance is not None and c["max_abs"] > tolerance * c["scale"]:
             return False
     return True
 
@@ -362,13 +396,14 @@ def record(cases: list[str], runner: Runner) -> None:
 def check(cases: list[str], runner: Runner) -> dict[str, Any]:
     same_machine = machine_key(runner.threads) == recorded_machine()
     print("machine: " + ("the recording's (bitwise equality expected)" if same_machine else
-                         f"not the recording's (within {TOLERANCE:g} x scale expected)"), flush=True)
+                         "not the recording's (closeness within each case's tolerance expected)"), flush=True)
     rows = {}
     for case in cases:
         began = time.perf_counter()
         comparison = compare(runner.run(case), load_golden(case)[0])
         seconds = time.perf_counter() - began
-        ok = all(c["equal"] for c in comparison.values()) if same_machine else within_tolerance(comparison)
+        ok = (all(c["equal"] for c in comparison.values()) if same_machine
+              else within_tolerance(comparison, tolerance_of(case)))
         rows[case] = {"comparison": comparison, "ok": ok, "seconds": seconds}
         print(f"{case:9s} {describe(comparison)}{'' if ok else '  FAILS'} ({seconds:.1f} s)", flush=True)
     return {"key": machine_key(runner.threads), "same_machine": same_machine, "cases": rows}
