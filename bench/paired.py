@@ -1,4 +1,5 @@
-"""Paired differences of the accuracy rows: each plug-in variant against its method without it, seed by seed.
+"""Paired differences of the accuracy rows: each plug-in variant, and each run with bfloat16 real passes, against
+its method without them (float32), seed by seed.
 
     python bench/paired.py [--since 2026-12-02]
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from fastdd.io import atomic_write_bytes
 
 RESULTS = Path(__file__).parent / "results"
+BF16 = " (bfloat16 real)"  # how bench/accuracy.py's rows name a method run with bfloat16 passes over real images
 HEADER = ("| method | variant | data set | IPC | iterations | models | eval | seeds | alone % | variant % "
           "| difference (mean +- std over seeds) | per seed | machine | commits |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -42,6 +44,9 @@ def main() -> None:
     for row in rows:  # in the order written: a later row of the same case and seed replaces an earlier one
         if row["date"] >= args.since and row.get("seed") is not None:
             method, _, variant = row["method"].partition(" + ")
+            if method.endswith(BF16):
+                method = method.removesuffix(BF16)
+                variant = " + ".join(filter(None, ("bfloat16 real passes", variant)))
             newest[(method, variant, case(row), row["seed"], row["machine"])] = row
     pairs: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
     for (method, variant, shared, seed, machine), row in newest.items():
