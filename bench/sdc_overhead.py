@@ -36,7 +36,7 @@ HEADER = ("| date | case | lambda | dc s | dc + sdc s | overhead | SDC / matchin
 def gradient_ratio(distiller: DC, sdc: SDC, net: torch.nn.Module, real: list[torch.Tensor]) -> float:
     """|d term / d images| / |d matching loss / d images| at the distiller's current images."""
     (matching,) = torch.autograd.grad(distiller.matching_loss(net, real), distiller.images)
-    (term,) = torch.autograd.grad(sdc.loss(distiller, net), distiller.images)
+    (term,) = torch.autograd.grad(sdc.loss(distiller.step_context(net, 0)), distiller.images)
     return (term.norm() / matching.norm()).item()
 
 
@@ -50,8 +50,8 @@ def measure(case: str, repeat: int, device: str) -> dict:
     net = plain.new_network()
     real = plain.real_batches()
     ratio = gradient_ratio(with_sdc, sdc, net, real)
-    seconds = paired_median_seconds([lambda: plain.update_images(plain.matching_loss(net, real), net),
-                                     lambda: with_sdc.update_images(with_sdc.matching_loss(net, real), net)],
+    seconds = paired_median_seconds([lambda: plain.update_images(plain.matching_loss(net, real), net, 0),
+                                     lambda: with_sdc.update_images(with_sdc.matching_loss(net, real), net, 0)],
                                     device, repeat)
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "case": case, "ipc": ipc, "lambda": sdc.lam,
             "seconds": {"dc": seconds[0], "dc+sdc": seconds[1]}, "overhead": seconds[1] / seconds[0],

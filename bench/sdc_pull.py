@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from fastdd.config import METHOD_KEYWORDS, RunConfig
+from fastdd.config import RunConfig
 from fastdd.data import load_dataset
 from fastdd.methods import MTT, Distiller
+from fastdd.methods.registry import method_options, method_spec
 from fastdd.methods.sdc import SDC
 from harness.measure import commit, machine, record
 
@@ -48,7 +49,7 @@ def image_gradients(distiller: Distiller) -> tuple[torch.Tensor, torch.Tensor]:
     loss = distiller.step_loss(net, distiller.real_batches(), distiller.augmentation_params(),
                                iteration=distiller.iterations - 1, step=0)
     (g_loss,) = torch.autograd.grad(loss, distiller.images)
-    (g_term,) = torch.autograd.grad(SDC(1.0).loss(distiller, net), distiller.images)
+    (g_term,) = torch.autograd.grad(SDC(1.0).loss(distiller.step_context(net, 0)), distiller.images)
     return g_loss, g_term
 
 
@@ -62,7 +63,8 @@ def main() -> None:
     train, _ = load_dataset("fashion-mnist")
     code, lines, rows = commit(), [], []
     for method in args.methods:
-        experts = (args.experts_flat if method in FLAT else args.experts_plain) if method in METHOD_KEYWORDS else None
+        trajectories = "experts" in method_options(method_spec(method))
+        experts = (args.experts_flat if method in FLAT else args.experts_plain) if trajectories else None
         ratios = []
         for seed in args.seeds:
             config = RunConfig(dataset="fashion-mnist", method=method, ipc=1, seed=seed, experts=experts)

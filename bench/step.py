@@ -157,11 +157,11 @@ def reference_iteration(distiller: DC | DM, real: OriginalRealSet, generator: to
         for p in net.parameters():
             p.requires_grad_(False)
         params = distiller.dsa.sample(distiller.num_classes, generator, distiller.device)
-        distiller.update_images(reference_dm_loss(distiller, net, real_batch, params), net)
+        distiller.update_images(reference_dm_loss(distiller, net, real_batch, params), net, 0)
         return
     net_optimizer = torch.optim.SGD(net.parameters(), lr=distiller.lr_net)
     for outer in range(distiller.outer_loop):
-        distiller.update_images(reference_dc_loss(net, distiller.images, distiller.ipc, real_batch), net)
+        distiller.update_images(reference_dc_loss(net, distiller.images, distiller.ipc, real_batch), net, 0)
         if outer == distiller.outer_loop - 1:
             break
         images = distiller.images.detach().clone()

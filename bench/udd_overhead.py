@@ -48,17 +48,19 @@ def measure(ipc: int, repeat: int, device: str) -> dict:
     real = with_term.real_batches()  # also the reference images of the minings below
     augmentation = plain.augmentation_params()
     images = plain.training_images()[0].detach()
-    jitter.loss(with_term, net)  # mines once; with every at its default the timed updates below do not mine
+    ctx = with_term.step_context(net, 0)
+    response.bind(with_term.run_info())
+    jitter.loss(ctx)  # mines once; with every at its default the timed updates below do not mine
     jitter.every = 10**9
 
     def update(distiller: IDC) -> float:
         return distiller.update_images(distiller.matching_loss(net, real, distiller.synthetic_batches(), augmentation),
-                                       net)
+                                       net, 0)
 
-    response.proxy(plain)  # trains the proxy before the timing
+    response.proxy()  # trains the proxy before the timing
     seconds = paired_median_seconds([lambda: update(plain), lambda: update(with_term),
-                                     lambda: response.mine(with_term, net, images),
-                                     lambda: jitter.mine(with_term, net, images)], device, repeat)
+                                     lambda: response.mine(ctx, images),
+                                     lambda: jitter.mine(ctx, images)], device, repeat)
     idc, term, mine_response, mine_jitter = seconds
     every = UDD("jitter", 1.0).every
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "ipc": ipc,

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from fastdd.evaluation import AUGMENTS, EvalConfig, check_baseline, default_eval
 from fastdd.io import atomic_write_json, read_json_file, remove_temporaries
 from fastdd.lock import FolderInUseError, folder_lock, run_lock
 from fastdd.memory import MemoryPlan, check_image_fits, plan_memory
+from fastdd.methods.plugin import Plugin
 from fastdd.models import NETWORK_NAMES
 from fastdd.progress import progress_bar
 from fastdd.run import CONFIG, GRID, REPORT, SYNSET, check_run_dir, checkpoint_iteration, run_distillation
@@ -153,8 +155,9 @@ def _run_data(config: RunConfig, data: tuple[RealDataset, RealDataset] | None,
     return _placed(data, device, zca)
 
 
-def distill(config: RunConfig, *, data: tuple[RealDataset, RealDataset] | None = None, resume: bool = False,
-            overwrite: bool = False, progress: bool = True) -> DistillResult:
+def distill(config: RunConfig, *, data: tuple[RealDataset, RealDataset] | None = None,
+            plugins: Sequence[Plugin] = (), resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> DistillResult:
     """Distil by ``config`` into its run directory, then evaluate unless ``config.eval_models`` is 0.
 
     ``data``: a (train, test) pair held in memory (``fastdd.data.from_tensors``, ``from_dataset``) to distil, and
@@ -162,6 +165,11 @@ def distill(config: RunConfig, *, data: tuple[RealDataset, RealDataset] | None =
     ``config``) the data's name as ``dataset`` and no ``data_root``; its default run directory is named after it;
     ``image_size`` must be None. Resuming it needs the same data again: config.json's ``dataset`` names it, and a
     run of a set held in memory resumed without ``data`` is refused.
+
+    ``plugins``: plug-in instances (:class:`fastdd.Plugin`) applied after those named in ``config.plugins``, in the
+    order given; each must support the method (refused in one line when the run is built) and bear a name of its
+    own. config.json records their names among ``plugins`` and their ``hparams()`` under ``plugin_hparams``, so a
+    resume with other plug-ins is refused.
 
     The run directory (``config.run_dir()``) gets config.json (``config.resolved(...).recorded()``),
     checkpoints, metrics, the synthetic set and its picture, and report.json when evaluated. It must be
@@ -178,29 +186,31 @@ def distill(config: RunConfig, *, data: tuple[RealDataset, RealDataset] | None =
     if not isinstance(config, RunConfig):
         raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
     config, data = _with_data(config, data)
+    if isinstance(plugins, (str, Plugin)) or not isinstance(plugins, (list, tuple)):
+        raise ValueError(f"plugins must be a list of fastdd.Plugin instances, got {plugins!r}")
     boolean("resume (--resume)", resume)
     boolean("overwrite (--overwrite)", overwrite)
     boolean("progress (--quiet)", progress)
     device = resolve_device(config.device)
     world = join(device)
     with run_lock(config.run_dir(), "out (--out)", world):
-        return _distill(config, data, world, local_device(device), resume, overwrite, progress)
+        return _distill(config, data, tuple(plugins), world, local_device(device), resume, overwrite, progress)
 
 
-def _distill(config: RunConfig, data: tuple[RealDataset, RealDataset] | None, world: World, device: torch.device,
-             resume: bool, overwrite: bool, progress: bool) -> DistillResult:
+def _distill(config: RunConfig, data: tuple[RealDataset, RealDataset] | None, plugins: tuple[Plugin, ...],
+             world: World, device: torch.device, resume: bool, overwrite: bool, progress: bool) -> DistillResult:
     """:func:`distill` once its arguments are checked and the run directory is held."""
     check_run_dir(config.run_dir(), resume=resume, overwrite=overwrite)
     check_size_fits(config, device)
     train, test = _run_data(config, data, device)
-    distiller = config.build_distiller(train, world)
+    distiller = config.build_distiller(train, world, plugins)
     if config.eval_models > 0 and config.baseline:
         check_baseline(train, config.ipc)
     plan_memory(distiller).check()
     resolved = config.resolved(distiller)
     run_dir = config.run_dir()
     began = time.perf_counter()
-    synset = run_distillation(distiller, run_dir, resolved.recorded(), config.seed,
+    synset = run_distillation(distiller, run_dir, resolved.recorded(plugins), config.seed,
                               checkpoint_every=config.checkpoint_every, resume=resume, overwrite=overwrite,
                               progress=progress)
     seconds = time.perf_counter() - began

@@ -39,6 +39,7 @@ from fastdd.checks import nonnegative_float, positive_float, positive_int
 
 OPS: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
 _NO_FLIP_DATASETS = ("mnist", "svhn", "digits")
+AUGMENTS = ("none", "dsa")  # the augmentations an evaluation trains with
 
 
 def dsa_strategy_for(dataset_name: str) -> str:

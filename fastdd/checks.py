@@ -8,6 +8,7 @@ argument, what it must be and what it got.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -138,3 +139,10 @@ def list_of(check: Callable[[str, Any], T], length: int | None = None) -> Callab
         return [check(f"{name}[{i}]", item) for i, item in enumerate(value)]
 
     return checked
+
+
+def path(name: str, value: Any) -> str:
+    """``value`` as a string if it is a non-empty path (``str`` or ``os.PathLike``)."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"{name} must be a path, got {value!r}")
+    return os.fspath(value)

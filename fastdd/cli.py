@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from fastdd import __version__
 from fastdd.allocator import keep_freed_memory
 from fastdd.api import DistillResult, EvalResult, PlanResult, distill, evaluate, load_data, plan, resolve_device
 from fastdd.checks import seed_value
-from fastdd.config import FLAGS, PLUGINS, RunConfig
+from fastdd.config import FLAGS, RunConfig, all_options
 from fastdd.data import DATASETS, DatasetError, load_dataset
 from fastdd.data.cache import HEADER, REPORT, build_cache
 from fastdd.data.zca import REGULARIZATION
@@ -34,16 +34,19 @@ from fastdd.difficulty import (
 )
 from fastdd.distributed import is_main_process, join, leave, local_device
 from fastdd.errors import DamagedFileError, NonFiniteError, UnsavedResultError, one_line
-from fastdd.evaluation import training_data
+from fastdd.evaluation import AUGMENTS, training_data
 from fastdd.experts import train_experts
 from fastdd.lock import FolderInUseError, folder_lock
 from fastdd.memory import check_image_fits
-from fastdd.methods import METHODS
-from fastdd.methods.mtt import MODES as MTT_MODES
-from fastdd.methods.sdc import LAMBDA0
-from fastdd.methods.udd import AUTO_POLICY, BETA0
-from fastdd.methods.udd import METHODS as UDD_METHODS
-from fastdd.methods.udd import POLICIES as UDD_POLICIES
+from fastdd.methods.plugin import Plugin
+from fastdd.methods.registry import (
+    MethodSpec,
+    Option,
+    method_options,
+    method_specs,
+    plugin_classes,
+    plugin_options,
+)
 from fastdd.ops import _backend, calibration
 from fastdd.plots import require_matplotlib
 from fastdd.precision import native_bfloat16
@@ -79,9 +82,9 @@ def _add_eval_options(p: argparse.ArgumentParser, models_flag: str) -> None:
                    help="networks trained and tested; mean and std over them (default 5%s)"
                    % (", 0 skips evaluation" if models_flag == "--eval-models" else ""))
     g.add_argument("--eval-epochs", type=int, default=None, metavar="E",
-                   help="training epochs per network (default: 300 for dc and dcc, 1000 for the other methods)")
-    g.add_argument("--eval-augment", choices=["none", "dsa"], default=None,
-                   help="augmentation while training (default: none for dc and dcc, dsa for the other methods)")
+                   help=f"training epochs per network (default: {by_method(lambda m: m.eval_epochs)})")
+    g.add_argument("--eval-augment", choices=list(AUGMENTS), default=None,
+                   help=f"augmentation while training (default: {by_method(lambda m: m.eval_augment)})")
     g.add_argument("--eval-model", default="ConvNet", help="architecture to evaluate with (default ConvNet)")
     g.add_argument("--no-baseline", action="store_true",
                    help="skip the random-real baseline (IPC random real images per class, same protocol)")
@@ -100,20 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding the data set's files (fashion-mnist defaults to "
                         "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
     d.add_argument("--image-size", type=int, default=None, metavar="PX", help="resize imagefolder images to PX x PX")
-    d.add_argument("--method", default="dc", choices=sorted(METHODS), help="distiller (default dc)")
+    d.add_argument("--method", default="dc", choices=sorted(method_specs()),
+                   help="distiller (default dc): " + "; ".join(f"{n}, {m.help}" for n, m in method_specs().items()))
     d.add_argument("--ipc", type=int, default=10, help="synthetic images per class (default 10)")
     d.add_argument("--iterations", type=int, default=None,
-                   help="outer iterations (default: 1000 for dc, dsa, dcc and dsac, 20000 for dm, 2000 for idc, 5000 "
-                        "for mtt, ftd and datm)")
+                   help=f"outer iterations (default: {by_method(lambda m: m.distiller.default_iterations)})")
     d.add_argument("--lr-img", type=float, default=None,
-                   help="image learning rate (default: 0.1 dc/dsa/dcc/dsac, 1.0 dm, 1000 mtt/ftd/datm; idc: by "
-                        "metric and IPC, see docs/methods.md)")
+                   help=f"image learning rate (default: {by_method(lambda m: m.distiller.default_lr_img)}; a method "
+                        "may set it from the data instead: idc by metric and IPC, see docs/methods.md)")
     d.add_argument("--batch-real", type=int, default=None,
-                   help="real images per class per step (default 256; 64 for idc)")
-    d.add_argument("--init", choices=["real", "noise", "mix", "correct"], default=None,
+                   help="real images per class per step (default: "
+                        f"{by_method(lambda m: m.distiller.default_batch_real if m.draws_real else 'none')})")
+    d.add_argument("--init", default=None,
+                   choices=list(dict.fromkeys(i for m in method_specs().values() for i in m.distiller.inits)),
                    help="start from random real images, from noise, (idc) from grids of shrunken real images, or "
-                        "(datm) from real images an expert classifies correctly (default real; mix for idc, correct "
-                        "for datm)")
+                        "(datm) from real images an expert classifies correctly (default: "
+                        f"{by_method(lambda m: m.distiller.default_init)})")
     d.add_argument("--model", default="ConvNet", help="network to distill with (default ConvNet)")
     d.add_argument("--zca", action="store_true", help=ZCA_HELP)
     d.add_argument("--real-precision", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -134,40 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plan", action="store_true",
                    help="print the run's memory plan and the measured time of two iterations, then stop (writes "
                         "nothing; see docs/scale.md)")
-    m = d.add_argument_group("MTT, FTD and DATM (--method mtt, ftd, datm only; defaults and their sources in "
-                             "docs/methods.md)")
-    m.add_argument("--experts", default=None, metavar="DIR",
-                   help="expert trajectories for this data set and model (made by `fastdd experts`); required")
-    m.add_argument("--mtt-mode", choices=list(MTT_MODES), default=None,
-                   help="exact: back-propagate through the whole unroll (memory grows with --syn-steps); flat: the "
-                        "same gradient, recomputing one step at a time backwards from the stored students "
-                        "(activation memory independent of --syn-steps); lean: TESLA's recomputation, drops the "
-                        "Hessian terms of later steps (default exact)")
-    m.add_argument("--syn-steps", type=int, default=None, help="student steps per iteration (default 20)")
-    m.add_argument("--expert-epochs", type=int, default=None, help="expert epochs to match (default 2)")
-    m.add_argument("--max-start-epoch", type=int, default=None,
-                   help="start epochs are drawn below this (default 2 at IPC 1, else 4; datm: the final bound of "
-                        "its range, by IPC)")
-    m.add_argument("--batch-syn", type=int, default=None, help="synthetic images per student step (default all)")
-    m.add_argument("--syn-lr", type=float, default=None, help="initial learned learning rate (default 0.01)")
-    m.add_argument("--lr-lr", type=float, default=None, help="learning rate of the learned rate (default 1e-5)")
-    m.add_argument("--soft-labels", action="store_true", default=None,
-                   help="train the students on soft labels: the softmax of the first expert's final-epoch logits on "
-                        "the initial images (TESLA; docs/methods.md)")
-    m.add_argument("--learn-soft-labels", action="store_true", default=None,
-                   help="learn the soft labels' logits with the images, at --lr-img (needs --soft-labels)")
-    m.add_argument("--ema-decay", type=float, default=None, metavar="D",
-                   help="ftd: the synthetic set is the images' moving average with this decay (default: a window of "
-                        "40%% of the iterations, 0.9995 at 5000)")
-    m.add_argument("--min-start-epoch", type=int, default=None,
-                   help="datm: start epochs are drawn from this epoch on (default by IPC)")
-    m.add_argument("--initial-max-start-epoch", type=int, default=None,
-                   help="datm: the range's upper bound at the first iteration, widened to --max-start-epoch "
-                        "(default by IPC)")
-    m.add_argument("--expansion-end", type=float, default=None, metavar="SHARE",
-                   help="datm: share of the iterations after which the range is widest, in [0, 1) (default by IPC)")
-    m.add_argument("--lr-labels", type=float, default=None,
-                   help="datm: learning rate of the learned soft labels (default 5 at IPC 1, 2 up to IPC 50, else 10)")
+    add_method_options(d)
     add_plugin_options(d)
     _add_eval_options(d, "--eval-models")
 
@@ -259,33 +231,66 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     plug-in) is ``plugins``, ``--no-baseline`` is ``baseline=False``; ``--resume`` and ``--quiet`` are arguments of
     :func:`fastdd.distill`, ``--plan`` calls :func:`fastdd.plan` instead."""
     given = vars(args)
-    values = {field.name: given[field.name] for field in dataclasses.fields(RunConfig) if field.name not in FLAGS}
-    return RunConfig(**values, plugins=given["plugins"] or (), baseline=not given["no_baseline"])
+    values = {field.name: given[field.name] for field in dataclasses.fields(RunConfig)[:-1] if field.name not in FLAGS}
+    options = {name: given[name] for name in all_options()}
+    return RunConfig(**values, **options, plugins=given["plugins"] or (), baseline=not given["no_baseline"])
+
+
+def by_method(value: Callable[[MethodSpec], Any]) -> str:
+    """``value`` of every registered method, grouped: "1000 for dc, dsa; 20000 for dm"."""
+    groups: dict[Any, list[str]] = {}
+    for name, spec in method_specs().items():
+        groups.setdefault(value(spec), []).append(name)
+    return "; ".join(f"{v:g} for {', '.join(names)}" if isinstance(v, float) else f"{v} for {', '.join(names)}"
+                     for v, names in groups.items())
+
+
+def _add_option(group: argparse._ArgumentGroup, opt: Option) -> None:
+    """``opt`` as a command-line option of ``group``, read back by :func:`config_from_args` (None when not given)."""
+    meta = opt.field.metadata
+    kind = str(opt.field.type).split("|")[0].strip()
+    help_text = opt.help.replace("%", "%%")
+    if kind == "bool":
+        group.add_argument(opt.flag, dest=opt.name, action="store_true", default=None, help=help_text)
+    elif meta["choices"]:
+        group.add_argument(opt.flag, dest=opt.name, choices=list(meta["choices"]), default=None, help=help_text)
+    else:
+        group.add_argument(opt.flag, dest=opt.name, type={"int": int, "float": float}.get(kind, str), default=None,
+                           metavar=meta["metavar"], help=help_text)
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """A group of options per registered method that has options, from its spec (an option several methods share
+    is listed once, with the first)."""
+    added: set[str] = set()
+    for spec in method_specs().values():
+        options = [opt for name, opt in method_options(spec).items() if name not in added]
+        if not options:
+            continue
+        group = parser.add_argument_group(f"--method {spec.name}: {spec.help} (defaults and their sources in "
+                                          "docs/methods.md)")
+        for opt in options:
+            _add_option(group, opt)
+            added.add(opt.name)
 
 
 def add_plugin_options(parser: argparse.ArgumentParser) -> None:
-    """The ``--plugin`` option and the plug-ins' own options (read back by :func:`config_from_args`)."""
+    """The ``--plugin`` option and each registered plug-in's own options (read back by :func:`config_from_args`)."""
+    plugins = plugin_classes()
+    specs = method_specs()
+
+    def applies(plugin: type[Plugin]) -> str:
+        fits = [name for name, spec in specs.items() if plugin.supports(spec)]
+        return "every method" if len(fits) == len(specs) else ", ".join(fits)
+
     s = parser.add_argument_group("plug-ins (docs/methods.md)")
-    s.add_argument("--plugin", dest="plugins", action="append", choices=PLUGINS, default=None,
-                   help="add a plug-in's term to the method's loss: sdc (sample difficulty correction, steers the "
-                        "images toward easy samples; every method), udd (mines underutilized regions and "
-                        f"makes them discriminative; {', '.join(UDD_METHODS)}); may be given twice")
-    s.add_argument("--sdc-lambda", type=float, default=None, metavar="X",
-                   help="weight of the SDC term (default: "
-                        + ", ".join(f"{v:g} / IPC for {k}" for k, v in LAMBDA0.items()) + ")")
-    s.add_argument("--udd-policy", choices=[*UDD_POLICIES, "auto"], default=None,
-                   help="how UDD finds underutilized regions: response (a proxy network trained briefly on real "
-                        "data, cached), jitter (the matching network under random shifts), auto (default: "
-                        f"{AUTO_POLICY}, the better of the two in the measured rows of docs/methods.md)")
-    s.add_argument("--udd-beta", type=float, default=None, metavar="X",
-                   help="weight of UDD's contrastive term (default: "
-                        + ", ".join(f"{v:g} for {k}" for k, v in BETA0.items()) + ")")
-    s.add_argument("--udd-tau", type=float, default=None, metavar="T", help="temperature of UDD's term (default 0.01)")
-    s.add_argument("--udd-quantile", type=float, default=None, metavar="Q",
-                   help="cells whose response lies below this quantile of the real images' cells are "
-                        "underutilized (default 0.25)")
-    s.add_argument("--udd-every", type=int, default=None, metavar="R",
-                   help="image updates between minings of the regions (default 50)")
+    s.add_argument("--plugin", dest="plugins", action="append", choices=list(plugins), default=None,
+                   help="add a plug-in's term to the method's loss: "
+                        + ", ".join(f"{name} ({cls.help}; {applies(cls)})" for name, cls in plugins.items())
+                        + "; may be given more than once")
+    for cls in plugins.values():
+        for opt in plugin_options(cls).values():
+            _add_option(s, opt)
 
 
 def _fmt(d: dict[str, Any]) -> str:

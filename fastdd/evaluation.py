@@ -44,17 +44,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdd.augment import DSA, dsa_strategy_for
+from fastdd.augment import AUGMENTS, DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_float, one_of, positive_float, positive_int, seed_value
 from fastdd.data import RealDataset
 from fastdd.distributed import SINGLE, World
 from fastdd.methods.multiformation import decode
+from fastdd.methods.registry import find_method
 from fastdd.models import check_image_size, fused_blocks, get_network
 from fastdd.progress import progress_bar
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
 
-AUGMENTS = ("none", "dsa")
 LR_DECAY = 0.1
 SOFT_SUM_TOLERANCE = 1e-4  # how far a soft label's row sum may be from 1
 LEARNED_SHARE = 0.1  # a network learned when its final loss fell this share of the way from chance to the lowest
@@ -380,17 +380,12 @@ def evaluate_random_real(
     return evaluate_synset(images, labels, train, test, config, num_models, generator, progress=progress, world=world)
 
 
-# Evaluation protocol of each method's original code: (augmentation, epochs).
-METHOD_PROTOCOLS = {"dc": ("none", 300), "dsa": ("dsa", 1000), "dcc": ("none", 300), "dsac": ("dsa", 1000),
-                    "dm": ("dsa", 1000), "idc": ("dsa", 1000), "mtt": ("dsa", 1000), "ftd": ("dsa", 1000),
-                    "datm": ("dsa", 1000)}
-
-
 def default_eval_config(method: str, model: str = "ConvNet", epochs: int | None = None,
                         augment: str | None = None) -> EvalConfig:
-    """The protocol ``method``'s results are reported with (300 epochs without augmentation when
-    unknown); ``epochs`` and ``augment`` override it."""
-    default_augment, default_epochs = METHOD_PROTOCOLS.get(method, ("none", 300))
+    """The protocol ``method``'s results are reported with (its spec's ``eval_augment`` and ``eval_epochs``; 300
+    epochs without augmentation for a method not registered); ``epochs`` and ``augment`` override it."""
+    spec = find_method(method)
+    default_augment, default_epochs = ("none", 300) if spec is None else (spec.eval_augment, spec.eval_epochs)
     return EvalConfig(model=model, epochs=default_epochs if epochs is None else epochs,
                       augment=default_augment if augment is None else augment)
 

@@ -156,8 +156,9 @@ def _compare_config(run_dir: Path, config: dict[str, Any]) -> None:
     saved = read_json_file(run_dir / CONFIG, "run configuration")
     if not isinstance(saved, dict):
         raise DamagedFileError(f"{run_dir / CONFIG}: damaged run configuration, expected a JSON object")
-    differing = sorted(k for k in saved.keys() | config.keys()
-                       if k not in saved or k not in config or saved[k] != config[k])
+    # an option absent on one side equals one left None on the other (config.json lists the options of the run's
+    # method and plug-ins only; older runs listed every method's)
+    differing = sorted(k for k in saved.keys() | config.keys() if saved.get(k) != config.get(k))
     if differing:
         what = ", ".join(f"{k} ({_shown(config, k)} here, {_shown(saved, k)} in the run)" for k in differing)
         hint = _precision_hint(saved.get("real_precision")) if "real_precision" in differing else ""
@@ -224,7 +225,7 @@ def save_outputs(distiller: Distiller, seed: int, run_dir: Path) -> None:
     synset.save(run_dir / SYNSET)
     synset.save_grid(run_dir / GRID)
     for plugin in distiller.plugins:
-        plugin.write_outputs(distiller, run_dir)
+        plugin.write_outputs(synset, run_dir)
 
 
 def run_distillation(

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from conftest import make_dataset, run_on_two_processes
 from fastdd.data import load_dataset
 from fastdd.evaluation import default_eval_config
-from fastdd.memory import activation_bytes, step_terms
+from fastdd.memory import activation_bytes
 from fastdd.methods import DC, DCC, DSAC, DSADistiller, get_distiller
 from fastdd.methods.dcc import WARMUP_STEPS
+from fastdd.methods.registry import method_spec
 from fastdd.methods.sdc import default_lambda
 
 MODEL = "ConvNetW32"
@@ -158,7 +159,7 @@ def test_registered_with_protocols_lambda_and_memory_plan(tiny):
     assert (default_eval_config("dsac").augment, default_eval_config("dsac").epochs) == ("dsa", 1000)
     assert default_lambda(1, "dcc") == default_lambda(1, "dsac") == 3.0  # a tenth of the pull (bench/sdc_pull.py)
     d = DSAC(tiny, 3, torch.Generator().manual_seed(0), model=MODEL, batch_real=4, outer_loop=1)
-    (term,) = step_terms(d, activation_bytes(MODEL, 1, 3, (8, 8)))
+    (term,) = method_spec("dsac").memory_terms(d, activation_bytes(MODEL, 1, 3, (8, 8)))
     assert term.what.startswith("contrastive matching step") and term.bytes > 0
     assert d.hparams()["warmup"] == 0.25
 

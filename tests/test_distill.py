@@ -157,10 +157,10 @@ def test_plugin_term_is_added_and_hooks_run(tiny):
         name = "pull"
         calls = 0
 
-        def loss(self, distiller, net):
-            return 10.0 * distiller.images.pow(2).mean()
+        def loss(self, ctx):
+            return 10.0 * ctx.stored.pow(2).mean()
 
-        def after_step(self, distiller, iteration):
+        def after_step(self, iteration, stored):
             Pull.calls += 1
 
     plain = make(DC, tiny, outer_loop=1, inner_loop=0)

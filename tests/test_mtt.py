@@ -23,9 +23,10 @@ from fastdd.data import RealDataset, load_dataset
 from fastdd.data.zca import whitened
 from fastdd.errors import NonFiniteError
 from fastdd.evaluation import EvalConfig, default_eval_config, evaluate_with_baseline, random_real
-from fastdd.methods import MTT, Plugin, get_distiller
+from fastdd.methods import MTT, get_distiller
 from fastdd.methods.mtt import MAX_LR_GROWTH, MODES, Unroll
 from fastdd.methods.sdc import SDC
+from fastdd.methods.udd import UDD
 from fastdd.models import get_network
 from fastdd.run import run_distillation
 from fastdd.synset import SyntheticSet
@@ -405,7 +406,7 @@ def test_non_finite_loss_raises_before_updating(tiny, experts):
     ({"lr_img": -1.0}, "lr_img"),
     ({"batch_real": 5}, "batch_real"),
     ({"real_precision": "bfloat16"}, "real_precision"),
-    ({"plugins": [Plugin()]}, "sdc plug-in only"),
+    ({"plugins": [UDD("jitter", 1.0)]}, "--plugin udd applies to --method dc, dsa, idc, not mtt"),
     ({"learn_soft_labels": True}, "learn_soft_labels needs soft_labels"),
 ])
 def test_bad_arguments_are_named(tiny, experts, kwargs, match):

@@ -22,7 +22,7 @@ class KillAt(Plugin):
     def __init__(self, iteration: int) -> None:
         self.iteration = iteration
 
-    def after_step(self, distiller, iteration):
+    def after_step(self, iteration, stored):
         if iteration == self.iteration:
             raise KeyboardInterrupt
 
@@ -36,9 +36,9 @@ class Explode(Plugin):
         self.iteration = iteration
         self.seen = 0
 
-    def loss(self, distiller, net):
+    def loss(self, ctx):
         self.seen += 1
-        return distiller.images.sum() * float("nan") if self.seen > self.iteration else None
+        return ctx.stored.sum() * float("nan") if self.seen > self.iteration else None
 
 
 def distiller(data, iterations=4, plugins=()):

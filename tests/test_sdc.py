@@ -20,7 +20,8 @@ from fastdd.difficulty import SCORE_EPOCH, scoring_networks
 from fastdd.experts import train_experts
 from fastdd.methods import Plugin, get_distiller
 from fastdd.methods.multiformation import decode
-from fastdd.methods.sdc import LAMBDA0, SDC, default_lambda, gradn
+from fastdd.methods.registry import method_spec
+from fastdd.methods.sdc import SDC, default_lambda, gradn
 from fastdd.models import get_network
 from fastdd.ops import naive
 from fastdd.synset import SyntheticSet
@@ -75,7 +76,7 @@ def test_term_and_its_image_gradient_match_a_per_sample_loop(tiny, method):
     d = get_distiller(method)(tiny, 1, torch.Generator().manual_seed(0), model=MODEL, batch_real=4)
     d.images = d.images.detach().double().requires_grad_(True)  # float64 for tight comparisons
     net = d.new_network().double()
-    term = SDC(0.7).loss(d, net)
+    term = SDC(0.7).loss(d.step_context(net, 0))
     (grad,) = torch.autograd.grad(term, d.images)
 
     images = d.images.detach().clone().requires_grad_(True)
@@ -109,7 +110,7 @@ def test_term_with_functional_parameters_as_for_mtt_students():
 
 def test_lambda_zero_adds_nothing(tiny):
     d = get_distiller("dc")(tiny, 1, torch.Generator(), model=MODEL)
-    assert SDC(0.0).loss(d, d.new_network()) is None
+    assert SDC(0.0).loss(d.step_context(d.new_network(), 0)) is None
 
 
 # ----------------------------------------------------------------------------- inside the distillers
@@ -118,8 +119,8 @@ class Record(Plugin):
 
     name = "record"
 
-    def loss(self, distiller, net):
-        self.net = net
+    def loss(self, ctx):
+        self.net = ctx.network
         return None
 
 
@@ -234,9 +235,10 @@ def test_distill_with_sdc_records_it_and_resume_checks_lambda(tmp_path, capsys):
     args = [*DISTILL, "--batch-real", "8", "--plugin", "sdc", "--out", str(out)]
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["plugins"] == ["sdc"] and config["sdc_lambda"] == default_lambda(1, "dc") == LAMBDA0["dc"]
+    lambda0 = method_spec("dc").plugin_weights["sdc"]
+    assert config["plugins"] == ["sdc"] and config["sdc_lambda"] == default_lambda(1, "dc") == lambda0
     synset = SyntheticSet.load(out / "synset.safetensors")
-    assert synset.meta["plugins"] == ["sdc"] and synset.meta["hparams"]["sdc.lambda"] == LAMBDA0["dc"]
+    assert synset.meta["plugins"] == ["sdc"] and synset.meta["hparams"]["sdc.lambda"] == lambda0
     assert main([*args, "--resume"]) == 0
     assert main([*args, "--resume", "--sdc-lambda", "0.5"]) == 1
     assert "sdc_lambda" in capsys.readouterr().err

@@ -17,16 +17,16 @@ from torch import nn
 from conftest import make_dataset
 from fastdd.cli import main
 from fastdd.methods import get_distiller
+from fastdd.methods.multiformation import decoded_to_stored
+from fastdd.methods.registry import method_spec
 from fastdd.methods.udd import (
     AUTO_POLICY,
-    BETA0,
     LATEST_PICTURE,
     POLICIES,
     SHARE_PLOT,
     START_PICTURE,
     UDD,
     class_prototypes,
-    decoded_to_stored,
     default_beta,
     feature_map,
     jitter_masks,
@@ -189,9 +189,9 @@ def test_an_all_zero_mask_gives_log_k_and_no_gradient():
 class Counting(UDD):
     """UDD that records which image updates mined regions."""
 
-    def mine(self, distiller, net, images):
+    def mine(self, ctx, images):
         self.mined_at = [*getattr(self, "mined_at", []), self.updates]
-        return super().mine(distiller, net, images)
+        return super().mine(ctx, images)
 
 
 def test_regions_are_mined_again_on_schedule(tiny):
@@ -212,7 +212,7 @@ def test_plugin_term_equals_a_direct_computation(tiny):
                              plugins=[udd], real_precision="float32")
     net = d.new_network()
     d.real_batches()
-    term = udd.loss(d, net)
+    term = udd.loss(d.step_context(net, 0))
     real = torch.cat([b[:3] for b in d.last_real_batches])
     prototypes, present = class_prototypes(feature_map(net, real).detach(), torch.arange(3).repeat_interleave(3), 3)
     images, labels = d.training_images()
@@ -294,7 +294,7 @@ def test_proxy_is_trained_once_and_reused(tmp_path, monkeypatch):
 
 
 def test_defaults_and_bad_arguments():
-    assert default_beta("idc") == BETA0["idc"] and AUTO_POLICY in POLICIES
+    assert default_beta("idc") == method_spec("idc").plugin_weights["udd"] and AUTO_POLICY in POLICIES
     for call, match in [(lambda: UDD("pixel", 1.0), "policy"), (lambda: UDD("jitter", -1.0), "beta"),
                         (lambda: UDD("jitter", 1.0, tau=0.0), "tau"), (lambda: UDD("jitter", 1.0, quantile=1.0),
                                                                         "quantile"),
@@ -305,12 +305,12 @@ def test_defaults_and_bad_arguments():
             call()
 
 
-def test_plugin_refuses_a_method_it_does_not_apply_to(tiny):
-    d = get_distiller("dm")(tiny, 1, torch.Generator(), model=MODEL, plugins=[UDD("jitter", 1.0)])
-    with pytest.raises(ValueError, match="applies to"):
-        d.step(0)
+def test_plugin_refuses_a_method_it_does_not_apply_to_when_the_distiller_is_built(tiny):
+    with pytest.raises(ValueError, match="--plugin udd applies to --method dc, dsa, idc, not dm"):
+        get_distiller("dm")(tiny, 1, torch.Generator(), model=MODEL, plugins=[UDD("jitter", 1.0)])
 
 
+BETA_DC = method_spec("dc").plugin_weights["udd"]
 DISTILL = ["distill", "--dataset", "digits", "--ipc", "1", "--iterations", "1", "--model", MODEL,
            "--eval-models", "0", "--quiet", "--batch-real", "8"]
 
@@ -321,7 +321,7 @@ def test_distill_with_udd_records_it(tmp_path, monkeypatch):
     assert main([*DISTILL, "--method", "dc", "--plugin", "udd", "--udd-policy", "jitter", "--udd-every", "1",
                  "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["plugins"] == ["udd"] and config["udd_policy"] == "jitter" and config["udd_beta"] == BETA0["dc"]
+    assert config["plugins"] == ["udd"] and config["udd_policy"] == "jitter" and config["udd_beta"] == BETA_DC
     assert (out / START_PICTURE).exists()
 
 

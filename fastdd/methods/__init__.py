@@ -1,8 +1,14 @@
-"""The distillers, by name."""
+"""The distillers and plug-ins. Importing the package registers the built-in ones (:mod:`fastdd.methods.registry`):
+each method's module registers its :class:`MethodSpec`, each plug-in's module its class."""
 
 from __future__ import annotations
 
-from fastdd.methods.base import Distiller, Plugin
+# isort: off
+# the built-in methods and plug-ins register in this order: the order of --help, of the messages that list them, and
+# the order plug-ins named together are applied in
+from fastdd.methods import dc, dcc, dm, idc, mtt, ftd, datm, sdc, udd  # noqa: F401
+# isort: on
+from fastdd.methods.base import Distiller
 from fastdd.methods.datm import DATM
 from fastdd.methods.dc import DC, DSADistiller, get_loops
 from fastdd.methods.dcc import DCC, DSAC
@@ -10,18 +16,15 @@ from fastdd.methods.dm import DM
 from fastdd.methods.ftd import FTD
 from fastdd.methods.idc import IDC
 from fastdd.methods.mtt import MTT
-
-METHODS: dict[str, type[Distiller]] = {"dc": DC, "dsa": DSADistiller, "dcc": DCC, "dsac": DSAC, "dm": DM, "idc": IDC,
-                                       "mtt": MTT, "ftd": FTD, "datm": DATM}
+from fastdd.methods.plugin import Plugin, RunInfo, StepContext
+from fastdd.methods.registry import MethodSpec, method_spec, register_method, register_plugin
 
 
 def get_distiller(method: str) -> type[Distiller]:
-    """The Distiller class of ``method`` (one of METHODS)."""
-    try:
-        return METHODS[method]
-    except KeyError:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}") from None
+    """The Distiller class of registered method ``method`` (a one-line ValueError listing them otherwise)."""
+    return method_spec(method).distiller
 
 
-__all__ = ["DATM", "DC", "DCC", "DM", "DSAC", "DSADistiller", "Distiller", "FTD", "IDC", "METHODS", "MTT", "Plugin",
-           "get_distiller", "get_loops"]
+__all__ = ["DATM", "DC", "DCC", "DM", "DSAC", "DSADistiller", "Distiller", "FTD", "IDC", "MTT", "MethodSpec",
+           "Plugin", "RunInfo", "StepContext", "get_distiller", "get_loops", "method_spec", "register_method",
+           "register_plugin"]

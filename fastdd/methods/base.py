@@ -1,4 +1,4 @@
-"""The Distiller interface shared by every method, and the plug-in hooks SDC and UDD use.
+"""The Distiller interface shared by every method; it calls its plug-ins through :mod:`fastdd.methods.plugin`.
 
 A distiller owns the synthetic images (a leaf tensor of ``ipc`` images per class, stored class by
 class in the normalised space), their optimiser and one ``torch.Generator`` from which every random
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -24,6 +23,8 @@ from fastdd.checks import one_of, positive_float, positive_int
 from fastdd.data import ClassBatches, RealDataset
 from fastdd.distributed import SINGLE, World
 from fastdd.methods.matching import matching_distance
+from fastdd.methods.plugin import Plugin, RunInfo, StepContext
+from fastdd.methods.registry import find_method, refuse_unsupported
 from fastdd.models import fused_blocks, get_network
 from fastdd.precision import resolve_real_precision
 from fastdd.synset import SyntheticSet
@@ -78,39 +79,6 @@ def check_world(world: World, method: str, distributed: bool, num_classes: int) 
     return world
 
 
-class Plugin:
-    """A plug-in to a distiller: adds a term to every matching loss and may act between steps.
-
-    ``loss`` is called once per matching step with the network the method uses at that step; its
-    result (a scalar, or ``None`` for nothing) is added to the method's loss before the image
-    update. ``after_step`` is called after every outer iteration and may change
-    ``distiller.images`` in place (under ``torch.no_grad``). ``write_outputs`` is called whenever the
-    run writes its synthetic set, with the run's directory, for the plug-in's own pictures, whose file
-    names ``outputs`` lists.
-    """
-
-    name = "plugin"
-    outputs: tuple[str, ...] = ()
-
-    def loss(self, distiller: "Distiller", net: nn.Module) -> Tensor | None:
-        return None
-
-    def after_step(self, distiller: "Distiller", iteration: int) -> None:
-        return None
-
-    def write_outputs(self, distiller: "Distiller", run_dir: Path) -> None:
-        return None
-
-    def hparams(self) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
-
-
 class Distiller(ABC):
     """Base class of the distillers: synthetic images, their optimiser, the run's generator.
 
@@ -124,7 +92,8 @@ class Distiller(ABC):
         batch_real: real images drawn per class at each matching step (default: the method's).
         init: ``"real"`` (random real images of the class) or ``"noise"`` (standard normal); a method
             may add its own (``inits``). Default: the method's.
-        plugins: plug-ins whose terms are added to every matching loss.
+        plugins: plug-ins whose terms are added to every matching loss (:mod:`fastdd.methods.plugin`); each is
+            refused (ValueError) unless it supports the method's registered spec, then bound to the run.
         real_precision: ``"bfloat16"`` runs the networks' passes over real images, whose results are
             detached targets (real gradients, real embeddings), under bfloat16 autocast, ``"float32"`` does
             not; the synthetic side stays float32. ``"auto"`` (default) is bfloat16 where the run's device
@@ -143,6 +112,7 @@ class Distiller(ABC):
     inits: tuple[str, ...] = INITS
     distributed: bool = False  # whether the method splits its classes over several processes
     image_copies: tuple[str, ...] = IMAGE_COPIES  # what the run holds of the images' size
+    factor: int = 1  # training images per side of a stored image (multi-formation)
 
     def __init__(
         self,
@@ -180,6 +150,11 @@ class Distiller(ABC):
         self.images = self._initial_images().requires_grad_(True)
         self.last_real_batches: Sequence[Tensor] = ()
         self.optimizer = torch.optim.SGD([self.images], lr=self.lr_img, momentum=0.5)
+        spec = find_method(self.name)
+        for plugin in self.plugins:
+            if spec is not None:
+                refuse_unsupported(plugin, spec)
+            plugin.bind(self.run_info())
 
     # ----------------------------------------------------------------------------- set-up
     def default_image_lr(self) -> float:
@@ -229,10 +204,16 @@ class Distiller(ABC):
 
     def real_batches(self) -> ClassBatches:
         """One batch of ``batch_real`` real images per class, normalised, read class by class when indexed (one
-        class's images in memory at a time); also kept as ``last_real_batches`` for the plug-ins of the
-        matching step."""
+        class's images in memory at a time); also kept as ``last_real_batches`` for the plug-ins' context of the
+        matching step (:meth:`step_context`)."""
         self.last_real_batches = self.train.sample_classes(self.batch_real, self.generator)
         return self.last_real_batches
+
+    def run_info(self) -> RunInfo:
+        """What the plug-ins know of the run (:class:`fastdd.methods.plugin.RunInfo`)."""
+        return RunInfo(method=self.name, train=self.train, model=self.model, ipc=self.ipc,
+                       seed=self.generator.initial_seed(), num_classes=self.num_classes, factor=self.factor,
+                       world=self.world)
 
     # ----------------------------------------------------------------------------- steps
     @contextlib.contextmanager
@@ -262,14 +243,23 @@ class Distiller(ABC):
             targets.append([g.detach() for g in torch.autograd.grad(F.cross_entropy(out.float(), y), weights)])
         return matching_distance(net, weights, syn, targets, metric, classes)
 
-    def plugin_loss(self, net: nn.Module) -> Tensor | None:
-        """Sum of the plug-ins' terms at network ``net`` (None when no plug-in adds one)."""
-        terms = [t for t in (p.loss(self, net) for p in self.plugins) if t is not None]
+    def step_context(self, net: nn.Module, iteration: int) -> StepContext:
+        """The plug-ins' view of an image update of outer iteration ``iteration`` at network ``net``: this process's
+        rows of :meth:`training_images`, the real batches of the step (None where none were drawn)."""
+        images, labels, share = self.own_training_images()
+        return StepContext(network=net, params=None, images=images, labels=labels, share=share,
+                           classes=self.own_classes, real=self.last_real_batches or None, real_pass=self.real_pass,
+                           stored=self.images, iteration=iteration, world=self.world)
+
+    def plugin_loss(self, ctx: StepContext) -> Tensor | None:
+        """Sum of the plug-ins' terms at ``ctx``, in their order (None when no plug-in adds one)."""
+        terms = [t for t in (p.loss(ctx) for p in self.plugins) if t is not None]
         return torch.stack(terms).sum() if terms else None
 
-    def update_images(self, loss: Tensor, net: nn.Module) -> float:
-        """One optimiser step of the images on ``loss`` plus the plug-ins' terms; returns the total."""
-        extra = self.plugin_loss(net)
+    def update_images(self, loss: Tensor, net: nn.Module, iteration: int) -> float:
+        """One optimiser step of the images on ``loss`` plus the plug-ins' terms at ``net`` (outer iteration
+        ``iteration``); returns the total."""
+        extra = self.plugin_loss(self.step_context(net, iteration)) if self.plugins else None
         total = loss if extra is None else loss + extra
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -281,8 +271,9 @@ class Distiller(ABC):
         """Run one outer iteration; returns metrics, at least ``{"loss": ...}``."""
 
     def after_step(self, iteration: int) -> None:
+        """The plug-ins' :meth:`~fastdd.methods.plugin.Plugin.after_step`, in their order."""
         for plugin in self.plugins:
-            plugin.after_step(self, iteration)
+            plugin.after_step(iteration, self.images)
 
     # ----------------------------------------------------------------------------- state
     def share_shards(self) -> None:

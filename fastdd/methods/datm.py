@@ -2,7 +2,7 @@
 Difficulty-Aligned Trajectory Matching", ICLR 2024). Defaults, their sources and the differences from the original
 code are in docs/methods.md, "DATM".
 
-DATM is MTT (:mod:`fastdd.methods.mtt`: the unroll, the loss, the learned rate, every mode, the SDC plug-in at
+DATM is MTT (:mod:`fastdd.methods.mtt`: the unroll, the loss, the learned rate, every mode, the plug-ins at
 every unrolled student) with four changes:
 
 - **Start epochs tied to IPC and widened during the run.** Iteration ``t`` of ``T`` draws its start epoch
@@ -32,7 +32,8 @@ from torch.func import functional_call
 from fastdd.checks import fraction, nonnegative_int, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.methods.base import INITS
-from fastdd.methods.mtt import MTT
+from fastdd.methods.mtt import MTT, MTTOptions, memory_terms
+from fastdd.methods.registry import MethodSpec, option, register_method
 
 LOSS_THRESHOLD = 1.0  # an iteration whose normalised loss exceeds it updates nothing
 LABEL_MOMENTUM = 0.9  # momentum of the soft labels' SGD
@@ -177,3 +178,23 @@ class DATM(MTT):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.label_optimizer.load_state_dict(state["label_optimizer"])
+
+
+@dataclass(frozen=True)
+class DATMOptions(MTTOptions):
+    """DATM's options: MTT's (``max_start_epoch`` is its range's final bound) and its range's and soft labels'."""
+
+    min_start_epoch: int | None = option(help="datm: start epochs are drawn from this epoch on (default by IPC)",
+                                         check=nonnegative_int)
+    initial_max_start_epoch: int | None = option(help="datm: the range's upper bound at the first iteration, "
+                                                      "widened to --max-start-epoch (default by IPC)",
+                                                 check=positive_int)
+    expansion_end: float | None = option(help="datm: share of the iterations after which the range is widest, in "
+                                              "[0, 1) (default by IPC)", check=fraction, metavar="SHARE")
+    lr_labels: float | None = option(help="datm: learning rate of the learned soft labels (default 5 at IPC 1, 2 up "
+                                          "to IPC 50, else 10)", check=positive_float)
+
+
+register_method(MethodSpec("datm", DATM, DATMOptions, eval_augment="dsa", eval_epochs=1000,
+                           memory_terms=memory_terms, plugin_weights={"sdc": 0.0013}, draws_real=False,
+                           help="difficulty-aligned trajectory matching (Guo et al., ICLR 2024)"))

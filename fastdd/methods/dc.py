@@ -22,8 +22,11 @@ from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
 from fastdd.distributed import SINGLE
 from fastdd.methods.base import Distiller
+from fastdd.methods.matching import matching_term
+from fastdd.methods.registry import MethodSpec, register_method
 from fastdd.models import has_batchnorm
 from fastdd.ops import METRICS
+from fastdd.plan_terms import ActivationBytes, Term, scaled
 from fastdd.train import train_epochs
 
 # (outer_loop, inner_loop) of the reference implementation, by images per class.
@@ -128,7 +131,7 @@ class DC(Distiller):
         if batchnorm:
             self._set_batchnorm_statistics(net)
         loss = self.step_loss(net, self.real_batches(), self.augmentation_params(), iteration, step)
-        total = self.world.sum(self.update_images(loss, net))
+        total = self.world.sum(self.update_images(loss, net, iteration))
         if train_network:
             self.world.share_rows(self.images, self.ipc)  # every process trains on every class's images
             train_epochs(net, self.images.detach().clone(), self.labels, net_optimizer, self.generator,
@@ -150,3 +153,23 @@ class DSADistiller(DC):
 
     name = "dsa"
     uses_dsa = True
+
+
+def memory_terms(d: DC, act: ActivationBytes) -> list[Term]:
+    """A matching step (:func:`fastdd.methods.matching.matching_term`) or, when larger, a training batch of the
+    network (between outer steps: none with one outer step)."""
+    matching = matching_term(d, act, d.ipc, copies=1 if d.dsa is None else 2)
+    if d.outer_loop == 1:
+        return [matching]
+    train = min(d.batch_train, d.num_classes * d.ipc)
+    training = Term(f"network training ({train} images a batch)", scaled(train, act.first_order),
+                    ("a smaller --model",))
+    return [max(matching, training, key=lambda term: term.bytes)]
+
+
+GRADIENT_MATCHING = frozenset({"network", "real_batches", "gradient_matching"})
+register_method(MethodSpec("dc", DC, memory_terms=memory_terms, plugin_weights={"sdc": 10.0, "udd": 200.0},
+                           traits=GRADIENT_MATCHING, help="gradient matching (Zhao et al., ICLR 2021)"))
+register_method(MethodSpec("dsa", DSADistiller, eval_augment="dsa", eval_epochs=1000, memory_terms=memory_terms,
+                           plugin_weights={"sdc": 10.0, "udd": 200.0}, traits=GRADIENT_MATCHING,
+                           help="gradient matching with differentiable siamese augmentation"))

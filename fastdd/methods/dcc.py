@@ -38,7 +38,11 @@ from torch import Tensor, nn
 
 from fastdd.checks import fraction
 from fastdd.methods.dc import DC
+from fastdd.methods.dc import memory_terms as dc_memory_terms
+from fastdd.methods.matching import matching_term
+from fastdd.methods.registry import MethodSpec, register_method
 from fastdd.ops import grad_match_distance
+from fastdd.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
 
 WARMUP_STEPS = 10  # matching steps of an outer iteration that stay DC's in the warm-up (the original's inner_warmup)
 
@@ -110,3 +114,24 @@ class DSAC(DCC):
 
     name = "dsac"
     uses_dsa = True
+
+
+def memory_terms(d: DCC, act: ActivationBytes) -> list[Term]:
+    """DC's working set (:func:`fastdd.methods.dc.memory_terms`: the warm-up's matching steps, the network's
+    training) or, when larger, a contrastive matching step: a real class batch's first-order pass (freed before the
+    synthetic pass) or one second-order pass over every synthetic image of this process's classes with its backward,
+    and with DSA their augmented copies."""
+    (dc,) = dc_memory_terms(d, act)
+    syn = len(d.own_classes) * d.ipc
+    passes = max(scaled(d.batch_real, act.first_order), scaled(syn, BACKWARD_FACTOR * act.second_order))
+    contrastive = Term(f"contrastive matching step ({d.batch_real} real images, {syn} synthetic images in one pass)",
+                       passes + (0 if d.dsa is None else syn * image_bytes(d)),
+                       matching_term(d, act, d.ipc, copies=1).options)
+    return [max(dc, contrastive, key=lambda term: term.bytes)]
+
+
+CONTRASTIVE = frozenset({"network", "real_batches"})
+register_method(MethodSpec("dcc", DCC, memory_terms=memory_terms, plugin_weights={"sdc": 3.0}, traits=CONTRASTIVE,
+                           help="gradient matching with contrastive signals (Lee et al., ICML 2022)"))
+register_method(MethodSpec("dsac", DSAC, eval_augment="dsa", eval_epochs=1000, memory_terms=memory_terms,
+                           plugin_weights={"sdc": 3.0}, traits=CONTRASTIVE, help="dcc with DSA augmentation"))

@@ -25,7 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.methods.base import Distiller
+from fastdd.methods.registry import MethodSpec, register_method
 from fastdd.models import get_network, has_batchnorm
+from fastdd.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
 
 # Pixels (images x height x width) a step holds at once. Real: drawn, augmented and embedded without gradient
 # (4096 images at 32 x 32: 50 MB as float32 with 3 channels). Synthetic: embedded with their activations held
@@ -127,4 +129,22 @@ class DM(Distiller):
             p.requires_grad_(False)
         params = self.dsa.sample(self.num_classes, self.generator, self.device)
         loss = self.matching_loss(net, params)
-        return {"loss": self.world.sum(self.update_images(loss, net))}
+        return {"loss": self.world.sum(self.update_images(loss, net, iteration))}
+
+
+def memory_terms(d: DM, act: ActivationBytes) -> list[Term]:
+    """The synthetic embedding pass of one class chunk and its backward, or the real chunk's pass when larger (its
+    images drawn and augmented, float32, and the first convolution's output); the two do not overlap."""
+    chunks = d.class_chunks(d.world.shard(d.num_classes), d.ipc, SYN_CHUNK_PIXELS)
+    syn = len(chunks[0]) * d.ipc
+    embedding = Term(f"synthetic embedding pass ({syn} images{'' if len(chunks) == 1 else ', one class chunk'})",
+                     scaled(syn, BACKWARD_FACTOR * act.embedding), ("a lower --ipc", "a smaller --model"))
+    real = len(d.class_chunks(range(d.num_classes), d.batch_real, REAL_CHUNK_PIXELS)[0]) * d.batch_real
+    real_chunk = Term(f"real chunk ({real} images through the network)",
+                      scaled(real, 2 * image_bytes(d) + act.first_map), ("a lower --batch-real",))
+    return [max(embedding, real_chunk, key=lambda term: term.bytes)]
+
+
+register_method(MethodSpec("dm", DM, eval_augment="dsa", eval_epochs=1000, memory_terms=memory_terms,
+                           plugin_weights={"sdc": 20.0}, traits=frozenset({"network"}),
+                           help="distribution matching (Zhao and Bilen, WACV 2023)"))

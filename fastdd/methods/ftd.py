@@ -2,8 +2,8 @@
 al., "Minimizing the Accumulated Trajectory Error to Improve Dataset Distillation", CVPR 2023). Defaults, their
 sources and the differences from the original code are in docs/methods.md, "FTD".
 
-FTD is MTT (:mod:`fastdd.methods.mtt`: the unroll, the loss, the learned rate, every mode, soft labels, the SDC
-plug-in at every unrolled student) with two changes:
+FTD is MTT (:mod:`fastdd.methods.mtt`: the unroll, the loss, the learned rate, every mode, soft labels, the
+plug-ins at every unrolled student) with two changes:
 
 - the experts are trained sharpness-aware (``fastdd experts --flat RADIUS``, :mod:`fastdd.flat`), so the
   trajectories are flat and a student that strays from them accumulates less error; trajectories trained with
@@ -19,6 +19,7 @@ plug-in at every unrolled student) with two changes:
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ from torch import Tensor
 from fastdd.checks import fraction
 from fastdd.data import RealDataset
 from fastdd.methods.base import IMAGE_COPIES
-from fastdd.methods.mtt import MTT
+from fastdd.methods.mtt import MTT, MTTOptions, memory_terms
+from fastdd.methods.registry import MethodSpec, option, register_method
 from fastdd.synset import SyntheticSet
 
 EMA_WINDOW = 0.4  # the default average's window, 1 / (1 - decay), as a share of the run's iterations
@@ -78,3 +80,18 @@ class FTD(MTT):
     def synthetic_set(self, seed: int | None = None) -> SyntheticSet:
         """MTT's set (the learned rate, soft labels) with the moving average in place of the images."""
         return dataclasses.replace(super().synthetic_set(seed), images=self.ema_images.cpu().clone())
+
+
+@dataclass(frozen=True)
+class FTDOptions(MTTOptions):
+    """FTD's options: MTT's and the moving average's decay."""
+
+    ema_decay: float | None = option(help="ftd: the synthetic set is the images' moving average with this decay "
+                                          "(default: a window of 40% of the iterations, 0.9995 at 5000)",
+                                     check=fraction, metavar="D")
+
+
+register_method(MethodSpec("ftd", FTD, FTDOptions, eval_augment="dsa", eval_epochs=1000, memory_terms=memory_terms,
+                           plugin_weights={"sdc": 0.002}, draws_real=False,
+                           help="MTT on flat expert trajectories, returning the images' moving average (Du et al., "
+                                "CVPR 2023)"))

@@ -24,8 +24,11 @@ from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.distributed import SINGLE
 from fastdd.methods.base import INITS, Distiller
+from fastdd.methods.matching import matching_term
 from fastdd.methods.multiformation import check_factor, decode, mix_init
+from fastdd.methods.registry import MethodSpec, register_method
 from fastdd.models import has_batchnorm
+from fastdd.plan_terms import ActivationBytes, Term
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
 
@@ -193,8 +196,19 @@ class IDC(Distiller):
         total = 0.0
         for step in range(self.match_steps):
             loss = self.matching_loss(net, self.real_batches(), self.synthetic_batches(), self.augmentation_params())
-            total += self.world.sum(self.update_images(loss, net))
+            total += self.world.sum(self.update_images(loss, net, iteration))
             self.world.share_rows(self.images, self.ipc)  # every process decodes every class's images
             if step < self.match_steps - 1:
                 self.train_network(net, optimizer)
         return {"loss": total / self.match_steps}
+
+
+def memory_terms(d: IDC, act: ActivationBytes) -> list[Term]:
+    """A matching step (:func:`fastdd.methods.matching.matching_term`) over each class's decoded synthetic batch."""
+    return [matching_term(d, act, min(d.ipc * d.factor**2, d.batch_syn), copies=2)]
+
+
+register_method(MethodSpec("idc", IDC, eval_augment="dsa", eval_epochs=1000, memory_terms=memory_terms,
+                           plugin_weights={"sdc": 400.0, "udd": 6000.0},
+                           traits=frozenset({"network", "real_batches", "gradient_matching"}),
+                           help="gradient matching on multi-formation images (Kim et al., ICML 2022)"))

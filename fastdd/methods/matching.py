@@ -24,6 +24,7 @@ and the reference's loop over classes otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,10 @@ from torch.autograd.function import once_differentiable
 from fastdd.models import ConvNet, eager_block
 from fastdd.ops import grad_match_distance
 from fastdd.ops.layer_rules import Rule, has_rule, rule_for
+from fastdd.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
+
+if TYPE_CHECKING:
+    from fastdd.methods.base import Distiller
 
 # Most synthetic images per class for which matching_distance takes the class-batched path. Measured on
 # CPU (bench/class_batching.py, bench/NOTES.md): 1.5x at one image a class, 1.3x at two, even at five
@@ -161,3 +166,23 @@ def matching_distance(net: nn.Module, weights: Sequence[Tensor], syn: Sequence[T
     if supports_class_batching(net) and len({len(x) for x in syn}) == 1 and len(syn[0]) <= MAX_BATCHED_PER_CLASS:
         return class_batched_distance(net, weights, syn, targets, metric, classes)
     return per_class_distance(net, weights, syn, targets, metric, classes)
+
+
+def matching_term(d: Distiller, act: ActivationBytes, per_class: int, copies: int) -> Term:
+    """A gradient-matching step of distiller ``d`` over ``per_class`` synthetic images a class, of this process's
+    classes, ``d.batch_real`` real images a class.
+
+    The real passes, one class batch's first-order pass at a time, all run and are freed before the synthetic
+    ones: the larger of the two counts. Where a class holds at most ``MAX_BATCHED_PER_CLASS`` images, one
+    second-order pass over every class's images. Otherwise one class's second-order pass and its backward at a time
+    (:func:`fastdd.methods.matching.per_class_distance` takes each class's image gradient at once), and ``copies``
+    of every class's synthetic images meanwhile (their gradients, and their augmented copies where the method
+    augments)."""
+    syn = len(d.own_classes) * per_class
+    real = scaled(d.batch_real, act.first_order)
+    what = f"matching step ({d.batch_real} real images, {syn} synthetic images"
+    options = ("a lower --ipc", "a lower --batch-real", "a smaller --model")
+    if per_class <= MAX_BATCHED_PER_CLASS:
+        return Term(f"{what} in one pass)", max(real, scaled(syn, act.second_order)), options)
+    one_class = scaled(per_class, BACKWARD_FACTOR * act.second_order)
+    return Term(f"{what}, {per_class} in a pass)", max(real, one_class) + copies * syn * image_bytes(d), options)

@@ -23,7 +23,7 @@ Modes (``mode``); all three give the same loss:
   without any graph and keeps the students ``theta_0 .. theta_{N-1}`` (the minibatches and augmentations
   are the :class:`Unroll`'s, so every step can be replayed); ``a_N = dL/dtheta_N = 2 (theta_N - theta*) /
   |theta_0 - theta*|^2``. Pass 2 walks the steps backwards: at step ``i`` it rebuilds ``g_i`` at
-  ``theta_i`` with ``create_graph`` and differentiates ``s_i = -alpha <g_i, a_{i+1}>`` (plus the SDC term
+  ``theta_i`` with ``create_graph`` and differentiates ``s_i = -alpha <g_i, a_{i+1}>`` (plus the plug-ins' term
   at ``theta_i``) once, w.r.t. the images (their gradient), ``alpha`` (``-<g_i, a_{i+1}>``) and
   ``theta_i`` (a Hessian-vector product: ``a_i = a_{i+1} - alpha H_i a_{i+1}``), then frees that step's
   graph. It costs one forward and backward pass per step more than the exact mode.
@@ -34,13 +34,14 @@ Modes (``mode``); all three give the same loss:
   every ``theta_i`` at which ``g_i`` is evaluated held constant (a stop-gradient): the same gradients
   for ``syn_steps = 1``; ``syn_lr``'s gradient is ``-lambda . sum_i g_i``.
 
-Plug-ins: SDC only (:mod:`fastdd.methods.sdc`; the others need a network module, the students here are
-parameter vectors). Its term is taken at every unrolled student ``theta_0 .. theta_{N-1}`` on all the
-synthetic images (not augmented) and averaged over the ``N`` students:
-``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode it is part of the unrolled graph;
-the flat mode differentiates it within ``s_i``, so its gradient w.r.t. ``theta_i`` joins the adjoint
+Plug-ins (:mod:`fastdd.methods.plugin`): those that support a method whose context holds a student's parameters
+rather than a network of its own (the spec declares no trait; SDC does, :mod:`fastdd.methods.sdc`). Their terms are
+taken at every unrolled student ``theta_0 .. theta_{N-1}`` (the context's ``params``; its ``network`` the student
+module) on all the synthetic images (not augmented) and averaged over the ``N`` students, e.g. for SDC
+``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode they are part of the unrolled graph;
+the flat mode differentiates them within ``s_i``, so their gradient w.r.t. ``theta_i`` joins the adjoint
 (the same gradients as exact); the lean mode does too but holds ``theta_i`` constant, so ``syn_lr`` gets
-no gradient from it. The term uses the class labels, also with soft labels.
+no gradient from them. The context holds the class labels, also with soft labels, and no real batches.
 
 Soft labels (``soft_labels``, TESLA's soft label assignment): each synthetic image gets a logit vector,
 initialised to the logits of the first expert's network after its final epoch on the initial synthetic
@@ -64,16 +65,44 @@ from torch import Tensor
 from torch.func import functional_call
 
 from fastdd.augment import DSA, DSAParams, dsa_strategy_for
-from fastdd.checks import one_of, positive_float, positive_int
+from fastdd.checks import boolean, choice, one_of, positive_float, positive_int
+from fastdd.checks import path as path_value
 from fastdd.data import RealDataset
 from fastdd.errors import NonFiniteError
-from fastdd.methods.base import Distiller, Plugin
-from fastdd.methods.sdc import SDC
+from fastdd.methods.base import Distiller
+from fastdd.methods.plugin import Plugin, StepContext
+from fastdd.methods.registry import MethodSpec, option, register_method
+from fastdd.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, scaled
 from fastdd.synset import SyntheticSet
 from fastdd.trajectory import Trajectory, check_setup, expert_paths, run_setup
 
 MODES = ("exact", "flat", "lean")
 MAX_LR_GROWTH = 100.0  # the learned rate may grow to this multiple of its initial value
+
+
+@dataclass(frozen=True)
+class MTTOptions:
+    """MTT's options (also FTD's and DATM's), ``RunConfig`` fields and ``fastdd distill`` options."""
+
+    experts: str | None = option(help="expert trajectories made by `fastdd experts`", check=path_value, required=True,
+                                 metavar="DIR")
+    mtt_mode: str = option("exact", check=choice(MODES), choices=MODES, keyword="mode",
+                           help="exact: back-propagate through the whole unroll (memory grows with --syn-steps); flat: "
+                                "the same gradient, recomputing one step at a time backwards from the stored students "
+                                "(activation memory independent of --syn-steps); lean: TESLA's recomputation, drops "
+                                "the Hessian terms of later steps")
+    syn_steps: int = option(20, help="student steps per iteration", check=positive_int)
+    expert_epochs: int = option(2, help="expert epochs to match", check=positive_int)
+    max_start_epoch: int | None = option(help="start epochs are drawn below this (default 2 at IPC 1, else 4; datm: "
+                                              "the final bound of its range, by IPC)", check=positive_int)
+    batch_syn: int | None = option(help="synthetic images per student step (default all)", check=positive_int)
+    syn_lr: float = option(0.01, help="initial learned learning rate", check=positive_float)
+    lr_lr: float = option(1e-5, help="learning rate of the learned rate", check=positive_float)
+    soft_labels: bool | None = option(help="train the students on soft labels: the softmax of the first expert's "
+                                           "final-epoch logits on the initial images (TESLA; docs/methods.md)",
+                                      check=boolean)
+    learn_soft_labels: bool | None = option(help="learn the soft labels' logits with the images, at --lr-img (needs "
+                                                 "--soft-labels)", check=boolean)
 
 
 def default_max_start_epoch(ipc: int) -> int:
@@ -114,12 +143,14 @@ class Unroll:
 
     ``expert``: index of the expert; ``start``: the start epoch ``s``; ``batches``: per unrolled step,
     the indices int64 [b] of the synthetic images it trains on and their augmentation
-    (``DSA.sample_per_image``: group ``k`` is the batch's image ``k``).
+    (``DSA.sample_per_image``: group ``k`` is the batch's image ``k``); ``iteration``: the outer iteration it
+    belongs to (the plug-ins' context; 0 for an unroll made by hand).
     """
 
     expert: int
     start: int
     batches: tuple[tuple[Tensor, DSAParams], ...]
+    iteration: int = 0
 
 
 class MTT(Distiller):
@@ -142,7 +173,7 @@ class MTT(Distiller):
 
     ``batch_real`` and ``real_precision`` do not apply (MTT makes no pass over real images): ``batch_real`` must
     be None and ``real_precision`` "auto" or "float32" (either means float32), else a ValueError.
-    ``plugins``: SDC only (module docstring).
+    ``plugins``: at every student (module docstring).
     """
 
     name = "mtt"
@@ -188,14 +219,10 @@ class MTT(Distiller):
         if real_precision not in ("auto", "float32"):
             raise ValueError(f"real_precision does not apply to MTT, which makes no pass over real images, "
                              f"got {real_precision!r}")
-        other = [p.name for p in plugins if not isinstance(p, SDC)]
-        if other:
-            raise ValueError(f"MTT takes the sdc plug-in only, got {other}: the others need a network module, "
-                             "and MTT's students are parameter vectors")
         super().__init__(train, ipc, generator, plugins=plugins, real_precision="float32", **kwargs)
         if plugins and self.world.size > 1:
-            raise ValueError(f"--plugin sdc with --method {self.name} runs in one process; started by torchrun with "
-                             f"{self.world.size} processes, use one or leave the plug-in out")
+            raise ValueError(f"--plugin {plugins[0].name} with --method {self.name} runs in one process; started by "
+                             f"torchrun with {self.world.size} processes, use one or leave the plug-in out")
         self.mode = mode
         self.syn_steps = syn_steps
         self.expert_epochs = expert_epochs
@@ -235,12 +262,16 @@ class MTT(Distiller):
             return (theta * 0).sum()
         return F.cross_entropy(functional_call(self.student, self.student_params(theta), (x,)), y)
 
-    def sdc_term(self, theta: Tensor) -> Tensor | None:
-        """The SDC plug-ins' term at the student ``theta`` on all synthetic images, divided by ``syn_steps``
-        (None without an active plug-in)."""
-        terms = [p.term(self.student, self.images, self.labels, self.student_params(theta)) for p in self.plugins
-                 if p.lam > 0]
-        return torch.stack(terms).sum() / self.syn_steps if terms else None
+    def plugin_term(self, theta: Tensor, iteration: int) -> Tensor | None:
+        """The plug-ins' terms at the student ``theta`` on all synthetic images, divided by ``syn_steps`` (None when
+        no plug-in adds one)."""
+        if not self.plugins:
+            return None
+        ctx = StepContext(network=self.student, params=self.student_params(theta), images=self.images,
+                          labels=self.labels, share=1.0, classes=range(self.num_classes), real=None,
+                          real_pass=self.real_pass, stored=self.images, iteration=iteration, world=self.world)
+        total = self.plugin_loss(ctx)
+        return None if total is None else total / self.syn_steps
 
     def final_expert(self) -> dict[str, Tensor]:
         """The parameters of the first expert's network after its final epoch, as the student's named tensors (read
@@ -290,7 +321,7 @@ class MTT(Distiller):
                 chunks = list(torch.randperm(len(self.images), generator=self.generator).split(self.batch_syn))
             idx = chunks.pop(0)
             batches.append((idx.to(self.device), self.dsa.sample_per_image(len(idx), self.generator).to(self.device)))
-        return Unroll(expert, start, tuple(batches))
+        return Unroll(expert, start, tuple(batches), iteration)
 
     # ----------------------------------------------------------------------------- gradients
     def step_gradient(self, theta: Tensor, images: Tensor, step: tuple[Tensor, DSAParams],
@@ -318,20 +349,21 @@ class MTT(Distiller):
         return students, theta
 
     def backprop_step(self, theta: Tensor, step: tuple[Tensor, DSAParams], adjoint: Tensor,
-                      through_theta: bool) -> tuple[Tensor, Tensor]:
-        """Back-propagate one student step ``theta -> theta - alpha g(theta)`` and the SDC term at ``theta``,
+                      through_theta: bool, iteration: int) -> tuple[Tensor, Tensor]:
+        """Back-propagate one student step ``theta -> theta - alpha g(theta)`` and the plug-ins' term at ``theta``
+        (:meth:`plugin_term` of outer iteration ``iteration``),
         recomputed at ``theta`` [P] (detached), given ``adjoint`` [P], the loss's gradient w.r.t. the next student.
 
-        Differentiates ``s = -alpha <g, adjoint> + sdc(theta)``: adds ``ds/dimages`` to ``images.grad``,
+        Differentiates ``s = -alpha <g, adjoint> + term(theta)``: adds ``ds/dimages`` to ``images.grad``,
         ``ds/dalpha = -<g, adjoint>`` to ``syn_lr.grad`` and, when learned, ``ds/dlogits`` to
         ``label_logits.grad``. Returns ``g`` (detached) and the adjoint of ``theta``, ``adjoint + ds/dtheta =
-        adjoint - alpha H adjoint + dsdc/dtheta`` (``H``: the Hessian of the step's loss; one Hessian-vector
+        adjoint - alpha H adjoint + dterm/dtheta`` (``H``: the Hessian of the step's loss; one Hessian-vector
         product) when ``through_theta``, else ``adjoint`` unchanged.
         """
         theta = theta.detach().requires_grad_(True)
         g = self.step_gradient(theta, self.images, step, create_graph=True)
         total = -self.syn_lr * (g * adjoint).sum()
-        term = self.sdc_term(theta)
+        term = self.plugin_term(theta, iteration)
         if term is not None:
             total = total + term
         torch.autograd.backward(total, inputs=[*self.learned(), theta] if through_theta else self.learned())
@@ -354,11 +386,12 @@ class MTT(Distiller):
         adjoint = 2 * (theta_n - target) / scale  # dL/dtheta_N
         if self.mode == "flat":
             for i in reversed(range(len(students))):
-                _, adjoint = self.backprop_step(students.pop(), unroll.batches[i], adjoint, through_theta=i > 0)
+                _, adjoint = self.backprop_step(students.pop(), unroll.batches[i], adjoint, through_theta=i > 0,
+                                                iteration=unroll.iteration)
         else:
             lr, theta = self.syn_lr.detach(), theta0
             for step in unroll.batches:
-                g, _ = self.backprop_step(theta, step, adjoint, through_theta=False)
+                g, _ = self.backprop_step(theta, step, adjoint, through_theta=False, iteration=unroll.iteration)
                 theta = theta - lr * g
         self._sum_shared_gradients()
         return ((theta_n - target).pow(2).sum() / scale).item()
@@ -374,7 +407,7 @@ class MTT(Distiller):
         theta = theta0.clone().requires_grad_(True)
         terms = []
         for step in unroll.batches:
-            terms.append(self.sdc_term(theta))
+            terms.append(self.plugin_term(theta, unroll.iteration))
             theta = theta - self.syn_lr * self.step_gradient(theta, self.images, step, create_graph=True)
         loss = (theta - target).pow(2).sum() / scale
         total = loss + sum(t for t in terms if t is not None)
@@ -450,3 +483,23 @@ class MTT(Distiller):
         labels, their distributions [N, K] as the set's ``soft_labels``."""
         soft = None if self.label_logits is None else self.targets().detach().cpu()
         return dataclasses.replace(super().synthetic_set(seed), lr=self.syn_lr.item(), soft_labels=soft)
+
+
+def memory_terms(d: MTT, act: ActivationBytes) -> list[Term]:
+    """The students' graphs (every step's in the exact mode, one step's otherwise) with the backward's share, and
+    the student parameter vectors of the unroll."""
+    one_step = scaled(d.batch_syn, act.second_order)
+    steps = d.syn_steps if d.mode == "exact" else 1
+    shrink = (("--mtt-mode flat", "a lower --syn-steps", "a lower --batch-syn") if d.mode == "exact"
+              else ("a lower --batch-syn", "a smaller --model"))
+    graph = Term(f"student graph ({steps} step(s) of {d.batch_syn} images)",
+                 steps * one_step + round((BACKWARD_FACTOR - 1) * one_step), shrink)
+    params = d.expert_rows.shape[-1]
+    students = Term(f"student parameters ({d.syn_steps} x {params})", 4 * d.syn_steps * params,
+                    ("a lower --syn-steps",))
+    return [graph, students]
+
+
+register_method(MethodSpec("mtt", MTT, MTTOptions, eval_augment="dsa", eval_epochs=1000, memory_terms=memory_terms,
+                           plugin_weights={"sdc": 0.002}, draws_real=False,
+                           help="matching training trajectories (Cazenavette et al., CVPR 2022)"))

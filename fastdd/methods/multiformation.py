@@ -21,7 +21,7 @@ from torch import Tensor
 from fastdd.checks import positive_int
 from fastdd.data import RealDataset
 
-__all__ = ["check_factor", "decode", "mix_images", "mix_init", "patch_bounds"]
+__all__ = ["check_factor", "decode", "decoded_to_stored", "mix_images", "mix_init", "patch_bounds"]
 
 
 def check_factor(factor: int, height: int, width: int) -> None:
@@ -84,6 +84,13 @@ def mix_images(real: Tensor, factor: int) -> Tensor:
         out[:, :, top:bottom, left:right] = F.interpolate(groups[:, k], size=(bottom - top, right - left),
                                                           mode="nearest")
     return out
+
+
+def decoded_to_stored(masks: Tensor, factor: int, height: int, width: int) -> Tensor:
+    """Masks of decoded images [N * factor², 1, h, w] -> masks of the stored images [N, 1, height, width]: each
+    decoded image's mask (nearest, image resolution) shrunk into its patch, as :func:`mix_images` lays it out
+    (the public map from the training images a plug-in sees to the stored ones)."""
+    return mix_images(F.interpolate(masks.float(), size=(height, width), mode="nearest"), factor)
 
 
 def mix_init(train: RealDataset, ipc: int, factor: int, generator: torch.Generator) -> Tensor:

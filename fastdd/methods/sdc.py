@@ -14,10 +14,11 @@ method matches with at that step, all of its parameters counted (also those DM f
 differentiable w.r.t. the images (per-sample gradient norms with ``create_graph``), so the update
 also lowers the synthetic images' gradient norms: it steers them toward easy samples.
 
-- ``lambda(IPC) = LAMBDA0[method] / IPC`` by default (:func:`default_lambda`): the correction fades as
+- ``lambda(IPC) = lambda0 / IPC`` by default (:func:`default_lambda`), ``lambda0`` being the method's
+  ``plugin_weights["sdc"]`` (its spec, :class:`fastdd.methods.registry.MethodSpec`): the correction fades as
   the set grows; ``lambda = 0`` adds nothing and costs nothing.
-- MTT: the term at every unrolled student, averaged over the students (:mod:`fastdd.methods.mtt`),
-  through :meth:`SDC.term`'s ``params``.
+- MTT: the term at every unrolled student, averaged over the students (:mod:`fastdd.methods.mtt`): the
+  context's ``params`` are the student's.
 - Under torchrun (DC, DSA, DM, IDC; :mod:`fastdd.distributed`) each process adds the term over its own
   classes' images, weighted by their share of the set: the processes' terms sum to the one-process term.
   MTT with SDC runs in one process.
@@ -29,21 +30,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fastdd.checks import nonnegative_float, one_of, positive_int
-from fastdd.methods.base import Distiller, Plugin
+from fastdd.checks import nonnegative_float, positive_int
+from fastdd.methods.plugin import Plugin, StepContext
+from fastdd.methods.registry import MethodSpec, default_weight, default_weights_text, option, register_plugin
 from fastdd.ops import per_sample_grad_norm
 
 CHUNK_SIZE = 256  # samples per per_sample_grad_norm pass
-# lambda at IPC 1 by method: a DC sweep for DC and DSA, the term's pull on the images for the others (docs/methods.md;
-# bench/sdc_pull.py)
-LAMBDA0 = {"dc": 10.0, "dsa": 10.0, "dcc": 3.0, "dsac": 3.0, "dm": 20.0, "idc": 400.0, "mtt": 0.002, "ftd": 0.002,
-           "datm": 0.0013}
 
 
 @contextlib.contextmanager
@@ -77,11 +76,22 @@ def gradn(models: nn.Module | Sequence[nn.Module], x: Tensor, y: Tensor, *, chun
     return torch.stack(norms).mean(0)
 
 
-def default_lambda(ipc: int, method: str) -> float:
-    """The default weight of the SDC term for ``method`` at ``ipc`` images per class: ``LAMBDA0[method] / ipc``."""
+def default_lambda(ipc: int, method: str | MethodSpec) -> float:
+    """The default weight of the SDC term for ``method`` (a name or a spec) at ``ipc`` images per class:
+    ``plugin_weights["sdc"] / ipc`` of its spec; a ValueError when the method declares none."""
     positive_int("ipc", ipc)
-    one_of("method (for a default SDC lambda)", method, LAMBDA0)
-    return LAMBDA0[method] / ipc
+    return default_weight(method, "sdc", "sdc_lambda (--sdc-lambda)") / ipc
+
+
+def _lambda_help() -> str:
+    return f"weight of the SDC term (default: {default_weights_text('sdc', ' / IPC')})"
+
+
+@dataclass(frozen=True)
+class SDCOptions:
+    """The SDC plug-in's options (``--sdc-...``)."""
+
+    lambda_: float | None = option(help=_lambda_help, check=nonnegative_float, metavar="X")
 
 
 class _Functional(nn.Module):
@@ -99,13 +109,20 @@ class _Functional(nn.Module):
 class SDC(Plugin):
     """Adds ``lam * mean GraDN`` of the synthetic training images at the method's network to every loss.
 
-    lam: the term's weight, a finite number >= 0; :func:`default_lambda` gives the default schedule.
+    lam: the term's weight, a finite number >= 0; :func:`default_lambda` gives the default schedule. Applies to
+    every method: with the context's ``params`` (MTT's students) the network is evaluated with them.
     """
 
     name = "sdc"
+    Options = SDCOptions
+    help = "sample difficulty correction, steers the images toward easy samples"
 
     def __init__(self, lam: float) -> None:
         self.lam = nonnegative_float("lam (--sdc-lambda)", lam)
+
+    @classmethod
+    def from_options(cls, options: SDCOptions, method: MethodSpec, ipc: int) -> SDC:
+        return cls(default_lambda(ipc, method) if options.lambda_ is None else options.lambda_)
 
     def term(self, net: nn.Module, x: Tensor, y: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
         """Scalar ``lam * mean GraDN`` of x [N, C, H, W] (labels y [N]) at ``net``, differentiable w.r.t. x.
@@ -116,11 +133,13 @@ class SDC(Plugin):
         model = net if params is None else _Functional(net, params)
         return self.lam * gradn(model, x, y, create_graph=True).mean()
 
-    def loss(self, distiller: Distiller, net: nn.Module) -> Tensor | None:
+    def loss(self, ctx: StepContext) -> Tensor | None:
         if self.lam == 0:
             return None
-        images, labels, share = distiller.own_training_images()  # under torchrun: this process's classes
-        return share * self.term(net, images, labels)
+        return ctx.share * self.term(ctx.network, ctx.images, ctx.labels, ctx.params)  # torchrun: own classes
 
     def hparams(self) -> dict[str, Any]:
         return {"lambda": self.lam}
+
+
+register_plugin(SDC)

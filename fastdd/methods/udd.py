@@ -50,6 +50,7 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +59,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdd.augment import DSA, dsa_strategy_for
-from fastdd.checks import nonnegative_float, one_of, open_fraction, positive_float, positive_int
+from fastdd.checks import choice, nonnegative_float, one_of, open_fraction, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.distributed import is_main_process
 from fastdd.errors import DamagedFileError, WriteError
 from fastdd.io import atomic_torch_save, load_torch_file
-from fastdd.methods.base import Distiller, Plugin
-from fastdd.methods.multiformation import mix_images
+from fastdd.methods.multiformation import decoded_to_stored
+from fastdd.methods.plugin import Plugin, RunInfo, StepContext
+from fastdd.methods.registry import MethodSpec, default_weight, default_weights_text, option, register_plugin
 from fastdd.models import get_network
 from fastdd.ops import masked_feature_contrastive
 from fastdd.plots import plot_underutilized_share
+from fastdd.synset import SyntheticSet
 from fastdd.train import train_epochs
 from fastdd.trajectory import run_setup
 
 POLICIES = ("response", "jitter")
-METHODS = ("dc", "dsa", "idc")  # gradient matching; UDD is defined on IDC, and applies with factor 1
-BETA0 = {"dc": 200.0, "dsa": 200.0, "idc": 6000.0}  # provisional: the term's pull on the images (docs/methods.md)
+# the methods' traits UDD needs: gradient matching with a network and real batches (it is defined on IDC, and
+# applies to the others with factor 1)
+TRAITS = frozenset({"network", "real_batches", "gradient_matching"})
 # ``--udd-policy auto``: jitter beat response on Fashion-MNIST IDC at IPC 1 (docs/methods.md), and needs no proxy
 AUTO_POLICY = "jitter"
 STREAM = 0x55DD  # the plug-in's generator is seeded with the run generator's seed plus this
@@ -194,13 +198,6 @@ def region_contrastive(features: Tensor, masks: Tensor, labels: Tensor, prototyp
                                       prototypes.to(features.dtype), tau)
 
 
-def decoded_to_stored(masks: Tensor, factor: int, height: int, width: int) -> Tensor:
-    """Masks of decoded images [N * factor², 1, h, w] -> masks of the stored images [N, 1, H, W]: each
-    decoded image's mask (nearest, image resolution) shrunk into its patch, as multi-formation laid it out
-    (:func:`fastdd.methods.multiformation.mix_images`)."""
-    return mix_images(F.interpolate(masks.float(), size=(height, width), mode="nearest"), factor)
-
-
 def cache_dir() -> Path:
     """Where proxies are kept: ``$FASTDD_CACHE``, else ``~/.cache/fastdd``."""
     return Path(os.environ.get("FASTDD_CACHE") or Path.home() / ".cache" / "fastdd")
@@ -258,10 +255,29 @@ def _cached_proxy(path: Path) -> dict[str, Tensor] | None:
     return state
 
 
-def default_beta(method: str) -> float:
-    """The default weight of the contrastive term for ``method`` (``BETA0``; provisional)."""
-    one_of("method (for UDD)", method, BETA0)
-    return BETA0[method]
+def default_beta(method: str | MethodSpec) -> float:
+    """The default weight of the contrastive term for ``method`` (a name or a spec): its spec's
+    ``plugin_weights["udd"]`` (provisional, docs/methods.md); a ValueError when the method declares none."""
+    return default_weight(method, "udd", "udd_beta (--udd-beta)")
+
+
+def _beta_help() -> str:
+    return f"weight of UDD's contrastive term (default: {default_weights_text('udd')})"
+
+
+@dataclass(frozen=True)
+class UDDOptions:
+    """The UDD plug-in's options (``--udd-...``)."""
+
+    policy: str = option("auto", check=choice((*POLICIES, "auto")), choices=(*POLICIES, "auto"),
+                         help="how UDD finds underutilized regions: response (a proxy network trained briefly on real "
+                              "data, cached), jitter (the matching network under random shifts), auto (" + AUTO_POLICY
+                              + ", the better of the two in the measured rows of docs/methods.md)")
+    beta: float | None = option(help=_beta_help, check=nonnegative_float, metavar="X")
+    tau: float = option(0.01, help="temperature of UDD's term", check=positive_float, metavar="T")
+    quantile: float = option(0.25, help="cells whose response lies below this quantile of the real images' cells are "
+                                        "underutilized", check=open_fraction, metavar="Q")
+    every: int = option(50, help="image updates between minings of the regions", check=positive_int, metavar="R")
 
 
 class UDD(Plugin):
@@ -276,6 +292,8 @@ class UDD(Plugin):
 
     name = "udd"
     outputs = (START_PICTURE, LATEST_PICTURE, SHARE_PLOT)
+    Options = UDDOptions
+    help = "mines underutilized regions and makes them discriminative"
 
     def __init__(self, policy: str, beta: float, *, tau: float = 0.01, quantile: float = 0.25, every: int = 50,
                  jitters: int = 4, prototype_images: int = 32) -> None:
@@ -291,92 +309,104 @@ class UDD(Plugin):
         self.history: list[tuple[int, float]] = []  # (image update, underutilized share) at every mining
         self.start: tuple[Tensor, Tensor] | None = None  # stored images and their masks at the first mining
         self.proxy_seed: int | None = None
+        self.run: RunInfo | None = None
         self._proxy: nn.Module | None = None
         self._generator: torch.Generator | None = None
 
-    def generator(self, distiller: Distiller) -> torch.Generator:
+    @classmethod
+    def supports(cls, method: MethodSpec) -> bool:
+        return TRAITS <= method.traits
+
+    @classmethod
+    def from_options(cls, options: UDDOptions, method: MethodSpec, ipc: int) -> UDD:
+        """``policy`` "auto" is :data:`AUTO_POLICY`, ``beta`` None the method's :func:`default_beta`."""
+        policy = AUTO_POLICY if options.policy == "auto" else options.policy
+        beta = default_beta(method) if options.beta is None else options.beta
+        return cls(policy, beta, tau=options.tau, quantile=options.quantile, every=options.every)
+
+    def bind(self, run: RunInfo) -> None:
+        self.run = run
+
+    def generator(self) -> torch.Generator:
         """The plug-in's own CPU generator (module docstring, "Randomness"), made at its first use."""
         if self._generator is None:
-            seed = (distiller.generator.initial_seed() + STREAM) % 2**64
-            self._generator = torch.Generator().manual_seed(seed)
+            self._generator = torch.Generator().manual_seed((self.run.seed + STREAM) % 2**64)
         return self._generator
 
     # ----------------------------------------------------------------------------- mining
-    def proxy(self, distiller: Distiller) -> nn.Module:
+    def proxy(self) -> nn.Module:
         """The response policy's proxy network for this run (trained or loaded from the cache once)."""
         if self.proxy_seed is None:
-            self.proxy_seed = int(torch.randint(2**62, (1,), generator=self.generator(distiller)))
+            self.proxy_seed = int(torch.randint(2**62, (1,), generator=self.generator()))
         if self._proxy is None:
-            self._proxy = proxy_network(distiller.train, distiller.model, self.proxy_seed)
+            self._proxy = proxy_network(self.run.train, self.run.model, self.proxy_seed)
         return self._proxy
 
-    def real_images(self, distiller: Distiller, classes: range) -> tuple[Tensor, Tensor]:
-        """The first ``prototype_images`` of the current real batch of each class of ``classes`` [R, C, H, W] and
+    def real_images(self, ctx: StepContext, classes: range) -> tuple[Tensor, Tensor]:
+        """The first ``prototype_images`` of the step's real batch of each class of ``classes`` [R, C, H, W] and
         their labels [R]."""
-        if not distiller.last_real_batches:
-            raise RuntimeError("UDD: the distiller has drawn no real batch yet (its matching step draws them "
-                               "before the plug-in's term)")
-        real = [distiller.last_real_batches[c][: self.prototype_images] for c in classes]
-        labels = torch.cat([torch.full((len(b),), c, dtype=torch.long, device=distiller.device)
+        if not ctx.real:
+            raise RuntimeError("UDD: the method has drawn no real batch at this update (UDD needs a method whose "
+                               "matching step draws them before the plug-ins' terms)")
+        real = [ctx.real[c][: self.prototype_images] for c in classes]
+        labels = torch.cat([torch.full((len(b),), c, dtype=torch.long, device=ctx.images.device)
                             for c, b in zip(classes, real)])
         return torch.cat(real), labels
 
-    def mine(self, distiller: Distiller, net: nn.Module, images: Tensor) -> Tensor:
-        """Underutilized cells [M, 1, h, w] of training images [M, C, H, W] by the policy, against the current
-        real images of every class."""
-        reference, _ = self.real_images(distiller, range(distiller.num_classes))
+    def mine(self, ctx: StepContext, images: Tensor) -> Tensor:
+        """Underutilized cells [M, 1, h, w] of training images [M, C, H, W] by the policy, against the step's real
+        images of every class."""
+        reference, _ = self.real_images(ctx, range(self.run.num_classes))
         if self.policy == "response":
-            return response_masks(self.proxy(distiller), images, reference, self.quantile)
+            return response_masks(self.proxy(), images, reference, self.quantile)
         shift = default_max_shift(*images.shape[-2:])
-        return jitter_masks(net, images, reference, self.quantile, self.jitters, shift, self.generator(distiller))
+        return jitter_masks(ctx.network, images, reference, self.quantile, self.jitters, shift, self.generator())
 
-    def _remine(self, distiller: Distiller, net: nn.Module, images: Tensor) -> None:
-        """Mine this process's ``images`` (its classes' training images); every process then holds every mask."""
-        own = self.mine(distiller, net, images.detach())
-        self.masks = distiller.world.gather_rows(own, distiller.num_classes)
+    def _remine(self, ctx: StepContext) -> None:
+        """Mine this process's training images; every process then holds every mask."""
+        own = self.mine(ctx, ctx.images.detach())
+        self.masks = ctx.world.gather_rows(own, self.run.num_classes)
         self.history.append((self.updates, self.masks.mean().item()))
         if self.start is None:  # the first mining comes before the first image update: no process changed any
-            self.start = (distiller.images.detach().cpu().clone(), self.stored_masks(distiller).cpu())
+            self.start = (ctx.stored.detach().cpu().clone(), self.stored_masks().cpu())
 
-    def stored_masks(self, distiller: Distiller) -> Tensor:
+    def stored_masks(self) -> Tensor:
         """The current masks laid out on the stored images [N, 1, H, W] (image resolution)."""
-        return decoded_to_stored(self.masks, getattr(distiller, "factor", 1), *distiller.images.shape[-2:])
+        return decoded_to_stored(self.masks, self.run.factor, self.run.train.height, self.run.train.width)
 
     # ----------------------------------------------------------------------------- the term
-    def prototypes(self, distiller: Distiller, net: nn.Module) -> tuple[Tensor, Tensor]:
-        """(prototypes [K, C'], present [K]) from the distiller's current real batches at ``net``: each process
-        maps its own classes' images, the rows are summed over the processes."""
-        real, labels = self.real_images(distiller, distiller.own_classes)
-        with torch.no_grad(), distiller.real_pass():
-            features = feature_map(net, real)
-        prototypes, present = class_prototypes(features, labels, distiller.num_classes)
+    def prototypes(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
+        """(prototypes [K, C'], present [K]) from the step's real batches at its network: each process maps its own
+        classes' images, the rows are summed over the processes."""
+        real, labels = self.real_images(ctx, ctx.classes)
+        with torch.no_grad(), ctx.real_pass():
+            features = feature_map(ctx.network, real)
+        prototypes, present = class_prototypes(features, labels, self.run.num_classes)
         present = present.to(prototypes.dtype)
-        distiller.world.sum_(prototypes)  # zero rows but this process's classes
-        distiller.world.sum_(present)
+        ctx.world.sum_(prototypes)  # zero rows but this process's classes
+        ctx.world.sum_(present)
         return prototypes, present > 0
 
-    def loss(self, distiller: Distiller, net: nn.Module) -> Tensor | None:
-        if distiller.name not in METHODS:
-            raise ValueError(f"the UDD plug-in applies to {METHODS}, not to {distiller.name!r}")
+    def loss(self, ctx: StepContext) -> Tensor | None:
         if self.beta == 0:
             return None
-        images, labels, share = distiller.own_training_images()  # under torchrun: this process's classes
         if self.masks is None or self.updates % self.every == 0:
-            self._remine(distiller, net, images)
+            self._remine(ctx)
         self.updates += 1
-        prototypes, present = self.prototypes(distiller, net)
-        masks = distiller.own_rows(self.masks)
-        term = region_contrastive(feature_map(net, images), masks, labels, prototypes, present, self.tau)
-        return None if term is None else self.beta * share * term
+        prototypes, present = self.prototypes(ctx)
+        per_class = len(self.masks) // self.run.num_classes
+        masks = self.masks[ctx.classes.start * per_class: ctx.classes.stop * per_class]  # this process's classes
+        term = region_contrastive(feature_map(ctx.network, ctx.images), masks, ctx.labels, prototypes, present,
+                                  self.tau)
+        return None if term is None else self.beta * ctx.share * term
 
     # ----------------------------------------------------------------------------- outputs and state
-    def write_outputs(self, distiller: Distiller, run_dir: Path) -> None:
+    def write_outputs(self, synset: SyntheticSet, run_dir: Path) -> None:
         if self.start is None:
             return
-        synset = distiller.synthetic_set()
         start = type(synset)(images=self.start[0], labels=synset.labels, meta=synset.meta)
         start.save_grid(run_dir / START_PICTURE, outline=self.start[1])
-        synset.save_grid(run_dir / LATEST_PICTURE, outline=self.stored_masks(distiller).cpu())
+        synset.save_grid(run_dir / LATEST_PICTURE, outline=self.stored_masks().cpu())
         label = f"{self.policy} policy, quantile {self.quantile:g}"
         plot_underutilized_share(self.history, run_dir / SHARE_PLOT, label)
 
@@ -396,3 +426,6 @@ class UDD(Plugin):
         if state["generator"] is not None:
             self._generator = torch.Generator()
             self._generator.set_state(state["generator"])
+
+
+register_plugin(UDD)
