@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 import fastdd
-from fastdd.allocator import keep_freed_memory
 from fastdd.cli import build_parser, config_from_args
 from fastdd.io import atomic_write_bytes
 from fastdd.methods import Plugin
 from fastdd.run import CONFIG, SYNSET
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import commit, machine, record
 
 RESULTS = Path(__file__).parent / "results"

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.methods.matching import class_batched_distance, per_class_distance
 from fastdd.models import get_network
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import commit, machine, paired_median_seconds, record_cases
 from step import SHAPES
 

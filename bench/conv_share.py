@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from torch.autograd.profiler_util import FunctionEvent
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.methods import DC, DM
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import commit, machine, record_cases
 from isa_levels import CASES, LEVELS, expected_capability, level_environment, levels_to_run
 from step import BATCH_REAL, SHAPES, random_shaped

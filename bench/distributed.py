@@ -23,15 +23,15 @@ each method's default hyper-parameters otherwise:
 Each case runs in one process (``python bench/distributed.py --worker``, a fresh process, no process group) and
 in ``--processes`` N (``python -m torch.distributed.run --standalone --nproc-per-node N``: a free port, gloo),
 with ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` in every process, and
-:func:`fastdd.allocator.keep_freed_memory`. Time: every process runs one warm-up iteration (DC: outer step), then
-``repeat`` timed ones, each followed by a barrier, so that the span rank 0 times covers every process's
+:func:`fastdd.runtime.allocator.keep_freed_memory`. Time: every process runs one warm-up iteration (DC: outer step),
+then ``repeat`` timed ones, each followed by a barrier, so that the span rank 0 times covers every process's
 iteration; seconds are rank 0's median. Speed-up: the one-process seconds over the N-process seconds.
 
 Communication, per process and iteration (DC: outer step), over the timed iterations (median), the iteration
 alone (the timing barriers are outside it); in the table as rank 0 / rank 1 / ...:
 
 - calls: the collective calls the iteration makes, by kind. The worker (not the library) wraps
-  ``torch.distributed.all_reduce``, ``broadcast`` and ``all_gather_object``, which :mod:`fastdd.distributed`
+  ``torch.distributed.all_reduce``, ``broadcast`` and ``all_gather_object``, which :mod:`fastdd.runtime.distributed`
   calls (``World.sum``, ``sum_``, ``replicated`` and ``summed``: all-reduce; ``share_rows``: broadcast;
   ``interleave``: all_gather_object).
 - bytes sent, model: each call's payload (the tensor's bytes) turned into the bytes this process sends under the
@@ -68,9 +68,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastdd.allocator import keep_freed_memory
-from fastdd.distributed import World, join, leave
 from fastdd.methods import DC, DM, Distiller
+from fastdd.runtime.allocator import keep_freed_memory
+from fastdd.runtime.distributed import World, join, leave
 from harness.measure import cell, commit, machine, median_seconds, record_cases
 from harness.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step, gradient_settings
 

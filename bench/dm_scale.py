@@ -9,7 +9,7 @@ per class) at IPC 10, 50 and 100; ImageNet-1K at 64 px shapes (1000 classes of 3
 images each, ConvNetD4, 16 real images per class to keep an iteration within minutes on a CPU) at
 IPC 10, and the same with ConvNetW32 (depth 3, width 32: a tenth of the compute, for a CPU). Every
 number comes from a fresh process: seconds, the median of ``repeat`` iterations after one warm-up, with
-:func:`fastdd.allocator.keep_freed_memory`; peak, :func:`harness.measure.peak_bytes` of one
+:func:`fastdd.runtime.allocator.keep_freed_memory`; peak, :func:`harness.measure.peak_bytes` of one
 iteration (beyond the data and the synthetic set). A case whose unchunked iteration would not fit this
 machine's memory is not run that way (``-``); a process that fails is recorded as ``failed (exit status)``.
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.data import RealDataset
 from fastdd.methods import DM, dm
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import cell, commit, machine, peak_bytes, record_cases
 
 RESULTS = Path(__file__).parent / "results"

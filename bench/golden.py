@@ -39,8 +39,8 @@ IDC's mse metric) under the golden set.
 
 ``machine.json`` holds the key of the machine that recorded (:func:`machine_key`: CPU model, torch's ISA level,
 torch version, threads, and any cap of oneDNN's or MKL's instruction set in the environment) and what else the
-recording ran with. tests/test_golden.py asserts bitwise equality where the key is the recording's and, elsewhere,
-closeness within each case's measured tolerance (:data:`TOLERANCE`, :data:`TOLERANCES`).
+recording ran with. tests/methods/test_golden.py asserts bitwise equality where the key is the recording's and,
+elsewhere, closeness within each case's measured tolerance (:data:`TOLERANCE`, :data:`TOLERANCES`).
 """
 
 from __future__ import annotations

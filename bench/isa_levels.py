@@ -30,8 +30,8 @@ permuted view), torch's CPU convolutions and norms keep that layout, and the ori
 flattens the features then fails; the driver puts a forward hook on each network's features that makes their output
 contiguous (a copy of 256 x 1152 floats where it is not, nothing where it is: never in DC, which has no DSA). The
 fastdd side runs the distiller's ``step`` in a loop, as ``fastdd distill`` does (glibc keeps freed
-memory, :func:`fastdd.allocator.keep_freed_memory`): ``fastdd`` with ``real_precision="float32"``, and, at a level
-with native bfloat16 (``avx512`` and ``native`` on a CPU with AVX512-BF16), ``fastdd-bf16`` with the real passes
+memory, :func:`fastdd.runtime.allocator.keep_freed_memory`): ``fastdd`` with ``real_precision="float32"``, and, at a
+level with native bfloat16 (``avx512`` and ``native`` on a CPU with AVX512-BF16), ``fastdd-bf16`` with the real passes
 in bfloat16.
 
 ISA levels: each worker process gets the level's variables, both sides alike (the caller's own values of them are
@@ -79,9 +79,9 @@ from typing import TextIO
 import torch
 from torch import Tensor, nn
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.data import load_dataset
 from fastdd.methods import DC, DM
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import commit, machine, record_cases
 from step import BATCH_REAL
 from step import CASES as STEP_CASES

@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.methods.matching import matching_distance
 from fastdd.models import ConvNet, fused_blocks, get_network
+from fastdd.runtime.allocator import keep_freed_memory
 from fastdd.train import train_epoch
 from harness.measure import backend, commit, machine, paired_median_seconds, record_cases
 from step import BATCH_REAL

@@ -30,7 +30,7 @@ image), each method's default hyper-parameters otherwise:
   ``settings`` column shows.
 
 Every number comes from a fresh process: seconds, the median of ``repeat`` iterations (DC: outer steps)
-after one warm-up, with :func:`fastdd.allocator.keep_freed_memory`; peak, :func:`harness.measure.
+after one warm-up, with :func:`fastdd.runtime.allocator.keep_freed_memory`; peak, :func:`harness.measure.
 peak_bytes` of one iteration (DC: outer step) beyond what the process held before it (the data,
 the synthetic set, the experts). A process that fails is recorded as ``failed (exit status N)``.
 """
@@ -46,9 +46,9 @@ from pathlib import Path
 
 import torch
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.data import RealDataset
 from fastdd.methods import DC, DM, MTT, Distiller
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import cell, commit, machine, median_seconds, peak_bytes, record_cases
 from harness.memory_plan import random_expert
 from harness.method_steps import CLASSES, MODEL, cifar100_shaped, dc_outer_step, gradient_settings

@@ -12,7 +12,7 @@ freshly initialised network, then one random step): the cost of an iteration doe
 their values. Each number comes from a fresh process:
 
 - seconds: median of ``repeat`` iterations after one warm-up iteration, with
-  :func:`fastdd.allocator.keep_freed_memory` as the ``fastdd`` command sets it; with ``--paired`` the
+  :func:`fastdd.runtime.allocator.keep_freed_memory` as the ``fastdd`` command sets it; with ``--paired`` the
   modes are timed in one process, one iteration of each in turn
   (:func:`harness.measure.paired_median_seconds`), so that a busy spell of a shared machine
   slows every mode alike;
@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parameters_to_vector
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.methods import MTT
 from fastdd.methods.mtt import MODES
 from fastdd.models import get_network
-from fastdd.trajectory import Trajectory, expert_path
+from fastdd.runtime.allocator import keep_freed_memory
+from fastdd.trajectories.files import Trajectory, expert_path
 from harness.measure import cell, commit, machine, paired_median_seconds, peak_bytes, record
 from step import fashion_mnist_shaped
 

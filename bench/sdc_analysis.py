@@ -24,8 +24,8 @@ from fastdd.data import RealDataset, load_dataset
 from fastdd.difficulty import scoring_networks
 from fastdd.evaluation import random_real, training_data
 from fastdd.io import atomic_write_bytes, atomic_write_json
-from fastdd.methods.sdc import gradn
 from fastdd.plots import require_matplotlib, save_figure
+from fastdd.plugins.sdc import gradn
 from fastdd.run import SYNSET
 from fastdd.synset import SyntheticSet
 

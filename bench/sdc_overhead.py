@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.methods import DC
-from fastdd.methods.sdc import SDC, default_lambda
+from fastdd.plugins.sdc import SDC, default_lambda
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import commit, machine, paired_median_seconds, record_cases
 from step import BATCH_REAL, fashion_mnist_shaped
 

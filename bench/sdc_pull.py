@@ -24,8 +24,8 @@ import torch
 from fastdd.config import RunConfig
 from fastdd.data import load_dataset
 from fastdd.methods import MTT, Distiller
-from fastdd.methods.registry import method_options, method_spec
-from fastdd.methods.sdc import SDC
+from fastdd.plugins.sdc import SDC
+from fastdd.registry import method_options, method_spec
 from harness.measure import commit, machine, record
 
 RESULTS = Path(__file__).parent / "results"

@@ -24,7 +24,7 @@ whose pages then serve the iteration's medium buffers without page faults). The 
 fresh process:
 
 - ``reference``: as the original code runs, glibc's default allocator settings;
-- ``reference-kept``: the same with :func:`fastdd.allocator.keep_freed_memory`, to tell what the
+- ``reference-kept``: the same with :func:`fastdd.runtime.allocator.keep_freed_memory`, to tell what the
   allocator setting alone gives from what fastdd's iteration gives (not run for DC at IPC 10, whose
   iterations take minutes);
 - ``fastdd``: the distiller's ``step``, as ``fastdd distill --real-precision float32`` runs it (allocator setting
@@ -51,13 +51,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.data import RealDataset
 from fastdd.data.idx import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from fastdd.evaluation import EvalConfig, train_and_test
 from fastdd.methods import DC, DM
 from fastdd.models import get_network
 from fastdd.ops import naive
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import commit, machine, median_seconds, record_cases, synchronize
 
 RESULTS = Path(__file__).parent / "results"

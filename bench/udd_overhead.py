@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from fastdd.allocator import keep_freed_memory
 from fastdd.methods import IDC
-from fastdd.methods.udd import UDD, default_beta
+from fastdd.plugins.udd import UDD, default_beta
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import commit, machine, paired_median_seconds, record_cases
 from step import fashion_mnist_shaped
 

@@ -4,8 +4,8 @@ extending it (docs/extending.md): ``MethodSpec``, ``register_method``, ``option`
 
 from fastdd.api import DistillResult, EvalResult, PlanResult, distill, evaluate, plan
 from fastdd.config import RunConfig
-from fastdd.methods.plugin import Plugin, RunInfo, StepContext
-from fastdd.methods.registry import MethodSpec, option, register_method, register_plugin
+from fastdd.plugins.protocol import Plugin, RunInfo, StepContext
+from fastdd.registry import MethodSpec, option, register_method, register_plugin
 from fastdd.version import __version__
 
 __all__ = ["DistillResult", "EvalResult", "MethodSpec", "PlanResult", "Plugin", "RunConfig", "RunInfo", "StepContext",

@@ -21,22 +21,22 @@ from typing import Any
 
 import torch
 
-from fastdd.allocator import process_memory
 from fastdd.checks import boolean, one_of, positive_int, seed_value
 from fastdd.config import RunConfig, device_name, path
 from fastdd.data import DATASETS, RealDataset, load_dataset
 from fastdd.data.base import data_pair
 from fastdd.data.zca import REGULARIZATION, whitened
-from fastdd.distributed import World, join, local_device
 from fastdd.errors import UnsavedResultError, WriteError
 from fastdd.evaluation import AUGMENTS, EvalConfig, check_baseline, default_eval_config, evaluate_with_baseline
 from fastdd.io import atomic_write_json, read_json_file, remove_temporaries
-from fastdd.lock import FolderInUseError, folder_lock, run_lock
-from fastdd.memory import MemoryPlan, check_image_fits, plan_memory
-from fastdd.methods.plugin import Plugin
 from fastdd.models import NETWORK_NAMES
+from fastdd.plugins.protocol import Plugin
 from fastdd.progress import progress_bar
 from fastdd.run import CONFIG, GRID, REPORT, SYNSET, check_run_dir, checkpoint_iteration, run_distillation
+from fastdd.runtime.allocator import process_memory
+from fastdd.runtime.distributed import World, join, local_device
+from fastdd.runtime.lock import FolderInUseError, folder_lock, run_lock
+from fastdd.runtime.memory import MemoryPlan, check_image_fits, plan_memory
 from fastdd.synset import SyntheticSet
 
 __all__ = ["DistillResult", "EvalResult", "PlanResult", "distill", "evaluate", "load_data", "plan", "resolve_device"]
@@ -176,12 +176,12 @@ def distill(config: RunConfig, *, data: tuple[RealDataset, RealDataset] | None =
     missing or empty, unless ``overwrite`` (the files a run writes there are replaced, others kept) or
     ``resume``: the run in it continues from its last checkpoint, to the same set as an uninterrupted
     run, provided its config.json equals this run's field by field (a ValueError names the fields that
-    differ). ``progress``: show progress bars. The directory is locked (:mod:`fastdd.lock`) for the whole
+    differ). ``progress``: show progress bars. The directory is locked (:mod:`fastdd.runtime.lock`) for the whole
     call, before it is looked at: another process using it is refused (FolderInUseError).
 
     Started by torchrun with several processes (DC, DSA, DM, IDC), every process joins the run
-    (:mod:`fastdd.distributed`): the classes are split between them, and then the evaluation's networks; the first
-    alone writes files. Every process returns the whole result.
+    (:mod:`fastdd.runtime.distributed`): the classes are split between them, and then the evaluation's networks; the
+    first alone writes files. Every process returns the whole result.
     """
     if not isinstance(config, RunConfig):
         raise ValueError(f"config must be a fastdd.RunConfig, got {type(config).__name__}")
@@ -230,11 +230,11 @@ class PlanResult:
     """What :func:`plan` found for a run, before it is made.
 
     config: the run's configuration with every default filled in. memory: the memory plan
-    (:class:`fastdd.memory.MemoryPlan`: its terms, estimated peak and the device's memory). seconds_per_iteration:
-    the measured time of an iteration (the mean of the timed iterations after the first, which warms up; the
-    first alone when only one ran), None when the plan does not fit and nothing was timed. timed_iterations:
-    iterations run. measured_peak: the process's peak memory in bytes after them (CPU: its resident high-water
-    mark; CUDA: the allocator's peak), None when not measured.
+    (:class:`fastdd.runtime.memory.MemoryPlan`: its terms, estimated peak and the device's memory).
+    seconds_per_iteration: the measured time of an iteration (the mean of the timed iterations after the first, which
+    warms up; the first alone when only one ran), None when the plan does not fit and nothing was timed.
+    timed_iterations: iterations run. measured_peak: the process's peak memory in bytes after them (CPU: its resident
+    high-water mark; CUDA: the allocator's peak), None when not measured.
     """
 
     config: RunConfig
@@ -301,8 +301,8 @@ def evaluate(synset: SyntheticSet | str | os.PathLike[str], *, models: int = 5, 
     was distilled from, which must bear that name) is whitened as the set was (``meta["zca"]``).
     Randomness comes from ``seed``. The report goes to ``report``, by default report.json beside a set
     read from disk; a set given in memory without ``report`` is not written. An existing report file is
-    refused (FileExistsError) unless ``overwrite``; it is written holding its folder's lock (:mod:`fastdd.lock`).
-    A run directory without its set is refused (FileNotFoundError).
+    refused (FileExistsError) unless ``overwrite``; it is written holding its folder's lock
+    (:mod:`fastdd.runtime.lock`). A run directory without its set is refused (FileNotFoundError).
     """
     positive_int("models (--models)", models)
     one_of("model (--eval-model)", model, NETWORK_NAMES)

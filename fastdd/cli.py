@@ -16,7 +16,6 @@ from typing import Any, Callable, NoReturn, Sequence
 import torch
 
 from fastdd import __version__
-from fastdd.allocator import keep_freed_memory
 from fastdd.api import DistillResult, EvalResult, PlanResult, distill, evaluate, load_data, plan, resolve_device
 from fastdd.checks import seed_value
 from fastdd.config import FLAGS, RunConfig, all_options
@@ -32,14 +31,12 @@ from fastdd.difficulty import (
     difficulty_report,
     scoring_networks,
 )
-from fastdd.distributed import is_main_process, join, leave, local_device
 from fastdd.errors import DamagedFileError, NonFiniteError, UnsavedResultError, one_line
 from fastdd.evaluation import AUGMENTS, training_data
-from fastdd.experts import train_experts
-from fastdd.lock import FolderInUseError, folder_lock
-from fastdd.memory import check_image_fits
-from fastdd.methods.plugin import Plugin
-from fastdd.methods.registry import (
+from fastdd.ops import _backend, calibration
+from fastdd.plots import require_matplotlib
+from fastdd.plugins.protocol import Plugin
+from fastdd.registry import (
     MethodSpec,
     Option,
     method_options,
@@ -47,11 +44,14 @@ from fastdd.methods.registry import (
     plugin_classes,
     plugin_options,
 )
-from fastdd.ops import _backend, calibration
-from fastdd.plots import require_matplotlib
-from fastdd.precision import native_bfloat16
 from fastdd.run import SYNSET
+from fastdd.runtime.allocator import keep_freed_memory
+from fastdd.runtime.distributed import is_main_process, join, leave, local_device
+from fastdd.runtime.lock import FolderInUseError, folder_lock
+from fastdd.runtime.memory import check_image_fits
+from fastdd.runtime.precision import native_bfloat16
 from fastdd.synset import SyntheticSet
+from fastdd.trajectories.experts import train_experts
 
 DESCRIPTION = """\
 fastdd condenses a labelled image data set into a few synthetic images per class.

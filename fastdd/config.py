@@ -4,7 +4,7 @@
 ``--plugin`` is ``plugins``, ``--no-baseline`` is ``baseline=False``), checks every field when it is
 made, and maps itself onto the library's objects: the plug-ins, the distiller and the evaluation
 protocol. Its own fields are those every run has; the options of the methods and plug-ins (MTT's ``syn_steps``,
-SDC's ``sdc_lambda``, ...) come from their registered option dataclasses (:mod:`fastdd.methods.registry`): they are
+SDC's ``sdc_lambda``, ...) come from their registered option dataclasses (:mod:`fastdd.registry`): they are
 given as flat keywords, read as attributes and written flat by :meth:`RunConfig.to_dict`, and held in
 ``RunConfig.options``. A field or option left ``None`` means "the method's default"; the defaults are resolved here
 and only here: the plug-ins' by :meth:`RunConfig.build_plugins` (each plug-in's ``from_options``), the
@@ -40,10 +40,10 @@ from fastdd.checks import (
 )
 from fastdd.data import RealDataset
 from fastdd.data.registry import dataset_name
-from fastdd.distributed import SINGLE, World
 from fastdd.evaluation import AUGMENTS, EvalConfig, default_eval_config
 from fastdd.methods import Distiller, Plugin
-from fastdd.methods.registry import (
+from fastdd.models import NETWORK_NAMES, check_image_size
+from fastdd.registry import (
     MethodSpec,
     Option,
     find_method,
@@ -56,8 +56,8 @@ from fastdd.methods.registry import (
     plugin_options,
     refuse_unsupported,
 )
-from fastdd.models import NETWORK_NAMES, check_image_size
-from fastdd.precision import REAL_PRECISIONS
+from fastdd.runtime.distributed import SINGLE, World
+from fastdd.runtime.precision import REAL_PRECISIONS
 
 __all__ = ["RunConfig", "UNRECORDED_FIELDS", "all_options", "device_name", "flag", "path"]
 
@@ -161,7 +161,7 @@ class RunConfig:
     held in memory, which ``fastdd.distill(config, data=...)`` takes and names here), ``data_root`` (folder of its
     files; None: the data set's default), ``image_size`` (pixels per side, imagefolder only), ``zca`` (whiten with
     ZCA of regularization 0.1 fitted on the training set).
-    Distillation: ``method`` (a registered method: ``fastdd.methods.registry.method_specs()``), ``ipc`` (synthetic
+    Distillation: ``method`` (a registered method: ``fastdd.registry.method_specs()``), ``ipc`` (synthetic
     images per class), ``iterations`` (outer iterations), ``lr_img`` (image learning rate), ``batch_real`` (real
     images per class per step), ``init`` (real, noise; mix for idc, correct for datm), ``model`` (network name),
     ``real_precision`` (auto, float32 or bfloat16 passes over real images; auto: bfloat16 where the run's device
@@ -302,8 +302,8 @@ class RunConfig:
 
     def build_plugins(self) -> list[Plugin]:
         """The plug-ins of ``plugins``, in the order they apply, each made by its class's ``from_options`` from its
-        options given here (the others at their defaults: SDC's lambda ``fastdd.methods.sdc.default_lambda(ipc,
-        method)``, UDD's policy ``AUTO_POLICY`` for "auto" and beta ``fastdd.methods.udd.default_beta(method)``)."""
+        options given here (the others at their defaults: SDC's lambda ``fastdd.plugins.sdc.default_lambda(ipc,
+        method)``, UDD's policy ``AUTO_POLICY`` for "auto" and beta ``fastdd.plugins.udd.default_beta(method)``)."""
         built = []
         for name in self.plugins:
             cls = plugin_class(name)

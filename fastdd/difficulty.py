@@ -1,4 +1,4 @@
-"""The ``fastdd difficulty`` report: GraDN (:func:`fastdd.methods.sdc.gradn`) of every real training image and of a
+"""The ``fastdd difficulty`` report: GraDN (:func:`fastdd.plugins.sdc.gradn`) of every real training image and of a
 synthetic set, at networks early in training on the real set (docs/methods.md, "SDC").
 
 Scoring networks (:func:`scoring_networks`): K networks after ``SCORE_EPOCH`` = 2 epochs of training
@@ -11,7 +11,7 @@ who average over several networks early in training). Two sources give the same 
 - otherwise K networks drawn from the caller's generator, each trained ``SCORE_EPOCH`` epochs with
   the experts' defaults (SGD lr 0.01, no momentum, batch 256, DSA augmentation).
 
-The output folder is written by one process at a time (:mod:`fastdd.lock`). While its three files are
+The output folder is written by one process at a time (:mod:`fastdd.runtime.lock`). While its three files are
 written, ``.difficulty.writing`` says so: a folder holding it holds the outputs of a run cut short (a kill,
 a full disk), which the next run replaces; without it, outputs present are a result, kept unless asked
 (:func:`check_out_dir`).
@@ -33,17 +33,17 @@ from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import positive_int
 from fastdd.data import RealDataset
 from fastdd.io import atomic_write_bytes, atomic_write_json, remove_file, remove_temporaries
-from fastdd.lock import folder_lock
-from fastdd.methods.sdc import CHUNK_SIZE, gradn
 from fastdd.models import check_image_size, get_network
 from fastdd.ops.grad_norm import trainable_layers
 from fastdd.plots import plot_gradn_histograms, require_matplotlib
+from fastdd.plugins.sdc import CHUNK_SIZE, gradn
 from fastdd.progress import progress_bar
+from fastdd.runtime.lock import folder_lock
 from fastdd.train import train_epochs
-from fastdd.trajectory import Trajectory, check_setup, expert_paths, run_setup
+from fastdd.trajectories.files import Trajectory, check_setup, expert_paths, run_setup
 
 SCORE_EPOCH = 2  # epochs of training on the real set behind every scoring network
-TRAIN_LR = 0.01  # the experts' defaults (fastdd.experts)
+TRAIN_LR = 0.01  # the experts' defaults (fastdd.trajectories.experts)
 TRAIN_BATCH = 256
 DEFAULT_MODEL = "ConvNet"
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)

@@ -47,11 +47,11 @@ from torch import nn
 from fastdd.augment import AUGMENTS, DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_float, one_of, positive_float, positive_int, seed_value
 from fastdd.data import RealDataset
-from fastdd.distributed import SINGLE, World
 from fastdd.methods.multiformation import decode
-from fastdd.methods.registry import find_method
 from fastdd.models import check_image_size, fused_blocks, get_network
 from fastdd.progress import progress_bar
+from fastdd.registry import find_method
+from fastdd.runtime.distributed import SINGLE, World
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
 

@@ -13,7 +13,7 @@ truncated file or a flipped byte is reported instead of loaded as plausible numb
 
 No writer follows a symbolic link: a rename replaces a link itself, an append refuses one, a removal
 removes the link. A process killed during an atomic write leaves its temporary file
-(``.NAME.XXXXXXXX.fastdd.tmp``); the next command holding the folder's lock (:mod:`fastdd.lock`) removes it
+(``.NAME.XXXXXXXX.fastdd.tmp``); the next command holding the folder's lock (:mod:`fastdd.runtime.lock`) removes it
 (:func:`remove_temporaries`), and commands looking for an empty folder pass over it (:func:`temporary_of`).
 """
 
@@ -166,7 +166,7 @@ def temporary_of(name: str) -> str | None:
 def remove_temporaries(folder: str | os.PathLike[str], patterns: tuple[str, ...]) -> None:
     """Remove the temporary files that atomic writes of the files named by ``patterns`` (glob patterns of
     names, "*" for any) left in ``folder`` when their process was killed. Call it holding the folder's lock
-    (:func:`fastdd.lock.folder_lock`): no other writer is then running."""
+    (:func:`fastdd.runtime.lock.folder_lock`): no other writer is then running."""
     folder = Path(folder)
     for pattern in patterns:
         for path in sorted(folder.glob(f".{pattern}.*{TEMP_SUFFIX}")):

@@ -16,7 +16,7 @@ whose checkpoint is its last iteration writes its outputs again (a kill or a ful
 short). The outputs of a checkpoint are written before it, so a checkpoint at the last iteration means that
 the set beside it is the final one (:func:`checkpoint_iteration`). A run of :func:`fastdd.distill` stores
 ``RunConfig.recorded()`` as config.json (docs/api.md says which fields). One process at a time uses a
-directory: a run holds its lock (:mod:`fastdd.lock`) from before the directory is checked to its end.
+directory: a run holds its lock (:mod:`fastdd.runtime.lock`) from before the directory is checked to its end.
 
 A directory is used only as asked (:func:`check_run_dir`, before any work): a fresh run needs a
 missing or empty directory unless ``overwrite``, which first removes the files a run writes (the list
@@ -49,9 +49,9 @@ from fastdd.io import (
     remove_temporaries,
     temporary_of,
 )
-from fastdd.lock import LOCK_FILE, run_lock
 from fastdd.methods.base import Distiller
 from fastdd.progress import progress_bar
+from fastdd.runtime.lock import LOCK_FILE, run_lock
 from fastdd.synset import SyntheticSet
 
 CONFIG = "config.json"
@@ -168,7 +168,8 @@ def _compare_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 def _precision_hint(used: Any) -> str:
     """How to continue a run whose passes over real images ran in precision ``used``, which this run's differs from:
-    the one --real-precision auto picks depends on the machine (:func:`fastdd.precision.resolve_real_precision`)."""
+    the one --real-precision auto picks depends on the machine
+    (:func:`fastdd.runtime.precision.resolve_real_precision`)."""
     if used not in ("float32", "bfloat16"):
         return ""
     return (f" (its passes over real images ran in {used}, and --real-precision auto picks by the machine: pass "

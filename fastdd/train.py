@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdd.distributed import SINGLE, World
-from fastdd.flat import SharpnessAware
 from fastdd.models import fused_blocks
+from fastdd.runtime.distributed import SINGLE, World
+from fastdd.trajectories.flat import SharpnessAware
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -33,7 +33,7 @@ def train_epoch(
     ``RealDataset.normalize`` for uint8 images) and then ``augment(x, generator)`` are applied to
     every batch when given. ConvNet blocks run fused (:func:`fastdd.models.fused_blocks`). Each batch is one
     ``optimizer.step(closure)`` after ``optimizer.zero_grad()``, the closure back-propagating the batch's loss:
-    a torch optimizer calls it once, a :class:`fastdd.flat.SharpnessAware` twice (on the same augmented
+    a torch optimizer calls it once, a :class:`fastdd.trajectories.flat.SharpnessAware` twice (on the same augmented
     batch). Returns the mean cross-entropy over the epoch (with SharpnessAware, at the unperturbed weights).
 
     Over several processes (``world``; every process holding the same network, data and generator), each

@@ -93,7 +93,7 @@ def run_on_two_processes(script: str, tmp_path: Path) -> None:
     at its end (a process exiting while the other still holds the group can abort it); both must succeed and print
     "equal" (the script compares a split computation with one process's)."""
     worker = tmp_path / "worker.py"
-    worker.write_text(script + "\nfrom fastdd.distributed import leave\nleave()\n")
+    worker.write_text(script + "\nfrom fastdd.runtime.distributed import leave\nleave()\n")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(worker)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]

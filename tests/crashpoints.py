@@ -30,9 +30,9 @@ scenarios run at once. Adding a command (``fastdd cache``, say) is adding a :cla
 WORK/initial, the case's starting contents, or WORK/inputs, read only) and how it is rerun.
 
 ``python tests/crashpoints.py harness WORK NAME...`` runs the scenarios named (in the empty folder WORK) and prints
-one JSON line per scenario (``tests/test_crash_points.py``). ``python tests/crashpoints.py pause K ARGV...`` runs
-``fastdd ARGV`` and stops at its K-th write point (0-based): it prints "paused" and goes on after a line on stdin
-(``tests/test_lock.py`` holds a folder with it).
+one JSON line per scenario (``tests/interface/test_crash_points.py``). ``python tests/crashpoints.py pause K ARGV...``
+runs ``fastdd ARGV`` and stops at its K-th write point (0-based): it prints "paused" and goes on after a line on stdin
+(``tests/runtime/test_lock.py`` holds a folder with it).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def _whole_json(data: bytes) -> bytes:
 
 def state(case: Path) -> dict[str, bytes]:
     """The files under ``case`` (links as their target's name), normalised for comparison."""
-    from fastdd.lock import LOCK_FILE
+    from fastdd.runtime.lock import LOCK_FILE
 
     files = {}
     for path in sorted(case.rglob("*")):

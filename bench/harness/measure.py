@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from fastdd.allocator import process_memory
 from fastdd.ops._backend import isa_level, resolve_backend
 from fastdd.ops.calibration import OPS, cpu_model, extension_of
+from fastdd.runtime.allocator import process_memory
 
 MAX_ROUNDS = 1000  # most rounds paired_seconds runs beyond ``repeat`` to reach ``min_seconds`` (microsecond calls)
 LOADED_SHARE = 0.3  # a machine whose 1-minute load average exceeds this share of its CPUs is "loaded"

@@ -1,11 +1,11 @@
-"""The memory plan (:mod:`fastdd.memory`) against measured peaks: distillers on random images, the plan's working
-set of an iteration and the peak :func:`harness.measure.peak_bytes` measures over one iteration.
+"""The memory plan (:mod:`fastdd.runtime.memory`) against measured peaks: distillers on random images, the plan's
+working set of an iteration and the peak :func:`harness.measure.peak_bytes` measures over one iteration.
 
     python -m harness.memory_plan CASE [CASE ...]
 
 (``bench/`` on the path, as :func:`harness.process.run_module` runs it) prints one JSON line per case (``case``,
 ``planned``, ``measured``: bytes). Run it in a process of its own: ``peak_bytes`` pins the allocator's mmap
-threshold. ``tests/test_plan.py`` runs the small cases, bench/plan.py all of them.
+threshold. ``tests/runtime/test_plan.py`` runs the small cases, bench/plan.py all of them.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 from fastdd.data import RealDataset
-from fastdd.memory import plan_memory
 from fastdd.methods import DC, DM, IDC, MTT
 from fastdd.methods.base import Distiller
 from fastdd.models import get_network
-from fastdd.trajectory import Trajectory, expert_path
+from fastdd.runtime.memory import plan_memory
+from fastdd.trajectories.files import Trajectory, expert_path
 from harness.measure import peak_bytes
 
 

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from fastdd.allocator import keep_freed_memory
+from fastdd.runtime.allocator import keep_freed_memory
 from harness.measure import Case, Load, OwnLoad, commit, load_average, machine, paired_seconds, peak_bytes, quartiles
 from harness.process import run_module
 
@@ -74,7 +74,7 @@ def timings(op: str, index: int, device: str, repeat: int, own: OwnLoad) -> Timi
     least :data:`MIN_ROUNDS`) and :data:`MIN_SECONDS` a side.
 
     On CPU in a fresh process holding only this case, with glibc keeping freed memory
-    (:func:`fastdd.allocator.keep_freed_memory`, as the ``fastdd`` command runs): with glibc's defaults,
+    (:func:`fastdd.runtime.allocator.keep_freed_memory`, as the ``fastdd`` command runs): with glibc's defaults,
     whether a buffer is reused or mapped fresh (a page fault per 4 KiB) depends on the order of every
     earlier allocation and free, and moved single cases by 2x in either direction, unrelated to the op.
     ``own`` accounts for the suite's earlier cases in the load and takes this one's time.

@@ -12,7 +12,7 @@
     train.u8 test.u8  uint8 [N, 3, H, W], C order, no header; class by class, within a class in the
                       folder's order: class c is rows offsets[c] : offsets[c] + counts[c].
     unreadable.tsv    the images skipped: path TAB reason, one per line (empty when none).
-    .fastdd.lock      there while a build runs (:func:`fastdd.lock.folder_lock`): a second build is refused.
+    .fastdd.lock      there while a build runs (:func:`fastdd.runtime.lock.folder_lock`): a second build is refused.
 
 The digest is SHA-256 over the image size, the resize flag and, per listed image, its split, label, path
 relative to the folder, byte size, mtime, ctime (ns) and inode, so an image added, removed, replaced or
@@ -74,12 +74,13 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from fastdd import io, lock
+from fastdd import io
 from fastdd.checks import positive_int, shown
 from fastdd.data.base import DatasetError, RealDataset, require_root
 from fastdd.data.folder import LAYOUT, Items, Listing, check_size, list_folder, read_image, split_datasets, target_size
 from fastdd.errors import DamagedFileError, WriteError, one_line
 from fastdd.progress import progress_bar
+from fastdd.runtime import lock
 
 __all__ = ["CACHE_DIR", "CHECK_BYTES", "CHUNK", "HEADER", "REPORT", "CheckedImages", "build_cache",
            "default_cache_dir", "folder_digest", "is_cache", "open_cache", "write_cache"]

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdd.allocator import physical_memory
 from fastdd.data import cache
 from fastdd.data.base import RealDataset, require_root, tensor_from_numpy
 from fastdd.data.folder import LAYOUT, Items, Listing, check_size, list_folder, read_image, split_datasets
-from fastdd.lock import FolderInUseError
+from fastdd.runtime.allocator import physical_memory
+from fastdd.runtime.lock import FolderInUseError
 
 __all__ = ["load_imagefolder", "memory_budget"]
 

@@ -1,12 +1,11 @@
-"""The distillers and plug-ins. Importing the package registers the built-in ones (:mod:`fastdd.methods.registry`):
-each method's module registers its :class:`MethodSpec`, each plug-in's module its class."""
+"""The distillers. Importing the package registers the built-in ones (:mod:`fastdd.registry`): each method's
+module registers its :class:`MethodSpec`; the plug-ins register from :mod:`fastdd.plugins`."""
 
 from __future__ import annotations
 
 # isort: off
-# the built-in methods and plug-ins register in this order: the order of --help, of the messages that list them, and
-# the order plug-ins named together are applied in
-from fastdd.methods import dc, dcc, dm, idc, mtt, ftd, datm, sdc, udd  # noqa: F401
+# the built-in methods register in this order: the order of --help and of the messages that list them
+from fastdd.methods import dc, dcc, dm, idc, mtt, ftd, datm  # noqa: F401
 # isort: on
 from fastdd.methods.base import Distiller
 from fastdd.methods.datm import DATM
@@ -16,8 +15,8 @@ from fastdd.methods.dm import DM
 from fastdd.methods.ftd import FTD
 from fastdd.methods.idc import IDC
 from fastdd.methods.mtt import MTT
-from fastdd.methods.plugin import Plugin, RunInfo, StepContext
-from fastdd.methods.registry import MethodSpec, method_spec, register_method, register_plugin
+from fastdd.plugins.protocol import Plugin, RunInfo, StepContext
+from fastdd.registry import MethodSpec, method_spec, register_method, register_plugin
 
 
 def get_distiller(method: str) -> type[Distiller]:

@@ -1,4 +1,4 @@
-"""The Distiller interface shared by every method; it calls its plug-ins through :mod:`fastdd.methods.plugin`.
+"""The Distiller interface shared by every method; it calls its plug-ins through :mod:`fastdd.plugins.protocol`.
 
 A distiller owns the synthetic images (a leaf tensor of ``ipc`` images per class, stored class by
 class in the normalised space), their optimiser and one ``torch.Generator`` from which every random
@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdd.allocator import physical_memory
 from fastdd.checks import one_of, positive_float, positive_int
 from fastdd.data import ClassBatches, RealDataset
-from fastdd.distributed import SINGLE, World
 from fastdd.methods.matching import matching_distance
-from fastdd.methods.plugin import Plugin, RunInfo, StepContext
-from fastdd.methods.registry import find_method, refuse_unsupported
 from fastdd.models import fused_blocks, get_network
-from fastdd.precision import resolve_real_precision
+from fastdd.plugins.protocol import Plugin, RunInfo, StepContext
+from fastdd.registry import find_method, refuse_unsupported
+from fastdd.runtime.allocator import physical_memory
+from fastdd.runtime.distributed import SINGLE, World
+from fastdd.runtime.precision import resolve_real_precision
 from fastdd.synset import SyntheticSet
 from fastdd.version import __version__
 
@@ -69,7 +69,7 @@ def check_world(world: World, method: str, distributed: bool, num_classes: int) 
     """``world`` if ``method`` can run over it: one process, or several for a distributed method, each with at
     least one class; else a ValueError saying what fits."""
     if not isinstance(world, World):
-        raise ValueError(f"world must be a fastdd.distributed.World, got {type(world).__name__}")
+        raise ValueError(f"world must be a fastdd.runtime.distributed.World, got {type(world).__name__}")
     if world.size > 1 and not distributed:
         raise ValueError(f"--method {method} runs in one process; started by torchrun with {world.size} processes, "
                          "start it without torchrun (docs/distributed.md: the methods that split)")
@@ -92,15 +92,15 @@ class Distiller(ABC):
         batch_real: real images drawn per class at each matching step (default: the method's).
         init: ``"real"`` (random real images of the class) or ``"noise"`` (standard normal); a method
             may add its own (``inits``). Default: the method's.
-        plugins: plug-ins whose terms are added to every matching loss (:mod:`fastdd.methods.plugin`); each is
+        plugins: plug-ins whose terms are added to every matching loss (:mod:`fastdd.plugins.protocol`); each is
             refused (ValueError) unless it supports the method's registered spec, then bound to the run.
         real_precision: ``"bfloat16"`` runs the networks' passes over real images, whose results are
             detached targets (real gradients, real embeddings), under bfloat16 autocast, ``"float32"`` does
             not; the synthetic side stays float32. ``"auto"`` (default) is bfloat16 where the run's device
-            computes in it natively, else float32 (:func:`fastdd.precision.resolve_real_precision`, which
+            computes in it natively, else float32 (:func:`fastdd.runtime.precision.resolve_real_precision`, which
             warns of an emulated bfloat16). ``real_precision`` then holds the precision used, and
             ``real_precision_requested`` the one asked for.
-        world: the processes the run is split over (:mod:`fastdd.distributed`); a method whose
+        world: the processes the run is split over (:mod:`fastdd.runtime.distributed`); a method whose
             ``distributed`` is False runs in one only.
     """
 
@@ -178,7 +178,8 @@ class Distiller(ABC):
 
     @property
     def own_classes(self) -> range:
-        """The classes whose terms this process computes: all of them in one process (:mod:`fastdd.distributed`)."""
+        """The classes whose terms this process computes: all of them in one process
+        (:mod:`fastdd.runtime.distributed`)."""
         return self.world.shard(self.num_classes)
 
     def class_images(self, c: int) -> Tensor:
@@ -210,7 +211,7 @@ class Distiller(ABC):
         return self.last_real_batches
 
     def run_info(self) -> RunInfo:
-        """What the plug-ins know of the run (:class:`fastdd.methods.plugin.RunInfo`)."""
+        """What the plug-ins know of the run (:class:`fastdd.plugins.protocol.RunInfo`)."""
         return RunInfo(method=self.name, train=self.train, model=self.model, ipc=self.ipc,
                        seed=self.generator.initial_seed(), num_classes=self.num_classes, factor=self.factor,
                        world=self.world)
@@ -271,7 +272,7 @@ class Distiller(ABC):
         """Run one outer iteration; returns metrics, at least ``{"loss": ...}``."""
 
     def after_step(self, iteration: int) -> None:
-        """The plug-ins' :meth:`~fastdd.methods.plugin.Plugin.after_step`, in their order."""
+        """The plug-ins' :meth:`~fastdd.plugins.protocol.Plugin.after_step`, in their order."""
         for plugin in self.plugins:
             plugin.after_step(iteration, self.images)
 

@@ -33,7 +33,7 @@ from fastdd.checks import fraction, nonnegative_int, positive_float, positive_in
 from fastdd.data import RealDataset
 from fastdd.methods.base import INITS
 from fastdd.methods.mtt import MTT, MTTOptions, memory_terms
-from fastdd.methods.registry import MethodSpec, option, register_method
+from fastdd.registry import MethodSpec, option, register_method
 
 LOSS_THRESHOLD = 1.0  # an iteration whose normalised loss exceeds it updates nothing
 LABEL_MOMENTUM = 0.9  # momentum of the soft labels' SGD

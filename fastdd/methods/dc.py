@@ -20,13 +20,13 @@ from torch import Tensor, nn
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
-from fastdd.distributed import SINGLE
 from fastdd.methods.base import Distiller
 from fastdd.methods.matching import matching_term
-from fastdd.methods.registry import MethodSpec, register_method
 from fastdd.models import has_batchnorm
 from fastdd.ops import METRICS
-from fastdd.plan_terms import ActivationBytes, Term, scaled
+from fastdd.registry import MethodSpec, register_method
+from fastdd.runtime.distributed import SINGLE
+from fastdd.runtime.plan_terms import ActivationBytes, Term, scaled
 from fastdd.train import train_epochs
 
 # (outer_loop, inner_loop) of the reference implementation, by images per class.

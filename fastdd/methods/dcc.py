@@ -17,7 +17,7 @@ Warm-up: a matching step is a plain DC step unless it is contrastive, i.e. its o
 ``round(warmup * iterations)`` (``warmup`` 0.25: 250 of the original's 1000 iterations, kept as a share so shorter
 runs keep the schedule) or its index within the iteration (0-based) is at least :data:`WARMUP_STEPS` (10).
 
-Several processes (:mod:`fastdd.distributed`): each computes its own classes' parts of both gradients; the real
+Several processes (:mod:`fastdd.runtime.distributed`): each computes its own classes' parts of both gradients; the real
 parts are summed in one collective, the synthetic ones through ``World.summed``, whose gradient passes back to each
 part unchanged, so every process holds the same distance and its own images' exact gradient.
 
@@ -40,9 +40,9 @@ from fastdd.checks import fraction
 from fastdd.methods.dc import DC
 from fastdd.methods.dc import memory_terms as dc_memory_terms
 from fastdd.methods.matching import matching_term
-from fastdd.methods.registry import MethodSpec, register_method
 from fastdd.ops import grad_match_distance
-from fastdd.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
+from fastdd.registry import MethodSpec, register_method
+from fastdd.runtime.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
 
 WARMUP_STEPS = 10  # matching steps of an outer iteration that stay DC's in the warm-up (the original's inner_warmup)
 

@@ -25,9 +25,9 @@ from torch.utils.checkpoint import checkpoint
 
 from fastdd.augment import DSA, dsa_strategy_for
 from fastdd.methods.base import Distiller
-from fastdd.methods.registry import MethodSpec, register_method
 from fastdd.models import get_network, has_batchnorm
-from fastdd.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
+from fastdd.registry import MethodSpec, register_method
+from fastdd.runtime.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
 
 # Pixels (images x height x width) a step holds at once. Real: drawn, augmented and embedded without gradient
 # (4096 images at 32 x 32: 50 MB as float32 with 3 channels). Synthetic: embedded with their activations held

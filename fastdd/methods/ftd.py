@@ -5,7 +5,7 @@ sources and the differences from the original code are in docs/methods.md, "FTD"
 FTD is MTT (:mod:`fastdd.methods.mtt`: the unroll, the loss, the learned rate, every mode, soft labels, the
 plug-ins at every unrolled student) with two changes:
 
-- the experts are trained sharpness-aware (``fastdd experts --flat RADIUS``, :mod:`fastdd.flat`), so the
+- the experts are trained sharpness-aware (``fastdd experts --flat RADIUS``, :mod:`fastdd.trajectories.flat`), so the
   trajectories are flat and a student that strays from them accumulates less error; trajectories trained with
   plain SGD are refused;
 - the synthetic set is the exponential moving average of the images over the iterations, ``ema <- decay * ema +
@@ -29,7 +29,7 @@ from fastdd.checks import fraction
 from fastdd.data import RealDataset
 from fastdd.methods.base import IMAGE_COPIES
 from fastdd.methods.mtt import MTT, MTTOptions, memory_terms
-from fastdd.methods.registry import MethodSpec, option, register_method
+from fastdd.registry import MethodSpec, option, register_method
 from fastdd.synset import SyntheticSet
 
 EMA_WINDOW = 0.4  # the default average's window, 1 / (1 - decay), as a share of the run's iterations

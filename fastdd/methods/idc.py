@@ -22,13 +22,13 @@ from torch import Tensor, nn
 from fastdd.augment import DSA, DSAParams
 from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
 from fastdd.data import RealDataset
-from fastdd.distributed import SINGLE
 from fastdd.methods.base import INITS, Distiller
 from fastdd.methods.matching import matching_term
 from fastdd.methods.multiformation import check_factor, decode, mix_init
-from fastdd.methods.registry import MethodSpec, register_method
 from fastdd.models import has_batchnorm
-from fastdd.plan_terms import ActivationBytes, Term
+from fastdd.registry import MethodSpec, register_method
+from fastdd.runtime.distributed import SINGLE
+from fastdd.runtime.plan_terms import ActivationBytes, Term
 from fastdd.synset import SyntheticSet
 from fastdd.train import train_epoch
 

@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from fastdd.models import ConvNet, eager_block
 from fastdd.ops import grad_match_distance
 from fastdd.ops.layer_rules import Rule, has_rule, rule_for
-from fastdd.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
+from fastdd.runtime.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, image_bytes, scaled
 
 if TYPE_CHECKING:
     from fastdd.methods.base import Distiller

@@ -2,7 +2,7 @@
 2022). The defaults and their sources, what the lean mode drops, the guard rails and the differences from the
 original code are in docs/methods.md, "MTT".
 
-Expert trajectories (:mod:`fastdd.trajectory`, made by ``fastdd experts``) hold the parameters of
+Expert trajectories (:mod:`fastdd.trajectories.files`, made by ``fastdd experts``) hold the parameters of
 networks trained on the real data after every epoch. One iteration: draw an expert and a start epoch
 ``s < max_start_epoch``; ``theta_0`` = the expert's row ``s``, ``theta*`` = row ``s + expert_epochs``;
 from ``theta_0``, take ``syn_steps`` plain SGD steps ``theta_{i+1} = theta_i - alpha * g_i`` of the
@@ -34,8 +34,8 @@ Modes (``mode``); all three give the same loss:
   every ``theta_i`` at which ``g_i`` is evaluated held constant (a stop-gradient): the same gradients
   for ``syn_steps = 1``; ``syn_lr``'s gradient is ``-lambda . sum_i g_i``.
 
-Plug-ins (:mod:`fastdd.methods.plugin`): those that support a method whose context holds a student's parameters
-rather than a network of its own (the spec declares no trait; SDC does, :mod:`fastdd.methods.sdc`). Their terms are
+Plug-ins (:mod:`fastdd.plugins.protocol`): those that support a method whose context holds a student's parameters
+rather than a network of its own (the spec declares no trait; SDC does, :mod:`fastdd.plugins.sdc`). Their terms are
 taken at every unrolled student ``theta_0 .. theta_{N-1}`` (the context's ``params``; its ``network`` the student
 module) on all the synthetic images (not augmented) and averaged over the ``N`` students, e.g. for SDC
 ``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode they are part of the unrolled graph;
@@ -70,11 +70,11 @@ from fastdd.checks import path as path_value
 from fastdd.data import RealDataset
 from fastdd.errors import NonFiniteError
 from fastdd.methods.base import Distiller
-from fastdd.methods.plugin import Plugin, StepContext
-from fastdd.methods.registry import MethodSpec, option, register_method
-from fastdd.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, scaled
+from fastdd.plugins.protocol import Plugin, StepContext
+from fastdd.registry import MethodSpec, option, register_method
+from fastdd.runtime.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, scaled
 from fastdd.synset import SyntheticSet
-from fastdd.trajectory import Trajectory, check_setup, expert_paths, run_setup
+from fastdd.trajectories.files import Trajectory, check_setup, expert_paths, run_setup
 
 MODES = ("exact", "flat", "lean")
 MAX_LR_GROWTH = 100.0  # the learned rate may grow to this multiple of its initial value
@@ -115,7 +115,7 @@ def load_expert_rows(directory: str | Path, rows: int, setup: dict[str, Any], me
     """Rows ``0 .. rows - 1`` of every expert in ``directory``: float32 [experts, rows, P] on CPU.
 
     Files are read one at a time and only these rows are kept. Each expert must have been made in the
-    run's ``setup`` (:func:`fastdd.trajectory.run_setup`), hold at least ``rows - 1`` epochs and, with ``flat``,
+    run's ``setup`` (:func:`fastdd.trajectories.files.run_setup`), hold at least ``rows - 1`` epochs and, with ``flat``,
     have been trained sharpness-aware (``fastdd experts --flat``, ``meta["flat"] > 0``); a ValueError says what
     differs (``method``: the distiller named in it).
     """

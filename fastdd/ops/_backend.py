@@ -173,7 +173,7 @@ def _compile(name: str, folder: Path) -> ModuleType:
     """Compile ``<name>.cpp`` of ``folder`` into torch's extension cache (unless it is there already) and import it.
 
     torch guards a build with a ``lock`` file in the build directory and waits for it to go away, for ever when a
-    stopped compile (Ctrl-C, a timeout) left it behind. Every fastdd compile holds an flock on ``fastdd.lock``
+    stopped compile (Ctrl-C, a timeout) left it behind. Every fastdd compile holds an flock on ``fastdd.runtime.lock``
     there, which the system drops when its process ends: while this process holds it, a torch ``lock`` file can
     only be stale, and it is removed with a line saying so.
     """
@@ -181,7 +181,7 @@ def _compile(name: str, folder: Path) -> ModuleType:
 
     module = f"fastdd_{name}"
     build_dir = Path(cpp_extension._get_build_directory(module, verbose=False))
-    with _exclusive(build_dir / "fastdd.lock", f"compiling the C++ extension {name!r}"):
+    with _exclusive(build_dir / "fastdd.runtime.lock", f"compiling the C++ extension {name!r}"):
         stale = build_dir / "lock"
         if stale.exists():
             stale.unlink()

@@ -12,7 +12,7 @@ and the eager modules where a graph of the gradient is needed. On CUDA the Trito
 Non-finite values (NaN, +-inf in x, weight, bias or the upstream gradient) come out of both ops, forward and
 backward, where the eager composition puts them: the kernels' ReLU keeps NaN as ``torch.relu`` does, their ReLU
 backward passes a NaN as ``threshold_backward`` does, and their norm backward is ATen's GroupNorm formulation, so
-that infinities meet as there (tests/test_nonfinite_ops.py).
+that infinities meet as there (tests/ops/test_nonfinite_ops.py).
 
 ``conv_instance_norm_relu_pool(x, conv_weight, conv_bias, weight, bias, padding, eps)`` is the whole block. On grey
 images a ConvNet's first convolution has one input channel: its FLOPs are few and its cost is writing and reading

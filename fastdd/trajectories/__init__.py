@@ -1,0 +1,1 @@
+"""Expert trajectories: training the experts (plain or sharpness-aware), and their files."""
