@@ -6,7 +6,7 @@ one for each target (``triton.compile`` with a ``GPUTarget``, through the ptxas 
 resources: registers, spill stores and loads and stack frame from ``ptxas -v`` on its PTX, shared memory from
 Triton's metadata plus ptxas's static count. :func:`problems` says what would fail or slow a launch on the
 target: a compile error, spills or a stack frame, more shared memory than a block may have.
-tests/test_triton_compile.py holds every specialisation to it; bench/triton_resources.py tables them.
+tests/ops/test_triton_compile.py holds every specialisation to it; bench/triton_resources.py tables them.
 
 Compiling needs the kernels jitted, not interpreted: :func:`measure` compiles in fresh processes that drop
 ``TRITON_INTERPRET`` before they import a kernel module, whatever the calling process set.
