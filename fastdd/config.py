@@ -328,7 +328,7 @@ class RunConfig:
             raise ValueError(f"plugins: each plug-in may be given once (by name in config.plugins or as an "
                              f"instance), got {names}")
         own = {opt.key: self.options[name] for name, opt in method_options(self.spec).items() if name in self.options}
-        return self.spec.distiller(
+        return self.spec.builder(
             train, self.ipc, torch.Generator().manual_seed(self.seed), model=self.model, iterations=self.iterations,
             lr_img=self.lr_img, batch_real=self.batch_real, init=self.init, real_precision=self.real_precision,
             plugins=[*self.build_plugins(), *plugins], world=world, **own)

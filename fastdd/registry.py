@@ -18,6 +18,7 @@ underscore, as in ``lambda_``, is dropped).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import re
 import sys
@@ -88,9 +89,11 @@ class MethodSpec:
     """Everything fastdd needs to know of a method.
 
     name: what ``--method`` and ``RunConfig.method`` call it (lower case). distiller: its
-    :class:`fastdd.methods.base.Distiller` subclass, whose ``name`` is ``name``; it is built as
-    ``distiller(train, ipc, generator, model=, iterations=, lr_img=, batch_real=, init=, real_precision=,
-    plugins=, world=, **options)``, the options being those given (not None) by keyword. options: the dataclass of
+    :class:`fastdd.methods.base.Distiller` subclass, whose ``method_name(**arguments)`` is ``name``; it is built
+    (:attr:`builder`) as ``distiller(train, ipc, generator, model=, iterations=, lr_img=, batch_real=, init=,
+    real_precision=, plugins=, world=, **arguments, **options)``, the options being those given (not None) by
+    keyword. arguments: keyword arguments it is always built with, for a method that is another's distiller with
+    an argument fixed (``dsa`` is DC with ``augment="dsa"``); none by default. options: the dataclass of
     its own options (fields made by :func:`option`), or None. eval_augment, eval_epochs: the evaluation protocol its
     results are reported with ("none" or "dsa"; training epochs). memory_terms: ``memory_terms(distiller,
     activation_bytes) -> list[fastdd.runtime.memory.Term]``, the working set of one iteration
@@ -104,6 +107,7 @@ class MethodSpec:
     name: str
     distiller: type[Distiller]
     options: type | None = None
+    arguments: Mapping[str, Any] = field(default_factory=dict)
     eval_augment: str = "none"
     eval_epochs: int = 300
     memory_terms: Callable[[Any, Any], list[Any]] | None = None
@@ -111,6 +115,11 @@ class MethodSpec:
     traits: frozenset[str] = frozenset()
     draws_real: bool = True
     help: str = ""
+
+    @property
+    def builder(self) -> Callable[..., Distiller]:
+        """What builds the method's distiller: ``distiller``, with ``arguments`` fixed when there are any."""
+        return functools.partial(self.distiller, **self.arguments) if self.arguments else self.distiller
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -163,7 +172,8 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     if name in _METHODS:
         raise ValueError(f"method {name!r} is already registered (by {_METHODS[name].distiller.__module__}); a "
                          "method is registered once")
-    if not isinstance(spec.distiller, type) or getattr(spec.distiller, "name", None) != name:
+    if not isinstance(spec.distiller, type) or not hasattr(spec.distiller, "method_name") \
+            or spec.distiller.method_name(**spec.arguments) != name:
         raise ValueError(f"method {name!r}: distiller must be a fastdd Distiller class whose name is {name!r}, "
                          f"got {spec.distiller!r}")
     one_of(f"method {name!r}: eval_augment", spec.eval_augment, AUGMENTS)

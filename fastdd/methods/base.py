@@ -157,6 +157,12 @@ class Distiller(ABC):
             plugin.bind(self.run_info())
 
     # ----------------------------------------------------------------------------- set-up
+    @classmethod
+    def method_name(cls, **arguments: Any) -> str:
+        """The name of the method this class is when built with the fixed keyword ``arguments`` of a
+        :class:`fastdd.registry.MethodSpec`: ``name`` (a class that is several methods tells them apart)."""
+        return cls.name
+
     def default_image_lr(self) -> float:
         """The image learning rate when none is given (``default_lr_img``; called once ``train`` and
         ``ipc`` are set)."""

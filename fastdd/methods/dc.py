@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdd.augment import DSA, dsa_strategy_for
+from fastdd.augment import AUGMENTS, DSA, dsa_strategy_for
 from fastdd.checks import nonnegative_int, one_of, positive_float, positive_int
 from fastdd.methods.base import Distiller
 from fastdd.methods.matching import matching_term
@@ -48,12 +48,14 @@ def get_loops(ipc: int) -> tuple[int, int]:
 
 
 class DC(Distiller):
-    """Gradient matching (DC). ``metric``: distance of ``fastdd.ops.grad_match_distance``."""
+    """Gradient matching: DC, or DSA with ``augment="dsa"``. ``metric``: distance of
+    ``fastdd.ops.grad_match_distance``; ``augment``: ``"none"`` or ``"dsa"`` (siamese DSA draws, the strategy of
+    :func:`fastdd.augment.dsa_strategy_for` the training set), which makes the method ``augmented_name``."""
 
     name = "dc"
+    augmented_name = "dsa"
     default_iterations = 1000
     default_lr_img = 0.1
-    uses_dsa = False
     distributed = True
 
     def __init__(
@@ -64,8 +66,10 @@ class DC(Distiller):
         metric: str = "ours",
         outer_loop: int | None = None,
         inner_loop: int | None = None,
+        augment: str = "none",
         **kwargs: Any,
     ) -> None:
+        self.name = self.method_name(augment=one_of("augment", augment, AUGMENTS))
         super().__init__(*args, **kwargs)
         self.metric = one_of("metric", metric, METRICS)
         default_outer, default_inner = get_loops(self.ipc)
@@ -73,7 +77,12 @@ class DC(Distiller):
         self.inner_loop = nonnegative_int("inner_loop", default_inner if inner_loop is None else inner_loop)
         self.lr_net = positive_float("lr_net", lr_net)
         self.batch_train = positive_int("batch_train", batch_train)
-        self.dsa = DSA(dsa_strategy_for(self.train.name)) if self.uses_dsa else None
+        self.dsa = DSA(dsa_strategy_for(self.train.name)) if augment == "dsa" else None
+
+    @classmethod
+    def method_name(cls, augment: str = "none") -> str:
+        """``augmented_name`` with DSA, ``name`` without."""
+        return cls.augmented_name if augment == "dsa" else cls.name
 
     def hparams(self) -> dict[str, Any]:
         return {
@@ -148,13 +157,6 @@ class DC(Distiller):
         return {"loss": total / self.outer_loop}
 
 
-class DSADistiller(DC):
-    """DSA: gradient matching with differentiable siamese augmentation."""
-
-    name = "dsa"
-    uses_dsa = True
-
-
 def memory_terms(d: DC, act: ActivationBytes) -> list[Term]:
     """A matching step (:func:`fastdd.methods.matching.matching_term`) or, when larger, a training batch of the
     network (between outer steps: none with one outer step)."""
@@ -170,6 +172,6 @@ def memory_terms(d: DC, act: ActivationBytes) -> list[Term]:
 GRADIENT_MATCHING = frozenset({"network", "real_batches", "gradient_matching"})
 register_method(MethodSpec("dc", DC, memory_terms=memory_terms, plugin_weights={"sdc": 10.0, "udd": 200.0},
                            traits=GRADIENT_MATCHING, help="gradient matching (Zhao et al., ICLR 2021)"))
-register_method(MethodSpec("dsa", DSADistiller, eval_augment="dsa", eval_epochs=1000, memory_terms=memory_terms,
-                           plugin_weights={"sdc": 10.0, "udd": 200.0}, traits=GRADIENT_MATCHING,
-                           help="gradient matching with differentiable siamese augmentation"))
+register_method(MethodSpec("dsa", DC, arguments={"augment": "dsa"}, eval_augment="dsa", eval_epochs=1000,
+                           memory_terms=memory_terms, plugin_weights={"sdc": 10.0, "udd": 200.0},
+                           traits=GRADIENT_MATCHING, help="gradient matching with differentiable siamese augmentation"))

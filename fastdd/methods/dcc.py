@@ -60,12 +60,13 @@ def _shaped(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 class DCC(DC):
     """Gradient matching with contrastive signals (module docstring).
 
-    Args (besides DC's):
+    Args (besides DC's; ``augment="dsa"`` makes it DSAC):
         warmup: share of the iterations, in [0, 1), whose first :data:`WARMUP_STEPS` matching steps are plain DC
             steps (default 0.25; 0: contrastive from the start).
     """
 
     name = "dcc"
+    augmented_name = "dsac"
 
     def __init__(self, *args: Any, warmup: float = 0.25, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -109,13 +110,6 @@ class DCC(DC):
         return distance if self.world.is_main else distance - distance.detach()
 
 
-class DSAC(DCC):
-    """DSAC: DCC with differentiable siamese augmentation (DSA's strategy and draws)."""
-
-    name = "dsac"
-    uses_dsa = True
-
-
 def memory_terms(d: DCC, act: ActivationBytes) -> list[Term]:
     """DC's working set (:func:`fastdd.methods.dc.memory_terms`: the warm-up's matching steps, the network's
     training) or, when larger, a contrastive matching step: a real class batch's first-order pass (freed before the
@@ -133,5 +127,6 @@ def memory_terms(d: DCC, act: ActivationBytes) -> list[Term]:
 CONTRASTIVE = frozenset({"network", "real_batches"})
 register_method(MethodSpec("dcc", DCC, memory_terms=memory_terms, plugin_weights={"sdc": 3.0}, traits=CONTRASTIVE,
                            help="gradient matching with contrastive signals (Lee et al., ICML 2022)"))
-register_method(MethodSpec("dsac", DSAC, eval_augment="dsa", eval_epochs=1000, memory_terms=memory_terms,
-                           plugin_weights={"sdc": 3.0}, traits=CONTRASTIVE, help="dcc with DSA augmentation"))
+register_method(MethodSpec("dsac", DCC, arguments={"augment": "dsa"}, eval_augment="dsa", eval_epochs=1000,
+                           memory_terms=memory_terms, plugin_weights={"sdc": 3.0}, traits=CONTRASTIVE,
+                           help="dcc with DSA augmentation"))

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from conftest import make_dataset, run_on_two_processes
 from fastdd.data import load_dataset
 from fastdd.evaluation import default_eval_config
-from fastdd.methods import DC, DCC, DSAC, DSADistiller, get_distiller
+from fastdd.methods import DC, DCC, get_distiller
 from fastdd.methods.dcc import WARMUP_STEPS
 from fastdd.plugins.sdc import default_lambda
 from fastdd.registry import method_spec
 from fastdd.runtime.memory import activation_bytes
 
 MODEL = "ConvNetW32"
+DSA, DSAC = get_distiller("dsa"), get_distiller("dsac")  # DC and DCC with augment="dsa"
 F64_EXACT = dict(rtol=1e-9, atol=1e-12)
 
 
@@ -118,7 +119,7 @@ def test_step_takes_the_contrastive_loss_past_the_warmup(tiny):
     assert taken == ["contrastive_loss"] * (WARMUP_STEPS + 2)
 
 
-@pytest.mark.parametrize("cls, plain", [(DCC, DC), (DSAC, DSADistiller)])
+@pytest.mark.parametrize("cls, plain", [(DCC, DC), (DSAC, DSA)])
 def test_warmup_steps_are_dcs(tiny, cls, plain):
     """During the warm-up a step is DC's (DSA's) bit for bit; past it the images go elsewhere."""
     def run(kind, iteration, **options):
@@ -154,11 +155,13 @@ def test_digits_run_is_reproducible_and_finite(method):
 
 
 def test_registered_with_protocols_lambda_and_memory_plan(tiny):
-    assert get_distiller("dcc") is DCC and get_distiller("dsac") is DSAC
+    assert get_distiller("dcc") is DCC
+    assert (method_spec("dsac").distiller, method_spec("dsac").arguments) == (DCC, {"augment": "dsa"})
     assert (default_eval_config("dcc").augment, default_eval_config("dcc").epochs) == ("none", 300)
     assert (default_eval_config("dsac").augment, default_eval_config("dsac").epochs) == ("dsa", 1000)
     assert default_lambda(1, "dcc") == default_lambda(1, "dsac") == 3.0  # a tenth of the pull (bench/sdc_pull.py)
     d = DSAC(tiny, 3, torch.Generator().manual_seed(0), model=MODEL, batch_real=4, outer_loop=1)
+    assert d.name == "dsac" and d.dsa is not None
     (term,) = method_spec("dsac").memory_terms(d, activation_bytes(MODEL, 1, 3, (8, 8)))
     assert term.what.startswith("contrastive matching step") and term.bytes > 0
     assert d.hparams()["warmup"] == 0.25
@@ -181,12 +184,12 @@ import pytest
 import torch
 from fastdd.data import load_dataset
 from fastdd.runtime.distributed import SINGLE, join
-from fastdd.methods import DCC, DSAC
+from fastdd.methods import DCC, get_distiller
 from fastdd.plugins.sdc import SDC
 
 world = join(torch.device("cpu"))
 train, _ = load_dataset("digits")
-for cls, plugins in ((DCC, lambda: [SDC(5.0)]), (DSAC, lambda: [])):
+for cls, plugins in ((DCC, lambda: [SDC(5.0)]), (get_distiller("dsac"), lambda: [])):
     images, losses = [], []
     for w in (SINGLE, world):
         d = cls(train, 2, torch.Generator().manual_seed(0), model="ConvNetW32", batch_real=16, iterations=2,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_dataset
-from fastdd.methods import DC, DM, DSADistiller, Plugin, dm, get_distiller, get_loops
+from fastdd.methods import DC, DM, Plugin, dm, get_distiller, get_loops
 from fastdd.models import get_network
 
 MODEL = "ConvNetW32"
@@ -67,7 +67,7 @@ def test_dc_image_gradient_matches_per_class_loop(tiny, ipc):
 
 def test_dsa_image_gradient_matches_per_class_loop():
     data = make_dataset(channels=3, size=8, name="cifar10")
-    d = make(DSADistiller, data)
+    d = make(get_distiller("dsa"), data)
     net = d.new_network()
     real = d.real_batches()
     params = d.augmentation_params()
