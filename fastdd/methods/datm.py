@@ -22,6 +22,7 @@ every unrolled student) with four changes:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,31 +33,12 @@ from torch.func import functional_call
 from fastdd.checks import fraction, nonnegative_int, positive_float, positive_int
 from fastdd.data import RealDataset
 from fastdd.methods.base import INITS
-from fastdd.methods.mtt import MTT, MTTOptions, memory_terms
+from fastdd.methods.mtt import MTT, MTTOptions, StartRange, memory_terms
 from fastdd.registry import MethodSpec, option, register_method
 
 LOSS_THRESHOLD = 1.0  # an iteration whose normalised loss exceeds it updates nothing
 LABEL_MOMENTUM = 0.9  # momentum of the soft labels' SGD
 SELECTION_BATCH = 256  # real images a pass while choosing correctly classified ones
-
-
-@dataclass(frozen=True)
-class StartRange:
-    """Where DATM's start epochs come from (module docstring): ``[low, upper(t))``, ``upper`` growing from
-    ``initial`` at the first iteration to ``final`` at ``expansion_end`` of the run (a share of the iterations in
-    [0, 1); 0: ``final`` from the start)."""
-
-    low: int
-    initial: int
-    final: int
-    expansion_end: float
-
-    def at(self, iteration: int, iterations: int) -> range:
-        """The start epochs of iteration ``iteration`` (0-based) of a run of ``iterations``."""
-        if self.expansion_end == 0:
-            return range(self.low, self.final)
-        end = max(1, round(self.expansion_end * iterations))
-        return range(self.low, min(self.final, self.initial + (self.final - self.initial) * iteration // end))
 
 
 def default_start_range(ipc: int) -> StartRange:
@@ -95,6 +77,29 @@ def start_range(ipc: int, min_start_epoch: int | None, initial_max_start_epoch: 
     return StartRange(low, initial, final, expansion)
 
 
+def correct_real_images(d: MTT) -> Tensor:
+    """[num_classes * ipc, C, H, W]: for each class, the first ``ipc`` images of a random order of its real images
+    that ``d``'s :meth:`~fastdd.methods.mtt.MTT.final_expert` classifies as the class; a ValueError when a class has
+    fewer (DATM's ``init="correct"``)."""
+    expert = d.final_expert()
+    chosen = []
+    for c, size in enumerate(d.train.class_sizes):
+        kept, count = [], 0
+        for chunk in d.train.sample_indices(c, size, d.generator).split(SELECTION_BATCH):
+            with torch.no_grad():
+                predicted = functional_call(d.student, expert, (d.train.get(chunk),)).argmax(1)
+            kept.append(chunk[predicted == c])
+            count += len(kept[-1])
+            if count >= d.ipc:
+                break
+        if count < d.ipc:
+            raise ValueError(f"ipc (--ipc) {d.ipc}: the experts' network classifies only {count} training "
+                             f"images of class {c} ({d.train.class_names[c]!r}) correctly, and init 'correct' "
+                             "starts from such images; lower --ipc or use --init real")
+        chosen.append(d.train.get(torch.cat(kept)[: d.ipc]))
+    return torch.cat(chosen)
+
+
 class DATM(MTT):
     """MTT with DATM's start-epoch schedule, correctly classified initial images, learned soft labels and loss
     threshold (module docstring).
@@ -104,7 +109,7 @@ class DATM(MTT):
         min_start_epoch, initial_max_start_epoch, expansion_end: the rest of the range (:func:`default_start_range`
             by IPC for what is not given; :func:`start_range` checks them);
         lr_labels: learning rate of the soft labels' logits (default :func:`default_lr_labels`).
-    ``init``: ``"correct"`` (default), or MTT's ``"real"`` / ``"noise"``.
+    ``init``: ``"correct"`` (default, :func:`correct_real_images`), or MTT's ``"real"`` / ``"noise"``.
     """
 
     name = "datm"
@@ -115,69 +120,29 @@ class DATM(MTT):
                  min_start_epoch: int | None = None, initial_max_start_epoch: int | None = None,
                  max_start_epoch: int | None = None, expansion_end: float | None = None,
                  lr_labels: float | None = None, soft_labels: bool = True, learn_soft_labels: bool = True,
-                 **kwargs: Any) -> None:
+                 init: str | None = None, **kwargs: Any) -> None:
         if soft_labels is not True or learn_soft_labels is not True:
             raise ValueError("soft_labels and learn_soft_labels are always on with --method datm (it learns soft "
                              f"labels), got soft_labels={soft_labels!r}, learn_soft_labels={learn_soft_labels!r}")
-        self.start_range = start_range(ipc, min_start_epoch, initial_max_start_epoch, max_start_epoch, expansion_end)
+        starts = start_range(ipc, min_start_epoch, initial_max_start_epoch, max_start_epoch, expansion_end)
         self.lr_labels = positive_float("lr_labels", default_lr_labels(ipc) if lr_labels is None else lr_labels)
-        super().__init__(train, ipc, generator, max_start_epoch=self.start_range.final, **kwargs)
-        if self.init == "correct":
-            with torch.no_grad():
-                self.images.copy_(self.correct_real_images())
-        self.label_logits = self.expert_logits().requires_grad_(True)
-        self.learn_soft_labels = True
-        self.label_optimizer = torch.optim.SGD([self.label_logits], lr=self.lr_labels, momentum=LABEL_MOMENTUM)
-
-    def _initial_images(self) -> Tensor:
-        """MTT's initial images; for ``"correct"`` a placeholder, filled once the experts are loaded."""
-        if self.init == "correct":
-            return torch.zeros(self.num_classes * self.ipc, *self.train.image_shape, device=self.device)
-        return super()._initial_images()
-
-    def correct_real_images(self) -> Tensor:
-        """[num_classes * ipc, C, H, W]: for each class, the first ``ipc`` images of a random order of its real
-        images that :meth:`final_expert` classifies as the class; a ValueError when a class has fewer."""
-        expert = self.final_expert()
-        chosen = []
-        for c, size in enumerate(self.train.class_sizes):
-            kept, count = [], 0
-            for chunk in self.train.sample_indices(c, size, self.generator).split(SELECTION_BATCH):
-                with torch.no_grad():
-                    predicted = functional_call(self.student, expert, (self.train.get(chunk),)).argmax(1)
-                kept.append(chunk[predicted == c])
-                count += len(kept[-1])
-                if count >= self.ipc:
-                    break
-            if count < self.ipc:
-                raise ValueError(f"ipc (--ipc) {self.ipc}: the experts' network classifies only {count} training "
-                                 f"images of class {c} ({self.train.class_names[c]!r}) correctly, and init 'correct' "
-                                 "starts from such images; lower --ipc or use --init real")
-            chosen.append(self.train.get(torch.cat(kept)[: self.ipc]))
-        return torch.cat(chosen)
-
-    def start_epochs(self, iteration: int) -> range:
-        return self.start_range.at(iteration, self.iterations)
+        correct = (self.default_init if init is None else init) == "correct"
+        super().__init__(train, ipc, generator, start_range=starts, init=init, soft_labels=True,
+                         learn_soft_labels=True, initialise=correct_real_images if correct else None,
+                         label_optimizer=functools.partial(torch.optim.SGD, lr=self.lr_labels,
+                                                           momentum=LABEL_MOMENTUM), **kwargs)
 
     def update(self, loss: float) -> dict[str, float]:
         """MTT's update and the soft labels' step, or nothing when ``loss`` exceeds :data:`LOSS_THRESHOLD`."""
         if loss > LOSS_THRESHOLD:
             return {"skipped": 1.0}
         super().update(loss)
-        self.label_optimizer.step()
         return {"skipped": 0.0}
 
     def hparams(self) -> dict[str, Any]:
         return {**super().hparams(), "min_start_epoch": self.start_range.low,
                 "initial_max_start_epoch": self.start_range.initial, "expansion_end": self.start_range.expansion_end,
                 "lr_labels": self.lr_labels}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "label_optimizer": self.label_optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.label_optimizer.load_state_dict(state["label_optimizer"])
 
 
 @dataclass(frozen=True)

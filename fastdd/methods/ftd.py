@@ -49,14 +49,13 @@ class FTD(MTT):
     """
 
     name = "ftd"
-    flat_experts = True
     image_copies = (*IMAGE_COPIES, "moving average", "its checkpoint copy")
 
     def __init__(self, train: RealDataset, ipc: int, generator: torch.Generator, *,
                  ema_decay: float | None = None, **kwargs: Any) -> None:
         if ema_decay is not None:
             fraction("ema_decay", ema_decay)
-        super().__init__(train, ipc, generator, **kwargs)
+        super().__init__(train, ipc, generator, flat_experts=True, **kwargs)
         self.ema_decay = default_ema_decay(self.iterations) if ema_decay is None else float(ema_decay)
         self.ema_images: Tensor = self.images.detach().clone()
 

@@ -57,7 +57,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,26 @@ class MTTOptions:
                                       check=boolean)
     learn_soft_labels: bool | None = option(help="learn the soft labels' logits with the images, at --lr-img (needs "
                                                  "--soft-labels)", check=boolean)
+
+
+@dataclass(frozen=True)
+class StartRange:
+    """Where an iteration's start epoch is drawn from: ``[low, upper(t))``, ``upper`` growing from ``initial`` at
+    the first iteration to ``final`` at ``expansion_end`` of the run (a share of the iterations in [0, 1); 0:
+    ``final`` from the start). MTT's is ``[0, max_start_epoch)`` throughout; DATM's widens
+    (:mod:`fastdd.methods.datm`)."""
+
+    low: int
+    initial: int
+    final: int
+    expansion_end: float
+
+    def at(self, iteration: int, iterations: int) -> range:
+        """The start epochs of iteration ``iteration`` (0-based) of a run of ``iterations``."""
+        if self.expansion_end == 0:
+            return range(self.low, self.final)
+        end = max(1, round(self.expansion_end * iterations))
+        return range(self.low, min(self.final, self.initial + (self.final - self.initial) * iteration // end))
 
 
 def default_max_start_epoch(ipc: int) -> int:
@@ -165,11 +185,17 @@ class MTT(Distiller):
         syn_steps: SGD steps of the student per iteration (20).
         expert_epochs: expert epochs between the start and the target parameters (2).
         max_start_epoch: start epochs are drawn from ``0 .. max_start_epoch - 1`` (2 at IPC 1, else 4).
+        start_range: in place of ``max_start_epoch``, the :class:`StartRange` start epochs are drawn from.
+        flat_experts: refuse experts not trained sharpness-aware (``fastdd experts --flat``); default False.
+        initialise: ``initialise(distiller) -> [N, C, H, W]``, the initial images, computed once the experts and
+            the student are set up (DATM's correctly classified images); None (default): the Distiller's ``init``.
         batch_syn: synthetic images per student step (default: all of them).
         lr_lr: learning rate of the learned rate (1e-5); SGD with momentum 0.5.
         syn_lr: initial value of the learned rate (0.01).
         soft_labels: train the students on soft labels (module docstring); default False.
         learn_soft_labels: learn the soft labels' logits with the images (needs ``soft_labels``); default False.
+        label_optimizer: ``label_optimizer([logits]) -> torch.optim.Optimizer``, the learned logits' own optimiser,
+            stepped after the images'; None (default): they are a parameter group of the images' optimiser.
 
     ``batch_real`` and ``real_precision`` do not apply (MTT makes no pass over real images): ``batch_real`` must
     be None and ``real_precision`` "auto" or "float32" (either means float32), else a ValueError.
@@ -181,7 +207,6 @@ class MTT(Distiller):
     default_lr_img = 1000.0
     default_init = "real"
     distributed = True
-    flat_experts = False  # whether the experts must have been trained sharpness-aware (fastdd experts --flat)
 
     def __init__(
         self,
@@ -194,20 +219,28 @@ class MTT(Distiller):
         syn_steps: int = 20,
         expert_epochs: int = 2,
         max_start_epoch: int | None = None,
+        start_range: StartRange | None = None,
+        flat_experts: bool = False,
+        initialise: Callable[[MTT], Tensor] | None = None,
         batch_syn: int | None = None,
         lr_lr: float = 1e-5,
         syn_lr: float = 0.01,
         soft_labels: bool = False,
         learn_soft_labels: bool = False,
+        label_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
         batch_real: int | None = None,
         real_precision: str = "auto",
         plugins: Sequence[Plugin] = (),
         **kwargs: Any,
     ) -> None:
         one_of("mode", mode, MODES)
-        max_start_epoch = default_max_start_epoch(ipc) if max_start_epoch is None else max_start_epoch
-        for arg, value in (("syn_steps", syn_steps), ("expert_epochs", expert_epochs),
-                           ("max_start_epoch", max_start_epoch)):
+        if start_range is None:
+            final = positive_int("max_start_epoch", default_max_start_epoch(ipc) if max_start_epoch is None
+                                 else max_start_epoch)
+            start_range = StartRange(0, final, final, 0.0)
+        elif max_start_epoch is not None:
+            raise ValueError("give max_start_epoch or start_range, not both")
+        for arg, value in (("syn_steps", syn_steps), ("expert_epochs", expert_epochs)):
             positive_int(arg, value)
         if batch_syn is not None:
             positive_int("batch_syn", batch_syn)
@@ -219,6 +252,7 @@ class MTT(Distiller):
         if real_precision not in ("auto", "float32"):
             raise ValueError(f"real_precision does not apply to MTT, which makes no pass over real images, "
                              f"got {real_precision!r}")
+        self.initialise = initialise  # before the Distiller's set-up, which calls _initial_images
         super().__init__(train, ipc, generator, plugins=plugins, real_precision="float32", **kwargs)
         if plugins and self.world.size > 1:
             raise ValueError(f"--plugin {plugins[0].name} with --method {self.name} runs in one process; started by "
@@ -226,13 +260,13 @@ class MTT(Distiller):
         self.mode = mode
         self.syn_steps = syn_steps
         self.expert_epochs = expert_epochs
-        self.max_start_epoch = max_start_epoch
+        self.start_range = start_range
         self.batch_syn = self.num_classes * ipc if batch_syn is None else batch_syn
         self.lr_lr = lr_lr
         self.syn_lr_init = syn_lr
         self.experts = Path(experts)
-        self.expert_rows = load_expert_rows(self.experts, max_start_epoch + expert_epochs,
-                                            run_setup(train, self.model), self.name, self.flat_experts)
+        self.expert_rows = load_expert_rows(self.experts, start_range.final + expert_epochs,
+                                            run_setup(train, self.model), self.name, flat_experts)
         self.student = self.new_network().requires_grad_(False).train()
         self._final_expert: dict[str, Tensor] | None = None
         named = list(self.student.named_parameters())
@@ -244,11 +278,25 @@ class MTT(Distiller):
                              f"parameters, {self.model} here has {sum(self._numels)}")
         self.syn_lr = torch.tensor(self.syn_lr_init, device=self.device, requires_grad=True)
         self.lr_optimizer = torch.optim.SGD([self.syn_lr], lr=self.lr_lr, momentum=0.5)
+        if initialise is not None:
+            with torch.no_grad():
+                self.images.copy_(initialise(self))
         self.learn_soft_labels = learn_soft_labels
         self.label_logits = self.expert_logits() if soft_labels else None
+        self.label_optimizer = None
         if learn_soft_labels:
-            self.optimizer.add_param_group({"params": [self.label_logits.requires_grad_(True)]})
+            self.label_logits.requires_grad_(True)
+            if label_optimizer is None:
+                self.optimizer.add_param_group({"params": [self.label_logits]})
+            else:
+                self.label_optimizer = label_optimizer([self.label_logits])
         self.dsa = DSA(dsa_strategy_for(train.name))
+
+    def _initial_images(self) -> Tensor:
+        """The Distiller's initial images; with ``initialise`` a placeholder, filled once the experts are loaded."""
+        if self.initialise is not None:
+            return torch.zeros(self.num_classes * self.ipc, *self.train.image_shape, device=self.device)
+        return super()._initial_images()
 
     # ----------------------------------------------------------------------------- the student
     def student_params(self, theta: Tensor) -> dict[str, Tensor]:
@@ -305,8 +353,8 @@ class MTT(Distiller):
         return self.dsa.apply(images[idx[share]], params, groups), self.targets()[idx[share]]
 
     def start_epochs(self, iteration: int) -> range:
-        """The start epochs iteration ``iteration`` (0-based) draws from: ``0 .. max_start_epoch - 1``."""
-        return range(self.max_start_epoch)
+        """The start epochs iteration ``iteration`` (0-based) draws from (``start_range``)."""
+        return self.start_range.at(iteration, self.iterations)
 
     def sample_unroll(self, iteration: int) -> Unroll:
         """Draw iteration ``iteration``'s expert, start epoch (from :meth:`start_epochs`), minibatches and
@@ -427,6 +475,8 @@ class MTT(Distiller):
         """Step the optimisers of the :meth:`learned` tensors, whose gradients are set; returns extra metrics."""
         self.optimizer.step()
         self.lr_optimizer.step()
+        if self.label_optimizer is not None:
+            self.label_optimizer.step()
         return {}
 
     def step(self, iteration: int) -> dict[str, float]:
@@ -452,7 +502,7 @@ class MTT(Distiller):
             "mode": self.mode,
             "syn_steps": self.syn_steps,
             "expert_epochs": self.expert_epochs,
-            "max_start_epoch": self.max_start_epoch,
+            "max_start_epoch": self.start_range.final,
             "batch_syn": self.batch_syn,
             "lr_lr": self.lr_lr,
             "syn_lr": self.syn_lr_init,
@@ -462,12 +512,15 @@ class MTT(Distiller):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """The Distiller's state (the images' optimiser includes the learned logits'), the learned rate and its
-        optimiser, and the soft labels' logits when there are soft labels."""
+        """The Distiller's state (the images' optimiser includes the learned logits' unless they have their own), the
+        learned rate and its optimiser, the soft labels' logits when there are soft labels and their optimiser when
+        they have one."""
         state = {**super().state_dict(), "syn_lr": self.syn_lr.detach().cpu().clone(),
                  "lr_optimizer": self.lr_optimizer.state_dict()}
         if self.label_logits is not None:
             state["label_logits"] = self.label_logits.detach().cpu().clone()
+        if self.label_optimizer is not None:
+            state["label_optimizer"] = self.label_optimizer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -477,6 +530,8 @@ class MTT(Distiller):
             if self.label_logits is not None:
                 self.label_logits.copy_(state["label_logits"].to(self.device))
         self.lr_optimizer.load_state_dict(state["lr_optimizer"])
+        if self.label_optimizer is not None:
+            self.label_optimizer.load_state_dict(state["label_optimizer"])
 
     def synthetic_set(self, seed: int | None = None) -> SyntheticSet:
         """The images with the learned rate as the set's ``lr`` (the evaluation trains with it) and, with soft

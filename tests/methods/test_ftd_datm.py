@@ -19,7 +19,7 @@ import fastdd.methods.datm as datm_module
 from fastdd.cli import main
 from fastdd.data import load_dataset
 from fastdd.methods import DATM, FTD
-from fastdd.methods.datm import StartRange, default_start_range, start_range
+from fastdd.methods.datm import StartRange, correct_real_images, default_start_range, start_range
 from fastdd.methods.ftd import default_ema_decay
 from fastdd.methods.mtt import MODES
 from fastdd.models import get_network
@@ -137,7 +137,7 @@ def test_datm_starts_from_images_the_expert_classifies_correctly_with_its_logits
     assert d.label_logits.requires_grad and d.hparams()["learn_soft_labels"]
 
     state = d.generator.get_state()
-    got = d.correct_real_images()
+    got = correct_real_images(d)
     d.generator.set_state(state)
     want = []
     for c, size in enumerate(tiny.class_sizes):  # the definition: the first ipc correct ones of a random order
