@@ -1,55 +1,5 @@
-"""MTT: dataset distillation by matching training trajectories (docs/design.md section 2; Cazenavette et al., CVPR
-2022). The defaults and their sources, what the lean mode drops, the guard rails and the differences from the
-original code are in docs/methods.md, "MTT".
-
-Expert trajectories (:mod:`fastdd.trajectories.files`, made by ``fastdd experts``) hold the parameters of
-networks trained on the real data after every epoch. One iteration: draw an expert and a start epoch
-``s < max_start_epoch``; ``theta_0`` = the expert's row ``s``, ``theta*`` = row ``s + expert_epochs``;
-from ``theta_0``, take ``syn_steps`` plain SGD steps ``theta_{i+1} = theta_i - alpha * g_i`` of the
-student (the run's network, evaluated with ``torch.func.functional_call`` on the flat parameter
-vector) on minibatches of ``batch_syn`` synthetic images (the chunks of a random permutation, a new one
-when used up), each augmented by DSA; ``alpha`` is a learned learning rate (``syn_lr``). Loss
-``L = |theta_N - theta*|^2 / |theta_0 - theta*|^2``; one SGD step (momentum 0.5) on the images
-(``lr_img``) and one on ``syn_lr`` (``lr_lr``). The learned rate is the synthetic set's ``lr``: the
-evaluation trains with it (``fastdd.evaluation``). Only the rows ``0 .. max_start_epoch +
-expert_epochs - 1`` of each expert are kept in memory.
-
-Modes (``mode``); all three give the same loss:
-
-- ``"exact"``: the original's computation: every step's gradient is taken with ``create_graph`` and
-  ``L`` is back-propagated through the whole unrolled graph; memory grows linearly with ``syn_steps``.
-- ``"flat"``: the exact gradient (equal to ``"exact"``'s up to rounding) with activation memory independent
-  of ``syn_steps``; what grows is ``syn_steps`` stored parameter vectors [P]. Pass 1 runs the unroll
-  without any graph and keeps the students ``theta_0 .. theta_{N-1}`` (the minibatches and augmentations
-  are the :class:`Unroll`'s, so every step can be replayed); ``a_N = dL/dtheta_N = 2 (theta_N - theta*) /
-  |theta_0 - theta*|^2``. Pass 2 walks the steps backwards: at step ``i`` it rebuilds ``g_i`` at
-  ``theta_i`` with ``create_graph`` and differentiates ``s_i = -alpha <g_i, a_{i+1}>`` (plus the plug-ins' term
-  at ``theta_i``) once, w.r.t. the images (their gradient), ``alpha`` (``-<g_i, a_{i+1}>``) and
-  ``theta_i`` (a Hessian-vector product: ``a_i = a_{i+1} - alpha H_i a_{i+1}``), then frees that step's
-  graph. It costs one forward and backward pass per step more than the exact mode.
-- ``"lean"``: TESLA's decomposition (Cui et al., ICML 2023), memory independent of ``syn_steps``.
-  Pass 1 as in the flat mode, keeping only ``theta_N``; ``lambda = a_N``. Pass 2 re-runs the unroll
-  forwards from ``theta_0`` and differentiates ``s_i`` with every ``a_{i+1}`` replaced by ``lambda``
-  w.r.t. the images and ``alpha`` only (no Hessian-vector product). This is the exact gradient with
-  every ``theta_i`` at which ``g_i`` is evaluated held constant (a stop-gradient): the same gradients
-  for ``syn_steps = 1``; ``syn_lr``'s gradient is ``-lambda . sum_i g_i``.
-
-Plug-ins (:mod:`fastdd.plugins.protocol`): those that support a method whose context holds a student's parameters
-rather than a network of its own (the spec declares no trait; SDC does, :mod:`fastdd.plugins.sdc`). Their terms are
-taken at every unrolled student ``theta_0 .. theta_{N-1}`` (the context's ``params``; its ``network`` the student
-module) on all the synthetic images (not augmented) and averaged over the ``N`` students, e.g. for SDC
-``L + (1/N) sum_i lambda * mean_s GraDN(s; theta_i)``. In the exact mode they are part of the unrolled graph;
-the flat mode differentiates them within ``s_i``, so their gradient w.r.t. ``theta_i`` joins the adjoint
-(the same gradients as exact); the lean mode does too but holds ``theta_i`` constant, so ``syn_lr`` gets
-no gradient from them. The context holds the class labels, also with soft labels, and no real batches.
-
-Soft labels (``soft_labels``, TESLA's soft label assignment): each synthetic image gets a logit vector,
-initialised to the logits of the first expert's network after its final epoch on the initial synthetic
-images (not augmented); the students train with cross-entropy against their softmax (a distribution
-over the classes per image) instead of the class labels. With ``learn_soft_labels`` the logits are
-learned with the images (in the images' optimiser, at ``lr_img``), through the same gradient as the
-images in every mode. The synthetic set carries the distributions as its ``soft_labels``.
-"""
+"""The MTT distiller, its options and its memory terms; registers method ``mtt`` (module docstring of
+:mod:`fastdd.methods.mtt`)."""
 
 from __future__ import annotations
 
@@ -70,13 +20,14 @@ from fastdd.checks import path as path_value
 from fastdd.data import RealDataset
 from fastdd.errors import NonFiniteError
 from fastdd.methods.base import Distiller
+from fastdd.methods.mtt.experts import load_expert_rows
+from fastdd.methods.mtt.unroll import MODES, STRATEGIES, StartRange, Unroll, default_max_start_epoch
 from fastdd.plugins.protocol import Plugin, StepContext
 from fastdd.registry import MethodSpec, option, register_method
 from fastdd.runtime.plan_terms import BACKWARD_FACTOR, ActivationBytes, Term, scaled
 from fastdd.synset import SyntheticSet
-from fastdd.trajectories.files import Trajectory, check_setup, expert_paths, run_setup
+from fastdd.trajectories.files import Trajectory, expert_paths, run_setup
 
-MODES = ("exact", "flat", "lean")
 MAX_LR_GROWTH = 100.0  # the learned rate may grow to this multiple of its initial value
 
 
@@ -103,74 +54,6 @@ class MTTOptions:
                                       check=boolean)
     learn_soft_labels: bool | None = option(help="learn the soft labels' logits with the images, at --lr-img (needs "
                                                  "--soft-labels)", check=boolean)
-
-
-@dataclass(frozen=True)
-class StartRange:
-    """Where an iteration's start epoch is drawn from: ``[low, upper(t))``, ``upper`` growing from ``initial`` at
-    the first iteration to ``final`` at ``expansion_end`` of the run (a share of the iterations in [0, 1); 0:
-    ``final`` from the start). MTT's is ``[0, max_start_epoch)`` throughout; DATM's widens
-    (:mod:`fastdd.methods.datm`)."""
-
-    low: int
-    initial: int
-    final: int
-    expansion_end: float
-
-    def at(self, iteration: int, iterations: int) -> range:
-        """The start epochs of iteration ``iteration`` (0-based) of a run of ``iterations``."""
-        if self.expansion_end == 0:
-            return range(self.low, self.final)
-        end = max(1, round(self.expansion_end * iterations))
-        return range(self.low, min(self.final, self.initial + (self.final - self.initial) * iteration // end))
-
-
-def default_max_start_epoch(ipc: int) -> int:
-    """2 at IPC 1, 4 otherwise (sources in docs/methods.md)."""
-    return 2 if ipc == 1 else 4
-
-
-def load_expert_rows(directory: str | Path, rows: int, setup: dict[str, Any], method: str = "mtt",
-                     flat: bool = False) -> Tensor:
-    """Rows ``0 .. rows - 1`` of every expert in ``directory``: float32 [experts, rows, P] on CPU.
-
-    Files are read one at a time and only these rows are kept. Each expert must have been made in the
-    run's ``setup`` (:func:`fastdd.trajectories.files.run_setup`), hold at least ``rows - 1`` epochs and, with ``flat``,
-    have been trained sharpness-aware (``fastdd experts --flat``, ``meta["flat"] > 0``); a ValueError says what
-    differs (``method``: the distiller named in it).
-    """
-    paths = expert_paths(directory)
-    kept = []
-    for path in paths:
-        expert = Trajectory.load(path)
-        check_setup(expert, path, setup)
-        if flat and not expert.meta.get("flat", 0) > 0:
-            raise ValueError(f"experts: {path} was trained with plain SGD; --method {method} matches flat "
-                             f"trajectories: make them with `fastdd experts --flat 0.01 --out DIR ...`")
-        if expert.params.shape[0] < rows:
-            raise ValueError(f"max_start_epoch + expert_epochs - 1 = {rows - 1} epochs are needed, but {path} holds "
-                             f"{expert.epochs}: lower max_start_epoch or expert_epochs, or train longer experts")
-        if kept and expert.params.shape[1] != kept[0].shape[1]:
-            raise ValueError(f"experts: {path} has {expert.params.shape[1]} parameters, {paths[0]} has "
-                             f"{kept[0].shape[1]}")
-        kept.append(expert.params[:rows].clone())
-    return torch.stack(kept)
-
-
-@dataclass(frozen=True)
-class Unroll:
-    """The random choices of one iteration.
-
-    ``expert``: index of the expert; ``start``: the start epoch ``s``; ``batches``: per unrolled step,
-    the indices int64 [b] of the synthetic images it trains on and their augmentation
-    (``DSA.sample_per_image``: group ``k`` is the batch's image ``k``); ``iteration``: the outer iteration it
-    belongs to (the plug-ins' context; 0 for an unroll made by hand).
-    """
-
-    expert: int
-    start: int
-    batches: tuple[tuple[Tensor, DSAParams], ...]
-    iteration: int = 0
 
 
 class MTT(Distiller):
@@ -258,6 +141,7 @@ class MTT(Distiller):
             raise ValueError(f"--plugin {plugins[0].name} with --method {self.name} runs in one process; started by "
                              f"torchrun with {self.world.size} processes, use one or leave the plug-in out")
         self.mode = mode
+        self.strategy = STRATEGIES[mode]
         self.syn_steps = syn_steps
         self.expert_epochs = expert_epochs
         self.start_range = start_range
@@ -419,30 +303,16 @@ class MTT(Distiller):
 
     def backward(self, unroll: Unroll) -> float:
         """Set the ``grad`` of every :meth:`learned` tensor to the gradient of ``unroll``'s loss (``mode``'s
-        computation, module docstring); returns the loss."""
+        computation, :mod:`fastdd.methods.mtt.unroll`), summed over the processes; returns the loss."""
         rows = self.expert_rows[unroll.expert]
         theta0 = rows[unroll.start].to(self.device)
         target = rows[unroll.start + self.expert_epochs].to(self.device)
         scale = (theta0 - target).pow(2).sum()
         for tensor in self.learned():
             tensor.grad = None
-        if self.mode == "exact":
-            loss = self._backward_exact(unroll, theta0, target, scale)
-            self._sum_shared_gradients()
-            return loss
-        students, theta_n = self.plain_unroll(unroll, theta0, keep=self.mode == "flat")
-        adjoint = 2 * (theta_n - target) / scale  # dL/dtheta_N
-        if self.mode == "flat":
-            for i in reversed(range(len(students))):
-                _, adjoint = self.backprop_step(students.pop(), unroll.batches[i], adjoint, through_theta=i > 0,
-                                                iteration=unroll.iteration)
-        else:
-            lr, theta = self.syn_lr.detach(), theta0
-            for step in unroll.batches:
-                g, _ = self.backprop_step(theta, step, adjoint, through_theta=False, iteration=unroll.iteration)
-                theta = theta - lr * g
+        loss = self.strategy.backward(self, unroll, theta0, target, scale)
         self._sum_shared_gradients()
-        return ((theta_n - target).pow(2).sum() / scale).item()
+        return loss
 
     def _sum_shared_gradients(self) -> None:
         """Several processes: each image's (and soft label's) gradient came from the process whose share of a batch
@@ -450,17 +320,6 @@ class MTT(Distiller):
         for tensor in (self.images, *([self.label_logits] if self.learn_soft_labels else [])):
             if tensor.grad is not None:
                 self.world.sum_(tensor.grad)
-
-    def _backward_exact(self, unroll: Unroll, theta0: Tensor, target: Tensor, scale: Tensor) -> float:
-        theta = theta0.clone().requires_grad_(True)
-        terms = []
-        for step in unroll.batches:
-            terms.append(self.plugin_term(theta, unroll.iteration))
-            theta = theta - self.syn_lr * self.step_gradient(theta, self.images, step, create_graph=True)
-        loss = (theta - target).pow(2).sum() / scale
-        total = loss + sum(t for t in terms if t is not None)
-        torch.autograd.backward(total, inputs=self.learned())
-        return loss.item()
 
     # ----------------------------------------------------------------------------- iteration
     def check_learned_lr(self, iteration: int) -> None:
@@ -544,8 +403,8 @@ def memory_terms(d: MTT, act: ActivationBytes) -> list[Term]:
     """The students' graphs (every step's in the exact mode, one step's otherwise) with the backward's share, and
     the student parameter vectors of the unroll."""
     one_step = scaled(d.batch_syn, act.second_order)
-    steps = d.syn_steps if d.mode == "exact" else 1
-    shrink = (("--mtt-mode flat", "a lower --syn-steps", "a lower --batch-syn") if d.mode == "exact"
+    steps = d.syn_steps if d.strategy.keeps_graph else 1
+    shrink = (("--mtt-mode flat", "a lower --syn-steps", "a lower --batch-syn") if d.strategy.keeps_graph
               else ("a lower --batch-syn", "a smaller --model"))
     graph = Term(f"student graph ({steps} step(s) of {d.batch_syn} images)",
                  steps * one_step + round((BACKWARD_FACTOR - 1) * one_step), shrink)
