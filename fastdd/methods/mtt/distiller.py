@@ -21,6 +21,7 @@ from fastdd.data import RealDataset
 from fastdd.errors import NonFiniteError
 from fastdd.methods.base import Distiller
 from fastdd.methods.mtt.experts import load_expert_rows
+from fastdd.methods.mtt.soft_labels import LabelOptimizer, SoftLabels
 from fastdd.methods.mtt.unroll import MODES, STRATEGIES, StartRange, Unroll, default_max_start_epoch
 from fastdd.plugins.protocol import Plugin, StepContext
 from fastdd.registry import MethodSpec, option, register_method
@@ -110,7 +111,7 @@ class MTT(Distiller):
         syn_lr: float = 0.01,
         soft_labels: bool = False,
         learn_soft_labels: bool = False,
-        label_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+        label_optimizer: LabelOptimizer | None = None,
         batch_real: int | None = None,
         real_precision: str = "auto",
         plugins: Sequence[Plugin] = (),
@@ -165,15 +166,8 @@ class MTT(Distiller):
         if initialise is not None:
             with torch.no_grad():
                 self.images.copy_(initialise(self))
-        self.learn_soft_labels = learn_soft_labels
-        self.label_logits = self.expert_logits() if soft_labels else None
-        self.label_optimizer = None
-        if learn_soft_labels:
-            self.label_logits.requires_grad_(True)
-            if label_optimizer is None:
-                self.optimizer.add_param_group({"params": [self.label_logits]})
-            else:
-                self.label_optimizer = label_optimizer([self.label_logits])
+        self.soft_labels = (SoftLabels(self.expert_logits(), learn_soft_labels, self.optimizer, label_optimizer)
+                            if soft_labels else None)
         self.dsa = DSA(dsa_strategy_for(train.name))
 
     def _initial_images(self) -> Tensor:
@@ -215,18 +209,22 @@ class MTT(Distiller):
 
     def expert_logits(self) -> Tensor:
         """The logits float32 [N, K] of :meth:`final_expert` on the current synthetic images (not augmented): the
-        soft labels' starting point."""
+        soft labels' starting point (:class:`~fastdd.methods.mtt.soft_labels.SoftLabels`)."""
         with torch.no_grad():
             return functional_call(self.student, self.final_expert(), (self.images.detach(),))
 
     def targets(self) -> Tensor:
         """What the students train towards: the class labels int64 [N], or with soft labels the distributions
-        ``softmax(label_logits)`` float [N, K] (differentiable w.r.t. learned logits)."""
-        return self.labels if self.label_logits is None else self.label_logits.softmax(1)
+        ``softmax(logits)`` float [N, K] (differentiable w.r.t. learned logits)."""
+        return self.labels if self.soft_labels is None else self.soft_labels.targets()
 
     def learned(self) -> list[Tensor]:
         """The tensors the distillation learns: the images, ``syn_lr`` and, when learned, the soft labels' logits."""
-        return [self.images, self.syn_lr, *([self.label_logits] if self.learn_soft_labels else [])]
+        return [self.images, self.syn_lr, *self._learned_labels()]
+
+    def _learned_labels(self) -> list[Tensor]:
+        """The soft labels' logits when they are learned, else empty."""
+        return [] if self.soft_labels is None else self.soft_labels.learned()
 
     def batch(self, images: Tensor, step: tuple[Tensor, DSAParams]) -> tuple[Tensor, Tensor]:
         """This process's share (all of it in one process) of a step's augmented images [b, C, H, W]
@@ -288,7 +286,7 @@ class MTT(Distiller):
 
         Differentiates ``s = -alpha <g, adjoint> + term(theta)``: adds ``ds/dimages`` to ``images.grad``,
         ``ds/dalpha = -<g, adjoint>`` to ``syn_lr.grad`` and, when learned, ``ds/dlogits`` to
-        ``label_logits.grad``. Returns ``g`` (detached) and the adjoint of ``theta``, ``adjoint + ds/dtheta =
+        the soft labels' ``logits.grad``. Returns ``g`` (detached) and the adjoint of ``theta``, ``adjoint + ds/dtheta =
         adjoint - alpha H adjoint + dterm/dtheta`` (``H``: the Hessian of the step's loss; one Hessian-vector
         product) when ``through_theta``, else ``adjoint`` unchanged.
         """
@@ -317,7 +315,7 @@ class MTT(Distiller):
     def _sum_shared_gradients(self) -> None:
         """Several processes: each image's (and soft label's) gradient came from the process whose share of a batch
         held it; sum them, so that every process takes the same update. ``syn_lr``'s is already whole."""
-        for tensor in (self.images, *([self.label_logits] if self.learn_soft_labels else [])):
+        for tensor in (self.images, *self._learned_labels()):
             if tensor.grad is not None:
                 self.world.sum_(tensor.grad)
 
@@ -334,8 +332,8 @@ class MTT(Distiller):
         """Step the optimisers of the :meth:`learned` tensors, whose gradients are set; returns extra metrics."""
         self.optimizer.step()
         self.lr_optimizer.step()
-        if self.label_optimizer is not None:
-            self.label_optimizer.step()
+        if self.soft_labels is not None:
+            self.soft_labels.step()
         return {}
 
     def step(self, iteration: int) -> dict[str, float]:
@@ -365,37 +363,32 @@ class MTT(Distiller):
             "batch_syn": self.batch_syn,
             "lr_lr": self.lr_lr,
             "syn_lr": self.syn_lr_init,
-            "soft_labels": self.label_logits is not None,
-            "learn_soft_labels": self.learn_soft_labels,
+            "soft_labels": self.soft_labels is not None,
+            "learn_soft_labels": self.soft_labels is not None and self.soft_labels.learn,
             "dsa_strategy": self.dsa.strategy,
         }
 
     def state_dict(self) -> dict[str, Any]:
         """The Distiller's state (the images' optimiser includes the learned logits' unless they have their own), the
-        learned rate and its optimiser, the soft labels' logits when there are soft labels and their optimiser when
-        they have one."""
+        learned rate and its optimiser, and the soft labels' (:meth:`SoftLabels.state_dict`) when there are some."""
         state = {**super().state_dict(), "syn_lr": self.syn_lr.detach().cpu().clone(),
                  "lr_optimizer": self.lr_optimizer.state_dict()}
-        if self.label_logits is not None:
-            state["label_logits"] = self.label_logits.detach().cpu().clone()
-        if self.label_optimizer is not None:
-            state["label_optimizer"] = self.label_optimizer.state_dict()
+        if self.soft_labels is not None:
+            state.update(self.soft_labels.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         with torch.no_grad():
             self.syn_lr.copy_(state["syn_lr"].to(self.device))
-            if self.label_logits is not None:
-                self.label_logits.copy_(state["label_logits"].to(self.device))
         self.lr_optimizer.load_state_dict(state["lr_optimizer"])
-        if self.label_optimizer is not None:
-            self.label_optimizer.load_state_dict(state["label_optimizer"])
+        if self.soft_labels is not None:
+            self.soft_labels.load_state_dict(state)
 
     def synthetic_set(self, seed: int | None = None) -> SyntheticSet:
         """The images with the learned rate as the set's ``lr`` (the evaluation trains with it) and, with soft
         labels, their distributions [N, K] as the set's ``soft_labels``."""
-        soft = None if self.label_logits is None else self.targets().detach().cpu()
+        soft = None if self.soft_labels is None else self.soft_labels.targets().detach().cpu()
         return dataclasses.replace(super().synthetic_set(seed), lr=self.syn_lr.item(), soft_labels=soft)
 
 
