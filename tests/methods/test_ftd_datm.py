@@ -92,7 +92,7 @@ def test_ftd_gradients_are_mtts_and_its_state_resumes_bit_for_bit(tiny, flat):
     b = make(FTD, tiny, flat, seed=99, ema_decay=0.5)
     b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
     b.step(1)
-    assert torch.equal(a.ema_images, b.ema_images) and torch.equal(a.images, b.images)
+    assert torch.equal(a.average.images, b.average.images) and torch.equal(a.images, b.images)
 
 
 # ----------------------------------------------------------------------------- DATM

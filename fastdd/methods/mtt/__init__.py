@@ -52,6 +52,7 @@ images in every mode. The synthetic set carries the distributions as its ``soft_
 
 The package: :mod:`~fastdd.methods.mtt.experts` (the experts' rows), :mod:`~fastdd.methods.mtt.unroll` (the start
 epochs, the unroll, the modes), :mod:`~fastdd.methods.mtt.soft_labels` (the soft labels),
+:mod:`~fastdd.methods.mtt.average` (FTD's moving average of the images),
 :mod:`~fastdd.methods.mtt.distiller` (the distiller, registered as ``mtt``).
 """
 

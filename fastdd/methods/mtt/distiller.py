@@ -20,6 +20,7 @@ from fastdd.checks import path as path_value
 from fastdd.data import RealDataset
 from fastdd.errors import NonFiniteError
 from fastdd.methods.base import Distiller
+from fastdd.methods.mtt.average import ImageAverage
 from fastdd.methods.mtt.experts import load_expert_rows
 from fastdd.methods.mtt.soft_labels import LabelOptimizer, SoftLabels
 from fastdd.methods.mtt.unroll import MODES, STRATEGIES, StartRange, Unroll, default_max_start_epoch
@@ -80,6 +81,8 @@ class MTT(Distiller):
         learn_soft_labels: learn the soft labels' logits with the images (needs ``soft_labels``); default False.
         label_optimizer: ``label_optimizer([logits]) -> torch.optim.Optimizer``, the learned logits' own optimiser,
             stepped after the images'; None (default): they are a parameter group of the images' optimiser.
+        average: an :class:`~fastdd.methods.mtt.average.ImageAverage` of the images, updated after every update and
+            the synthetic set's images (FTD); None (default): the set's images are the images.
 
     ``batch_real`` and ``real_precision`` do not apply (MTT makes no pass over real images): ``batch_real`` must
     be None and ``real_precision`` "auto" or "float32" (either means float32), else a ValueError.
@@ -112,6 +115,7 @@ class MTT(Distiller):
         soft_labels: bool = False,
         learn_soft_labels: bool = False,
         label_optimizer: LabelOptimizer | None = None,
+        average: ImageAverage | None = None,
         batch_real: int | None = None,
         real_precision: str = "auto",
         plugins: Sequence[Plugin] = (),
@@ -169,6 +173,9 @@ class MTT(Distiller):
         self.soft_labels = (SoftLabels(self.expert_logits(), learn_soft_labels, self.optimizer, label_optimizer)
                             if soft_labels else None)
         self.dsa = DSA(dsa_strategy_for(train.name))
+        self.average = average
+        if average is not None:
+            average.start(self.images, self.iterations)
 
     def _initial_images(self) -> Tensor:
         """The Distiller's initial images; with ``initialise`` a placeholder, filled once the experts are loaded."""
@@ -329,11 +336,14 @@ class MTT(Distiller):
                                  "Try a lower --lr-lr.")
 
     def update(self, loss: float) -> dict[str, float]:
-        """Step the optimisers of the :meth:`learned` tensors, whose gradients are set; returns extra metrics."""
+        """Step the optimisers of the :meth:`learned` tensors, whose gradients are set, then the images' average;
+        returns extra metrics."""
         self.optimizer.step()
         self.lr_optimizer.step()
         if self.soft_labels is not None:
             self.soft_labels.step()
+        if self.average is not None:
+            self.average.update(self.images)
         return {}
 
     def step(self, iteration: int) -> dict[str, float]:
@@ -366,15 +376,19 @@ class MTT(Distiller):
             "soft_labels": self.soft_labels is not None,
             "learn_soft_labels": self.soft_labels is not None and self.soft_labels.learn,
             "dsa_strategy": self.dsa.strategy,
+            **({} if self.average is None else {"ema_decay": self.average.decay}),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """The Distiller's state (the images' optimiser includes the learned logits' unless they have their own), the
-        learned rate and its optimiser, and the soft labels' (:meth:`SoftLabels.state_dict`) when there are some."""
+        learned rate and its optimiser, and the soft labels' (:meth:`SoftLabels.state_dict`) and the images' average
+        (:meth:`ImageAverage.state_dict`) when there are some."""
         state = {**super().state_dict(), "syn_lr": self.syn_lr.detach().cpu().clone(),
                  "lr_optimizer": self.lr_optimizer.state_dict()}
         if self.soft_labels is not None:
             state.update(self.soft_labels.state_dict())
+        if self.average is not None:
+            state.update(self.average.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -384,12 +398,15 @@ class MTT(Distiller):
         self.lr_optimizer.load_state_dict(state["lr_optimizer"])
         if self.soft_labels is not None:
             self.soft_labels.load_state_dict(state)
+        if self.average is not None:
+            self.average.load_state_dict(state)
 
     def synthetic_set(self, seed: int | None = None) -> SyntheticSet:
         """The images with the learned rate as the set's ``lr`` (the evaluation trains with it) and, with soft
-        labels, their distributions [N, K] as the set's ``soft_labels``."""
+        labels, their distributions [N, K] as the set's ``soft_labels``; with an average, it in place of the images."""
         soft = None if self.soft_labels is None else self.soft_labels.targets().detach().cpu()
-        return dataclasses.replace(super().synthetic_set(seed), lr=self.syn_lr.item(), soft_labels=soft)
+        synset = dataclasses.replace(super().synthetic_set(seed), lr=self.syn_lr.item(), soft_labels=soft)
+        return synset if self.average is None else dataclasses.replace(synset, images=self.average.images.cpu().clone())
 
 
 def memory_terms(d: MTT, act: ActivationBytes) -> list[Term]:
