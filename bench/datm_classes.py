@@ -59,7 +59,7 @@ def main() -> None:
         start = config.build_distiller(train)
         final = SyntheticSet.load(out / "synset.safetensors")
         protocol = config.resolved(start).eval_config()
-        sets = {"start, soft": (start.images.detach(), torch.softmax(start.label_logits.detach(), 1)),
+        sets = {"start, soft": (start.images.detach(), torch.softmax(start.soft_labels.logits.detach(), 1)),
                 "final, soft": (final.images, final.soft_labels)}
         for name, (images, labels) in sets.items():
             for k in range(args.models):

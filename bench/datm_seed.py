@@ -48,7 +48,7 @@ def seed_row(experts: str, seed: int, iterations: int, models: int) -> dict:
     train, test = load_data(config.dataset, config.data_root, torch.device("cpu"))
     distiller = config.build_distiller(train)
     start_images = distiller.images.detach().clone()
-    start_soft = torch.softmax(distiller.label_logits.detach(), 1)
+    start_soft = torch.softmax(distiller.soft_labels.logits.detach(), 1)
     resolved = config.resolved(distiller)
     synset = run_distillation(distiller, out, resolved.recorded(), seed, resume=(out / CONFIG).is_file(),
                               progress=False)

@@ -18,30 +18,24 @@ plug-ins at every unrolled student) with two changes:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from fastdd.checks import fraction
 from fastdd.data import RealDataset
 from fastdd.methods.base import IMAGE_COPIES
 from fastdd.methods.mtt import MTT, MTTOptions, memory_terms
+from fastdd.methods.mtt.average import ImageAverage, default_ema_decay
 from fastdd.registry import MethodSpec, option, register_method
-from fastdd.synset import SyntheticSet
 
-EMA_WINDOW = 0.4  # the default average's window, 1 / (1 - decay), as a share of the run's iterations
-
-
-def default_ema_decay(iterations: int) -> float:
-    """``max(0, 1 - 1 / (EMA_WINDOW * iterations))``: 0.9995 at 5000 iterations."""
-    return max(0.0, 1.0 - 1.0 / (EMA_WINDOW * iterations))
+__all__ = ["FTD", "FTDOptions", "default_ema_decay"]
 
 
 class FTD(MTT):
-    """MTT on flat experts, returning the moving average of the images (module docstring).
+    """MTT on flat experts with an :class:`~fastdd.methods.mtt.average.ImageAverage` of the images as its set (module
+    docstring).
 
     Args: those of :class:`fastdd.methods.mtt.MTT` (``experts`` must hold flat trajectories), and
         ema_decay: weight of the average's old value at each update, in [0, 1) (default :func:`default_ema_decay`
@@ -53,32 +47,7 @@ class FTD(MTT):
 
     def __init__(self, train: RealDataset, ipc: int, generator: torch.Generator, *,
                  ema_decay: float | None = None, **kwargs: Any) -> None:
-        if ema_decay is not None:
-            fraction("ema_decay", ema_decay)
-        super().__init__(train, ipc, generator, flat_experts=True, **kwargs)
-        self.ema_decay = default_ema_decay(self.iterations) if ema_decay is None else float(ema_decay)
-        self.ema_images: Tensor = self.images.detach().clone()
-
-    def update(self, loss: float) -> dict[str, float]:
-        """MTT's update, then the images' moving average."""
-        metrics = super().update(loss)
-        with torch.no_grad():
-            self.ema_images.lerp_(self.images, 1.0 - self.ema_decay)
-        return metrics
-
-    def hparams(self) -> dict[str, Any]:
-        return {**super().hparams(), "ema_decay": self.ema_decay}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "ema_images": self.ema_images.cpu().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.ema_images.copy_(state["ema_images"].to(self.device))
-
-    def synthetic_set(self, seed: int | None = None) -> SyntheticSet:
-        """MTT's set (the learned rate, soft labels) with the moving average in place of the images."""
-        return dataclasses.replace(super().synthetic_set(seed), images=self.ema_images.cpu().clone())
+        super().__init__(train, ipc, generator, flat_experts=True, average=ImageAverage(ema_decay), **kwargs)
 
 
 @dataclass(frozen=True)

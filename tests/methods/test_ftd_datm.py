@@ -92,7 +92,7 @@ def test_ftd_gradients_are_mtts_and_its_state_resumes_bit_for_bit(tiny, flat):
     b = make(FTD, tiny, flat, seed=99, ema_decay=0.5)
     b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
     b.step(1)
-    assert torch.equal(a.ema_images, b.ema_images) and torch.equal(a.images, b.images)
+    assert torch.equal(a.average.images, b.average.images) and torch.equal(a.images, b.images)
 
 
 # ----------------------------------------------------------------------------- DATM
@@ -133,8 +133,8 @@ def test_datm_starts_from_images_the_expert_classifies_correctly_with_its_logits
     with torch.no_grad():
         logits = functional_call(d.student, expert, (d.images.detach(),))
     assert torch.equal(logits.argmax(1), d.labels)
-    torch.testing.assert_close(d.label_logits.detach(), logits)
-    assert d.label_logits.requires_grad and d.hparams()["learn_soft_labels"]
+    torch.testing.assert_close(d.soft_labels.logits.detach(), logits)
+    assert d.soft_labels.logits.requires_grad and d.hparams()["learn_soft_labels"]
 
     state = d.generator.get_state()
     got = correct_real_images(d)
@@ -181,9 +181,9 @@ def test_datm_state_resumes_bit_for_bit(tiny, flat):
     a.step(1)
     b = make(DATM, tiny, flat, seed=99, mode="flat")
     b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
-    assert b.label_optimizer.state_dict()["state"]  # the labels' momentum came along
+    assert b.soft_labels.optimizer.state_dict()["state"]  # the labels' momentum came along
     b.step(1)
-    assert torch.equal(a.images, b.images) and torch.equal(a.label_logits, b.label_logits)
+    assert torch.equal(a.images, b.images) and torch.equal(a.soft_labels.logits, b.soft_labels.logits)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -67,7 +67,7 @@ def reference(d: MTT, unroll: Unroll, experts: Path, detach_start: bool = False,
     ``detach_start``: each step's gradient is taken at a detached copy of its starting parameters
     (the lean mode's definition). ``sdc``: add ``sdc`` times the mean over the students of their mean
     per-sample gradient norm on the synthetic images (one sample at a time) to the differentiated total.
-    With ``d.label_logits``, the students train on their softmax, and its gradient comes last."""
+    With ``d.soft_labels.logits``, the students train on their softmax, and its gradient comes last."""
     net = get_network(MODEL, d.train.channels, d.num_classes, (d.train.height, d.train.width), torch.Generator())
     slots = [(m, name, p.shape) for m in net.modules() for name, p in list(m.named_parameters(recurse=False))]
     for m, name, _ in slots:
@@ -82,8 +82,8 @@ def reference(d: MTT, unroll: Unroll, experts: Path, detach_start: bool = False,
     lr = d.syn_lr.detach().clone().requires_grad_(True)
     wrt = [images, lr]
     targets = d.labels
-    if d.label_logits is not None:
-        wrt.append(d.label_logits.detach().clone().requires_grad_(True))
+    if d.soft_labels is not None:
+        wrt.append(d.soft_labels.logits.detach().clone().requires_grad_(True))
         targets = torch.softmax(wrt[-1], dim=1)
     theta = [t.clone().requires_grad_(True) for t in start]
     extra = 0.0
@@ -249,8 +249,8 @@ def in_float64(d: MTT) -> MTT:
     d.syn_lr = d.syn_lr.detach().double().requires_grad_(True)
     d.expert_rows = d.expert_rows.double()
     d.student.double()
-    if d.label_logits is not None:
-        d.label_logits = d.label_logits.detach().double().requires_grad_(d.learn_soft_labels)
+    if d.soft_labels is not None:
+        d.soft_labels.logits = d.soft_labels.logits.detach().double().requires_grad_(d.soft_labels.learn)
     return d
 
 
@@ -322,11 +322,12 @@ def test_soft_labels_start_as_the_logits_of_the_first_experts_final_network(tiny
     d = make(tiny, experts, soft_labels=True)
     net = get_network(MODEL, tiny.channels, tiny.num_classes, (tiny.height, tiny.width), torch.Generator())
     vector_to_parameters(Trajectory.load(expert_path(experts, 0)).params[-1], net.parameters())
-    torch.testing.assert_close(d.label_logits, net(d.images.detach()), rtol=1e-6, atol=1e-6)
-    assert not d.label_logits.requires_grad and d.hparams()["soft_labels"] and not d.hparams()["learn_soft_labels"]
+    torch.testing.assert_close(d.soft_labels.logits, net(d.images.detach()), rtol=1e-6, atol=1e-6)
+    assert not d.soft_labels.logits.requires_grad
+    assert d.hparams()["soft_labels"] and not d.hparams()["learn_soft_labels"]
     soft = d.synthetic_set().soft_labels
     assert soft.shape == (6, 3)
-    torch.testing.assert_close(soft, d.label_logits.softmax(1))
+    torch.testing.assert_close(soft, d.soft_labels.logits.softmax(1))
 
 
 def assert_float64_reference(d: MTT, experts: Path, sdc: float) -> None:
@@ -336,7 +337,7 @@ def assert_float64_reference(d: MTT, experts: Path, sdc: float) -> None:
     loss = d.backward(unroll)
     want_loss, *want = reference(d, unroll, experts, detach_start=d.mode == "lean", sdc=sdc)
     assert loss == pytest.approx(want_loss, rel=1e-12)
-    got = (d.images.grad, d.syn_lr.grad, *(() if d.label_logits is None else (d.label_logits.grad,)))
+    got = (d.images.grad, d.syn_lr.grad, *(() if d.soft_labels is None else (d.soft_labels.logits.grad,)))
     for grad, expected in zip(got, want, strict=True):
         assert expected.abs().max() > 0
         torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
@@ -352,9 +353,9 @@ def test_learned_soft_labels_get_the_hand_unrolled_references_gradients_in_float
 
 def test_learned_soft_labels_resume_bit_for_bit(tiny, experts):
     a = make(tiny, experts, mode="flat", soft_labels=True, learn_soft_labels=True)
-    initial = a.label_logits.detach().clone()
+    initial = a.soft_labels.logits.detach().clone()
     a.step(0)
-    assert not torch.equal(a.label_logits, initial)  # learned
+    assert not torch.equal(a.soft_labels.logits, initial)  # learned
     buffer = io.BytesIO()
     torch.save(a.state_dict(), buffer)
     a.step(1)
@@ -362,8 +363,8 @@ def test_learned_soft_labels_resume_bit_for_bit(tiny, experts):
     b.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
     b.step(1)
     assert torch.equal(a.images, b.images) and torch.equal(a.syn_lr, b.syn_lr)
-    assert torch.equal(a.label_logits, b.label_logits)
-    torch.testing.assert_close(a.synthetic_set().soft_labels, a.label_logits.detach().softmax(1), rtol=0, atol=0)
+    assert torch.equal(a.soft_labels.logits, b.soft_labels.logits)
+    torch.testing.assert_close(a.synthetic_set().soft_labels, a.soft_labels.logits.detach().softmax(1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("value", [-0.01, 0.0, 1.01 * MAX_LR_GROWTH * 0.01, math.inf, math.nan])

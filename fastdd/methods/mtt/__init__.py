@@ -51,7 +51,9 @@ learned with the images (in the images' optimiser, at ``lr_img``), through the s
 images in every mode. The synthetic set carries the distributions as its ``soft_labels``.
 
 The package: :mod:`~fastdd.methods.mtt.experts` (the experts' rows), :mod:`~fastdd.methods.mtt.unroll` (the start
-epochs, the unroll, the modes), :mod:`~fastdd.methods.mtt.distiller` (the distiller, registered as ``mtt``).
+epochs, the unroll, the modes), :mod:`~fastdd.methods.mtt.soft_labels` (the soft labels),
+:mod:`~fastdd.methods.mtt.average` (FTD's moving average of the images),
+:mod:`~fastdd.methods.mtt.distiller` (the distiller, registered as ``mtt``).
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ from fastdd.checks import path as path_value
 from fastdd.data import RealDataset
 from fastdd.errors import NonFiniteError
 from fastdd.methods.base import Distiller
+from fastdd.methods.mtt.average import ImageAverage
 from fastdd.methods.mtt.experts import load_expert_rows
+from fastdd.methods.mtt.soft_labels import LabelOptimizer, SoftLabels
 from fastdd.methods.mtt.unroll import MODES, STRATEGIES, StartRange, Unroll, default_max_start_epoch
 from fastdd.plugins.protocol import Plugin, StepContext
 from fastdd.registry import MethodSpec, option, register_method
@@ -79,6 +81,8 @@ class MTT(Distiller):
         learn_soft_labels: learn the soft labels' logits with the images (needs ``soft_labels``); default False.
         label_optimizer: ``label_optimizer([logits]) -> torch.optim.Optimizer``, the learned logits' own optimiser,
             stepped after the images'; None (default): they are a parameter group of the images' optimiser.
+        average: an :class:`~fastdd.methods.mtt.average.ImageAverage` of the images, updated after every update and
+            the synthetic set's images (FTD); None (default): the set's images are the images.
 
     ``batch_real`` and ``real_precision`` do not apply (MTT makes no pass over real images): ``batch_real`` must
     be None and ``real_precision`` "auto" or "float32" (either means float32), else a ValueError.
@@ -110,7 +114,8 @@ class MTT(Distiller):
         syn_lr: float = 0.01,
         soft_labels: bool = False,
         learn_soft_labels: bool = False,
-        label_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer] | None = None,
+        label_optimizer: LabelOptimizer | None = None,
+        average: ImageAverage | None = None,
         batch_real: int | None = None,
         real_precision: str = "auto",
         plugins: Sequence[Plugin] = (),
@@ -165,16 +170,12 @@ class MTT(Distiller):
         if initialise is not None:
             with torch.no_grad():
                 self.images.copy_(initialise(self))
-        self.learn_soft_labels = learn_soft_labels
-        self.label_logits = self.expert_logits() if soft_labels else None
-        self.label_optimizer = None
-        if learn_soft_labels:
-            self.label_logits.requires_grad_(True)
-            if label_optimizer is None:
-                self.optimizer.add_param_group({"params": [self.label_logits]})
-            else:
-                self.label_optimizer = label_optimizer([self.label_logits])
+        self.soft_labels = (SoftLabels(self.expert_logits(), learn_soft_labels, self.optimizer, label_optimizer)
+                            if soft_labels else None)
         self.dsa = DSA(dsa_strategy_for(train.name))
+        self.average = average
+        if average is not None:
+            average.start(self.images, self.iterations)
 
     def _initial_images(self) -> Tensor:
         """The Distiller's initial images; with ``initialise`` a placeholder, filled once the experts are loaded."""
@@ -215,18 +216,22 @@ class MTT(Distiller):
 
     def expert_logits(self) -> Tensor:
         """The logits float32 [N, K] of :meth:`final_expert` on the current synthetic images (not augmented): the
-        soft labels' starting point."""
+        soft labels' starting point (:class:`~fastdd.methods.mtt.soft_labels.SoftLabels`)."""
         with torch.no_grad():
             return functional_call(self.student, self.final_expert(), (self.images.detach(),))
 
     def targets(self) -> Tensor:
         """What the students train towards: the class labels int64 [N], or with soft labels the distributions
-        ``softmax(label_logits)`` float [N, K] (differentiable w.r.t. learned logits)."""
-        return self.labels if self.label_logits is None else self.label_logits.softmax(1)
+        ``softmax(logits)`` float [N, K] (differentiable w.r.t. learned logits)."""
+        return self.labels if self.soft_labels is None else self.soft_labels.targets()
 
     def learned(self) -> list[Tensor]:
         """The tensors the distillation learns: the images, ``syn_lr`` and, when learned, the soft labels' logits."""
-        return [self.images, self.syn_lr, *([self.label_logits] if self.learn_soft_labels else [])]
+        return [self.images, self.syn_lr, *self._learned_labels()]
+
+    def _learned_labels(self) -> list[Tensor]:
+        """The soft labels' logits when they are learned, else empty."""
+        return [] if self.soft_labels is None else self.soft_labels.learned()
 
     def batch(self, images: Tensor, step: tuple[Tensor, DSAParams]) -> tuple[Tensor, Tensor]:
         """This process's share (all of it in one process) of a step's augmented images [b, C, H, W]
@@ -288,7 +293,7 @@ class MTT(Distiller):
 
         Differentiates ``s = -alpha <g, adjoint> + term(theta)``: adds ``ds/dimages`` to ``images.grad``,
         ``ds/dalpha = -<g, adjoint>`` to ``syn_lr.grad`` and, when learned, ``ds/dlogits`` to
-        ``label_logits.grad``. Returns ``g`` (detached) and the adjoint of ``theta``, ``adjoint + ds/dtheta =
+        the soft labels' ``logits.grad``. Returns ``g`` (detached) and the adjoint of ``theta``, ``adjoint + ds/dtheta =
         adjoint - alpha H adjoint + dterm/dtheta`` (``H``: the Hessian of the step's loss; one Hessian-vector
         product) when ``through_theta``, else ``adjoint`` unchanged.
         """
@@ -317,7 +322,7 @@ class MTT(Distiller):
     def _sum_shared_gradients(self) -> None:
         """Several processes: each image's (and soft label's) gradient came from the process whose share of a batch
         held it; sum them, so that every process takes the same update. ``syn_lr``'s is already whole."""
-        for tensor in (self.images, *([self.label_logits] if self.learn_soft_labels else [])):
+        for tensor in (self.images, *self._learned_labels()):
             if tensor.grad is not None:
                 self.world.sum_(tensor.grad)
 
@@ -331,11 +336,14 @@ class MTT(Distiller):
                                  "Try a lower --lr-lr.")
 
     def update(self, loss: float) -> dict[str, float]:
-        """Step the optimisers of the :meth:`learned` tensors, whose gradients are set; returns extra metrics."""
+        """Step the optimisers of the :meth:`learned` tensors, whose gradients are set, then the images' average;
+        returns extra metrics."""
         self.optimizer.step()
         self.lr_optimizer.step()
-        if self.label_optimizer is not None:
-            self.label_optimizer.step()
+        if self.soft_labels is not None:
+            self.soft_labels.step()
+        if self.average is not None:
+            self.average.update(self.images)
         return {}
 
     def step(self, iteration: int) -> dict[str, float]:
@@ -365,38 +373,40 @@ class MTT(Distiller):
             "batch_syn": self.batch_syn,
             "lr_lr": self.lr_lr,
             "syn_lr": self.syn_lr_init,
-            "soft_labels": self.label_logits is not None,
-            "learn_soft_labels": self.learn_soft_labels,
+            "soft_labels": self.soft_labels is not None,
+            "learn_soft_labels": self.soft_labels is not None and self.soft_labels.learn,
             "dsa_strategy": self.dsa.strategy,
+            **({} if self.average is None else {"ema_decay": self.average.decay}),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """The Distiller's state (the images' optimiser includes the learned logits' unless they have their own), the
-        learned rate and its optimiser, the soft labels' logits when there are soft labels and their optimiser when
-        they have one."""
+        learned rate and its optimiser, and the soft labels' (:meth:`SoftLabels.state_dict`) and the images' average
+        (:meth:`ImageAverage.state_dict`) when there are some."""
         state = {**super().state_dict(), "syn_lr": self.syn_lr.detach().cpu().clone(),
                  "lr_optimizer": self.lr_optimizer.state_dict()}
-        if self.label_logits is not None:
-            state["label_logits"] = self.label_logits.detach().cpu().clone()
-        if self.label_optimizer is not None:
-            state["label_optimizer"] = self.label_optimizer.state_dict()
+        if self.soft_labels is not None:
+            state.update(self.soft_labels.state_dict())
+        if self.average is not None:
+            state.update(self.average.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         with torch.no_grad():
             self.syn_lr.copy_(state["syn_lr"].to(self.device))
-            if self.label_logits is not None:
-                self.label_logits.copy_(state["label_logits"].to(self.device))
         self.lr_optimizer.load_state_dict(state["lr_optimizer"])
-        if self.label_optimizer is not None:
-            self.label_optimizer.load_state_dict(state["label_optimizer"])
+        if self.soft_labels is not None:
+            self.soft_labels.load_state_dict(state)
+        if self.average is not None:
+            self.average.load_state_dict(state)
 
     def synthetic_set(self, seed: int | None = None) -> SyntheticSet:
         """The images with the learned rate as the set's ``lr`` (the evaluation trains with it) and, with soft
-        labels, their distributions [N, K] as the set's ``soft_labels``."""
-        soft = None if self.label_logits is None else self.targets().detach().cpu()
-        return dataclasses.replace(super().synthetic_set(seed), lr=self.syn_lr.item(), soft_labels=soft)
+        labels, their distributions [N, K] as the set's ``soft_labels``; with an average, it in place of the images."""
+        soft = None if self.soft_labels is None else self.soft_labels.targets().detach().cpu()
+        synset = dataclasses.replace(super().synthetic_set(seed), lr=self.syn_lr.item(), soft_labels=soft)
+        return synset if self.average is None else dataclasses.replace(synset, images=self.average.images.cpu().clone())
 
 
 def memory_terms(d: MTT, act: ActivationBytes) -> list[Term]:
