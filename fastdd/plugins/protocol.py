@@ -108,8 +108,13 @@ class Plugin:
     @classmethod
     def from_options(cls, options: Any, method: MethodSpec, ipc: int) -> Plugin:
         """The plug-in of ``options`` (an ``Options`` instance; None fields: the defaults) for a run of ``method``
-        at ``ipc`` images per class."""
-        raise NotImplementedError(f"plug-in {cls.name!r} is not built from options; pass it as an instance")
+        at ``ipc`` images per class. Default: ``cls()``, for a plug-in without options; one that needs arguments
+        and does not override this is a one-line ValueError (give it as an instance, ``plugins=[...]``)."""
+        try:
+            return cls()
+        except TypeError as err:
+            raise ValueError(f"plug-in {cls.name!r} cannot be built by name ({err}); give it as an instance: "
+                             "fastdd.distill(config, plugins=[...])") from None
 
     def bind(self, run: RunInfo) -> None:
         """Called once when the distiller is built (also before a resumed run loads its state)."""

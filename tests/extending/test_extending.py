@@ -126,3 +126,23 @@ def test_a_plugin_instance_is_recorded_and_a_resume_with_another_is_refused(tmp_
         fastdd.distill(config, resume=True, progress=False)
     with pytest.raises(ValueError, match="each plug-in may be given once"):
         fastdd.distill(config, plugins=[TotalVariation(0.5), TotalVariation(0.1)], overwrite=True, progress=False)
+
+
+def test_a_plugin_named_without_from_options_is_built_with_no_arguments_or_refused_in_one_line():
+    """The default ``from_options``: a plug-in without options is built as ``cls()``; one whose constructor needs
+    arguments is a one-line ValueError telling to give it as an instance."""
+
+    class Plain(fastdd.Plugin):
+        name = "plain"
+
+    class NeedsWeight(fastdd.Plugin):
+        name = "needs-weight"
+
+        def __init__(self, weight: float) -> None:
+            self.weight = weight
+
+    dc = registry.method_spec("dc")
+    assert isinstance(Plain.from_options(None, dc, 1), Plain)
+    with pytest.raises(ValueError, match=r"^plug-in 'needs-weight' cannot be built by name .*; give it as an "
+                                         r"instance: fastdd.distill\(config, plugins=\[\.\.\.\]\)$"):
+        NeedsWeight.from_options(None, dc, 1)
