@@ -30,13 +30,13 @@ class ImageAverage:
     """
 
     def __init__(self, decay: float | None = None) -> None:
-        self.requested = None if decay is None else float(fraction("ema_decay", decay))
-        self.decay = 0.0 if self.requested is None else self.requested
+        self.decay = None if decay is None else float(fraction("ema_decay", decay))
         self.images = torch.empty(0)
 
     def start(self, images: Tensor, iterations: int) -> None:
         """Start from (a copy of) ``images`` [N, C, H, W]; the default decay from the run's ``iterations``."""
-        self.decay = default_ema_decay(iterations) if self.requested is None else self.requested
+        if self.decay is None:
+            self.decay = default_ema_decay(iterations)
         self.images = images.detach().clone()
 
     def update(self, images: Tensor) -> None:
