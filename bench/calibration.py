@@ -4,9 +4,10 @@ recorded in bench/results/calibration.md (newest first) and calibration.jsonl.
 
     python bench/calibration.py [--levels avx2 avx512 native] [--results DIR]
 
-Each row: the op family (one C++ extension), both paths' median milliseconds per round of its workload (forward and
-backward at the methods' shapes, ``fastdd.ops.workloads``), the median over rounds of torch's time over the
-C++ path's, and what ``auto`` runs; with the load average before and after, the machine and the commit.
+Each row: the op family, its two sides (the C++ path and torch; for ``block_layout``, the fused blocks on contiguous
+and on channels_last maps), their median milliseconds per round of its workload (forward and backward at the
+methods' shapes, ``fastdd.ops.workloads``), the median over rounds of the second's time over the first's, and what
+``auto`` runs; with the load average before and after, the machine and the commit.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from fastdd.ops import calibration
 from harness.measure import commit, load_average, machine, record_cases
 from isa_levels import RESULTS, level_environment, levels_to_run
 
-HEADER = ("| date | level | ops | cpp ms | torch ms | torch / cpp | rounds | auto runs | load before -> after | "
-          "machine | commit |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+HEADER = ("| date | level | ops | sides | first ms | second ms | second / first | rounds | auto runs | "
+          "load before -> after | machine | commit |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def measure(level: str) -> list[dict]:
@@ -44,8 +45,9 @@ def measure(level: str) -> list[dict]:
 
 
 def cells(row: dict) -> list[str]:
-    return [row["date"], row["level"], ", ".join(row["ops"]), f"{row['cpp_ms']:.2f}", f"{row['torch_ms']:.2f}",
-            f"{row['torch_over_cpp']:.2f}", str(row["rounds"]), row["backend"],
+    return [row["date"], row["level"], ", ".join(row["ops"]), " / ".join(calibration.sides(row["extension"])),
+            f"{row['first_ms']:.2f}", f"{row['second_ms']:.2f}",
+            f"{row['second_over_first']:.2f}", str(row["rounds"]), row["backend"],
             f"{row['load'][0]:.2f} -> {row['load'][1]:.2f}", row["machine"], row["commit"]]
 
 

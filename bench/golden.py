@@ -196,13 +196,11 @@ def machine_info() -> dict[str, Any]:
 # ----------------------------------------------------------------------------- what a run depends on
 def pin_cpp_backends() -> None:
     """Write into the user cache folder (``$XDG_CACHE_HOME/fastdd``) a backend calibration that chooses the C++ kernels
-    for every fused op at every ISA level this process can run, with nominal timings (nothing is measured)."""
-    from fastdd.ops import _backend, calibration
+    for every fused op, and contiguous maps for the real passes, at every ISA level this process can run, with
+    nominal timings (nothing is measured)."""
+    from fastdd.ops import calibration
 
-    nominal = calibration.Measurement("cpp", 1.0, 1.0, 1.0, 0)
-    for level in _backend.isa_levels():
-        key = {**calibration.machine_key(), "isa_level": level}
-        calibration.save(key, dict.fromkeys(calibration.FAMILIES, nominal))
+    calibration.pin_first_sides()
 
 
 @contextlib.contextmanager

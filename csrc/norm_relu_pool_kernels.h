@@ -83,10 +83,11 @@ void plane_stats(const in_t* x, int64_t l, double eps, acc& mean, acc& rstd) {
   rstd = acc(1) / std::sqrt(sq / l + static_cast<acc>(eps));
 }
 
-// One plane x [h, w] forward: its mean and rstd, and out [h / 2, w / 2]. row: scratch of 2 * (w / 2).
+// One plane x [h, w] forward: its mean and rstd, and out [h / 2, w / 2], whose value q lies at out[q * stride] (1,
+// or C for a channels_last output). row: scratch of 2 * (w / 2).
 template <typename in_t, typename out_t, typename acc>
 void plane_forward(const in_t* x, int64_t h, int64_t w, acc gamma, acc beta, double eps, out_t* out, acc& mean,
-                   acc& rstd, acc* row) {
+                   acc& rstd, acc* row, int64_t stride = 1) {
   const int64_t ho = h / 2, wo = w / 2;
   plane_stats(x, h * w, eps, mean, rstd);
   const acc a = rstd * gamma, b = beta - mean * a;
@@ -97,7 +98,8 @@ void plane_forward(const in_t* x, int64_t h, int64_t w, acc gamma, acc beta, dou
       const acc z0 = a * static_cast<acc>(r0[k]) + b, z1 = a * static_cast<acc>(r1[k]) + b;
       row[k] = relu(z0) + relu(z1);
     }
-    for (int64_t j = 0; j < wo; ++j) out[i * wo + j] = static_cast<out_t>(acc(0.25) * (row[2 * j] + row[2 * j + 1]));
+    for (int64_t j = 0; j < wo; ++j)
+      out[(i * wo + j) * stride] = static_cast<out_t>(acc(0.25) * (row[2 * j] + row[2 * j + 1]));
   }
 }
 
@@ -175,6 +177,118 @@ void backward_impl(const scalar_t* grad_out, const scalar_t* x, const acc_t<scal
         plane_backward(x + p * l, up.data(), l, gamma[p % c], beta[p % c], mean[p], rstd[p], grad_x + p * l,
                        grad_beta[p], grad_gamma[p]);
       }
+    }
+  });
+}
+
+// The same op on channels_last tensors: x [N, H, W, C] in memory, out [N, H / 2, W / 2, C]. A task takes one sample
+// and a block of up to kChannels channels, whose values at one position are contiguous: every loop walks the
+// positions in order with the block's channels across the vector lanes, and the arithmetic per channel is that of
+// plane_forward and plane_backward (sums taken position by position).
+constexpr int64_t kChannels = 32;
+
+struct Nhwc {
+  int64_t n, c, h, w, ho, wo, blocks;
+  Nhwc(int64_t n, int64_t c, int64_t h, int64_t w)
+      : n(n), c(c), h(h), w(w), ho(h / 2), wo(w / 2), blocks((c + kChannels - 1) / kChannels) {}
+  int64_t tasks() const { return n * blocks; }
+  int64_t sample(int64_t task) const { return task / blocks; }
+  int64_t first(int64_t task) const { return task % blocks * kChannels; }
+  int64_t width(int64_t task) const { return std::min(kChannels, c - first(task)); }
+};
+
+template <typename scalar_t>
+void forward_nhwc_impl(const scalar_t* x, const acc_t<scalar_t>* gamma, const acc_t<scalar_t>* beta, double eps,
+                       scalar_t* out, acc_t<scalar_t>* mean, acc_t<scalar_t>* rstd, const Nhwc& s) {
+  using acc = acc_t<scalar_t>;
+  const int64_t l = s.h * s.w;
+  at::parallel_for(0, s.tasks(), grain(l * kChannels), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = s.sample(t), c0 = s.first(t), cb = s.width(t);
+      const scalar_t* xs = x + n * l * s.c + c0;
+      acc sum[kChannels] = {}, sq[kChannels] = {}, a[kChannels], b[kChannels];
+      for (int64_t q = 0; q < l; ++q)
+#pragma omp simd
+        for (int64_t k = 0; k < cb; ++k) sum[k] += static_cast<acc>(xs[q * s.c + k]);
+      for (int64_t k = 0; k < cb; ++k) sum[k] /= l;  // the mean
+      for (int64_t q = 0; q < l; ++q)
+#pragma omp simd
+        for (int64_t k = 0; k < cb; ++k) {
+          const acc d = static_cast<acc>(xs[q * s.c + k]) - sum[k];
+          sq[k] += d * d;
+        }
+      for (int64_t k = 0; k < cb; ++k) {
+        const acc r = acc(1) / std::sqrt(sq[k] / l + static_cast<acc>(eps));
+        mean[n * s.c + c0 + k] = sum[k], rstd[n * s.c + c0 + k] = r;
+        a[k] = r * gamma[c0 + k], b[k] = beta[c0 + k] - sum[k] * a[k];
+      }
+      for (int64_t i = 0; i < s.ho; ++i)
+        for (int64_t j = 0; j < s.wo; ++j) {
+          const scalar_t* p00 = xs + (2 * i * s.w + 2 * j) * s.c;
+          const scalar_t *p01 = p00 + s.c, *p10 = p00 + s.w * s.c, *p11 = p10 + s.c;
+          scalar_t* o = out + ((n * s.ho + i) * s.wo + j) * s.c + c0;
+#pragma omp simd
+          for (int64_t k = 0; k < cb; ++k) {
+            const acc top = relu(a[k] * static_cast<acc>(p00[k]) + b[k]) + relu(a[k] * static_cast<acc>(p10[k]) + b[k]);
+            const acc right = relu(a[k] * static_cast<acc>(p01[k]) + b[k]) + relu(a[k] * static_cast<acc>(p11[k]) + b[k]);
+            o[k] = static_cast<scalar_t>(acc(0.25) * (top + right));
+          }
+        }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nhwc_impl(const scalar_t* grad_out, const scalar_t* x, const acc_t<scalar_t>* gamma,
+                        const acc_t<scalar_t>* beta, const acc_t<scalar_t>* mean, const acc_t<scalar_t>* rstd,
+                        scalar_t* grad_x, acc_t<scalar_t>* grad_gamma, acc_t<scalar_t>* grad_beta, const Nhwc& s) {
+  using acc = acc_t<scalar_t>;
+  const int64_t l = s.h * s.w;
+  at::parallel_for(0, s.tasks(), grain(l * kChannels), [&](int64_t begin, int64_t end) {
+    const acc zero[kChannels] = {};
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = s.sample(t), c0 = s.first(t), cb = s.width(t), row = n * s.c + c0;
+      const scalar_t* xs = x + n * l * s.c + c0;
+      scalar_t* gx = grad_x + n * l * s.c + c0;
+      acc a[kChannels], b[kChannels], db[kChannels] = {}, ds[kChannels] = {}, c2[kChannels], c3[kChannels];
+      acc up[kChannels];
+      for (int64_t k = 0; k < cb; ++k) a[k] = rstd[row + k] * gamma[c0 + k], b[k] = beta[c0 + k] - mean[row + k] * a[k];
+      // up = grad_out / 4 at position (y, x)'s window, 0 on the rows and columns pooling drops
+      auto upstream = [&](int64_t y, int64_t q) -> const acc* {
+        if (y >= 2 * s.ho || q >= 2 * s.wo) return zero;
+        const scalar_t* g = grad_out + ((n * s.ho + y / 2) * s.wo + q / 2) * s.c + c0;
+#pragma omp simd
+        for (int64_t k = 0; k < cb; ++k) up[k] = acc(0.25) * static_cast<acc>(g[k]);
+        return up;
+      };
+      for (int64_t y = 0; y < s.h; ++y)
+        for (int64_t q = 0; q < s.w; ++q) {
+          const acc* u = upstream(y, q);
+          const scalar_t* xp = xs + (y * s.w + q) * s.c;
+#pragma omp simd
+          for (int64_t k = 0; k < cb; ++k) {
+            const acc xv = static_cast<acc>(xp[k]);
+            const acc v = relu_passes(a[k] * xv + b[k]) ? u[k] : acc(0);
+            db[k] += v;
+            ds[k] += v * xv;
+          }
+        }
+      for (int64_t k = 0; k < cb; ++k) {
+        const acc m = mean[row + k], r = rstd[row + k], g = gamma[c0 + k];
+        grad_beta[row + k] = db[k], grad_gamma[row + k] = (ds[k] - db[k] * m) * r;
+        c2[k] = (db[k] * g * m - ds[k] * g) * r * r * r / l, c3[k] = -c2[k] * m - db[k] * g * r / l;
+      }
+      for (int64_t y = 0; y < s.h; ++y)
+        for (int64_t q = 0; q < s.w; ++q) {
+          const acc* u = upstream(y, q);
+          const int64_t at = (y * s.w + q) * s.c;
+#pragma omp simd
+          for (int64_t k = 0; k < cb; ++k) {
+            const acc xv = static_cast<acc>(xs[at + k]);
+            const acc v = relu_passes(a[k] * xv + b[k]) ? u[k] : acc(0);
+            gx[at + k] = static_cast<scalar_t>(a[k] * v + c2[k] * xv + c3[k]);
+          }
+        }
     }
   });
 }
@@ -281,10 +395,20 @@ void conv_weight_grad(const acc* x, const acc* gz, const ConvShape& s, const int
   }
 }
 
+// Where plane p = (sample, channel) of an [N, C, h / 2, w / 2] output starts, and the step between its values:
+// contiguous, or channels_last (nhwc).
+struct OutPlanes {
+  int64_t c, lo;
+  bool nhwc;
+  int64_t start(int64_t p) const { return nhwc ? p / c * lo * c + p % c : p * lo; }
+  int64_t stride() const { return nhwc ? c : 1; }
+};
+
 template <typename acc>
 void conv_forward_impl(const acc* x, const acc* weight, const acc* bias, const acc* gamma, const acc* beta, double eps,
-                       acc* out, acc* mean, acc* rstd, int64_t batch, int64_t c, const ConvShape& s) {
-  const int64_t l = s.h * s.w, lo = (s.h / 2) * (s.w / 2);
+                       acc* out, acc* mean, acc* rstd, int64_t batch, int64_t c, const ConvShape& s, bool nhwc) {
+  const int64_t l = s.h * s.w;
+  const OutPlanes planes{c, (s.h / 2) * (s.w / 2), nhwc};
   const auto offsets = s.offsets();
   at::parallel_for(0, batch * c, grain(l), [&](int64_t begin, int64_t end) {
     Sample<acc> sample(s);
@@ -292,7 +416,8 @@ void conv_forward_impl(const acc* x, const acc* weight, const acc* bias, const a
     for (int64_t p = begin; p < end; ++p) {
       const int64_t o = p % c;
       conv_plane(sample.get(x, p / c), weight + o * s.taps(), bias[o], s, offsets.data(), wide.data(), z.data());
-      plane_forward(z.data(), s.h, s.w, gamma[o], beta[o], eps, out + p * lo, mean[p], rstd[p], row.data());
+      plane_forward(z.data(), s.h, s.w, gamma[o], beta[o], eps, out + planes.start(p), mean[p], rstd[p], row.data(),
+                    planes.stride());
     }
   });
 }
@@ -300,17 +425,20 @@ void conv_forward_impl(const acc* x, const acc* weight, const acc* bias, const a
 template <typename acc>
 void conv_backward_impl(const acc* grad_out, const acc* x, const acc* weight, const acc* bias, const acc* gamma,
                         const acc* beta, const acc* mean, const acc* rstd, acc* grad_weight, acc* grad_bias,
-                        acc* grad_gamma, acc* grad_beta, int64_t batch, int64_t c, const ConvShape& s) {
-  const int64_t l = s.h * s.w, lo = (s.h / 2) * (s.w / 2);
+                        acc* grad_gamma, acc* grad_beta, int64_t batch, int64_t c, const ConvShape& s, bool nhwc) {
+  const int64_t l = s.h * s.w;
+  const OutPlanes planes{c, (s.h / 2) * (s.w / 2), nhwc};
   const auto offsets = s.offsets();
   at::parallel_for(0, batch * c, grain(l), [&](int64_t begin, int64_t end) {
     Sample<acc> sample(s);
-    std::vector<acc> wide(s.wide()), gz_wide(s.wide(), acc(0)), z(l), up(l, acc(0)), gz(l);
+    std::vector<acc> wide(s.wide()), gz_wide(s.wide(), acc(0)), z(l), up(l, acc(0)), gz(l), go(planes.lo);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t o = p % c;
       const acc* xs = sample.get(x, p / c);
       conv_plane(xs, weight + o * s.taps(), bias[o], s, offsets.data(), wide.data(), z.data());
-      widen(grad_out + p * lo, s.h, s.w, up.data());
+      const acc* g = grad_out + planes.start(p);
+      for (int64_t q = 0; q < planes.lo; ++q) go[q] = g[q * planes.stride()];
+      widen(go.data(), s.h, s.w, up.data());
       plane_backward(z.data(), up.data(), l, gamma[o], beta[o], mean[p], rstd[p], gz.data(), grad_beta[p],
                      grad_gamma[p]);
       acc sum = 0;
@@ -363,33 +491,77 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
   });
 }
 
+void check_nhwc(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast), name,
+              ": channels_last contiguous 4-D tensor expected");
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": dtype ", dtype, " expected, got ", t.scalar_type());
+}
+
+// forward on channels_last x and out (shapes as forward's).
+void forward_nhwc(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, double eps, at::Tensor& out,
+                  at::Tensor& mean, at::Tensor& rstd) {
+  const auto acc = opmath(x.scalar_type());
+  check_nhwc(x, "x", x.scalar_type()), check_nhwc(out, "out", x.scalar_type());
+  check(gamma, "gamma", 1, acc), check(beta, "beta", 1, acc), check(mean, "mean", 2, acc), check(rstd, "rstd", 2, acc);
+  const Nhwc s(x.size(0), x.size(1), x.size(2), x.size(3));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "forward_nhwc", [&] {
+    using acc_scalar = acc_t<scalar_t>;
+    forward_nhwc_impl(x.data_ptr<scalar_t>(), gamma.data_ptr<acc_scalar>(), beta.data_ptr<acc_scalar>(), eps,
+                      out.data_ptr<scalar_t>(), mean.data_ptr<acc_scalar>(), rstd.data_ptr<acc_scalar>(), s);
+  });
+}
+
+// backward on channels_last grad_out, x and grad_x (shapes as backward's).
+void backward_nhwc(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                   const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& grad_gamma,
+                   at::Tensor& grad_beta) {
+  const auto acc = opmath(x.scalar_type());
+  check_nhwc(grad_out, "grad_out", x.scalar_type()), check_nhwc(x, "x", x.scalar_type());
+  check_nhwc(grad_x, "grad_x", x.scalar_type());
+  check(gamma, "gamma", 1, acc), check(beta, "beta", 1, acc), check(mean, "mean", 2, acc), check(rstd, "rstd", 2, acc);
+  check(grad_gamma, "grad_gamma", 2, acc), check(grad_beta, "grad_beta", 2, acc);
+  const Nhwc s(x.size(0), x.size(1), x.size(2), x.size(3));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "backward_nhwc", [&] {
+    using acc_scalar = acc_t<scalar_t>;
+    backward_nhwc_impl(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gamma.data_ptr<acc_scalar>(),
+                       beta.data_ptr<acc_scalar>(), mean.data_ptr<acc_scalar>(), rstd.data_ptr<acc_scalar>(),
+                       grad_x.data_ptr<scalar_t>(), grad_gamma.data_ptr<acc_scalar>(),
+                       grad_beta.data_ptr<acc_scalar>(), s);
+  });
+}
+
 ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, int64_t pad) {
   return ConvShape(x.size(1), x.size(2), x.size(3), pad, weight.size(2), weight.size(3));
 }
 
 // x [N, Cin, H, W], conv weight [C, Cin, kh, kw], conv bias, gamma,
-// beta [C], all float32 or float64; writes out [N, C, h / 2, w / 2] and mean, rstd [N, C] of the conv planes.
+// beta [C], all float32 or float64; writes out [N, C, h / 2, w / 2] (contiguous or channels_last) and mean, rstd
+// [N, C] of the conv planes.
 void conv_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& gamma,
                   const at::Tensor& beta, int64_t pad, double eps, at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
   const auto dt = x.scalar_type();
   check(x, "x", 4, dt), check(weight, "conv_weight", 4, dt), check(bias, "conv_bias", 1, dt);
   check(gamma, "gamma", 1, dt), check(beta, "beta", 1, dt);
-  check(out, "out", 4, dt), check(mean, "mean", 2, dt), check(rstd, "rstd", 2, dt);
+  const bool nhwc = !out.is_contiguous();
+  nhwc ? check_nhwc(out, "out", dt) : check(out, "out", 4, dt);
+  check(mean, "mean", 2, dt), check(rstd, "rstd", 2, dt);
   const auto s = conv_shape(x, weight, pad);
   AT_DISPATCH_FLOATING_TYPES(dt, "conv_forward", [&] {
     conv_forward_impl(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
                       gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), eps, out.data_ptr<scalar_t>(),
-                      mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), x.size(0), weight.size(0), s);
+                      mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), x.size(0), weight.size(0), s, nhwc);
   });
 }
 
-// grad_out [N, C, h / 2, w / 2] and what conv_forward read and wrote; writes the per-plane contributions
+// grad_out [N, C, h / 2, w / 2] (contiguous or channels_last) and what conv_forward read and wrote; writes the per-plane contributions
 // grad_weight [N, C, Cin * kh * kw], grad_bias, grad_gamma, grad_beta [N, C] (summed over samples by torch).
 void conv_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const at::Tensor& gamma, const at::Tensor& beta, int64_t pad, const at::Tensor& mean,
                    const at::Tensor& rstd, at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor& grad_gamma, at::Tensor& grad_beta) {
   const auto dt = x.scalar_type();
-  check(grad_out, "grad_out", 4, dt), check(x, "x", 4, dt), check(weight, "conv_weight", 4, dt);
+  const bool nhwc = !grad_out.is_contiguous();
+  nhwc ? check_nhwc(grad_out, "grad_out", dt) : check(grad_out, "grad_out", 4, dt);
+  check(x, "x", 4, dt), check(weight, "conv_weight", 4, dt);
   check(bias, "conv_bias", 1, dt), check(gamma, "gamma", 1, dt), check(beta, "beta", 1, dt);
   check(mean, "mean", 2, dt), check(rstd, "rstd", 2, dt), check(grad_weight, "grad_weight", 3, dt);
   check(grad_bias, "grad_bias", 2, dt), check(grad_gamma, "grad_gamma", 2, dt), check(grad_beta, "grad_beta", 2, dt);
@@ -399,6 +571,6 @@ void conv_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
                        bias.data_ptr<scalar_t>(), gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
                        mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
                        grad_bias.data_ptr<scalar_t>(), grad_gamma.data_ptr<scalar_t>(),
-                       grad_beta.data_ptr<scalar_t>(), x.size(0), weight.size(0), s);
+                       grad_beta.data_ptr<scalar_t>(), x.size(0), weight.size(0), s, nhwc);
   });
 }

@@ -467,19 +467,20 @@ def show_calibration(measurements: dict[str, calibration.Measurement]) -> None:
     key = calibration.machine_key()
     print(f"backend='auto' on CPU tensors: {key['cpu']}, ISA level {key['isa_level']}, torch {key['torch']}, "
           f"fastdd {key['fastdd']}")
-    head = ("ops", "cpp ms", "torch ms", "torch / cpp", "rounds", "auto runs")
-    rows = [(", ".join(ops), *_measured_cells(measurements.get(name))) for name, ops in calibration.OPS.items()]
+    head = ("ops", "sides", "first ms", "second ms", "second / first", "rounds", "auto runs")
+    rows = [(", ".join(ops), " / ".join(calibration.sides(name)), *_measured_cells(name, measurements.get(name)))
+            for name, ops in calibration.OPS.items()]
     widths = [max(len(row[i]) for row in (head, *rows)) for i in range(len(head))]
     for row in (head, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"torch / cpp: the median over rounds of torch's time over the C++ path's; torch runs below "
-          f"{1 - calibration.MARGIN:.2f}\nstored in {calibration.cache_file(key)}")
+    print(f"second / first: the median over rounds of the second side's time over the first's; the second runs "
+          f"below {1 - calibration.MARGIN:.2f}\nstored in {calibration.cache_file(key)}")
 
 
-def _measured_cells(m: calibration.Measurement | None) -> tuple[str, ...]:
+def _measured_cells(family: str, m: calibration.Measurement | None) -> tuple[str, ...]:
     if m is None:
-        return ("-", "-", "-", "-", "torch (the C++ extension was not built)")
-    return (f"{m.cpp_ms:.2f}", f"{m.torch_ms:.2f}", f"{m.torch_over_cpp:.2f}", str(m.rounds), m.backend)
+        return ("-", "-", "-", "-", f"{calibration.sides(family)[-1]} (the C++ extension was not built)")
+    return (f"{m.first_ms:.2f}", f"{m.second_ms:.2f}", f"{m.second_over_first:.2f}", str(m.rounds), m.backend)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -511,11 +512,13 @@ def _backend_rows() -> list[tuple[str, str]]:
     except DamagedFileError as err:
         return [("auto on CPU", f"{one_line(err)}; measured again on first use")]
     rows = []
-    for extension, ops in calibration.OPS.items():
-        m = measurements.get(extension)
-        chosen = ("not calibrated yet (cpp until measured)" if m is None else
-                  f"{m.backend} (measured, a round: cpp {m.cpp_ms:.1f} ms, torch {m.torch_ms:.1f} ms)")
-        rows += [(f"auto on CPU: {op}", chosen) for op in ops]
+    for family, ops in calibration.OPS.items():
+        m, (first, second) = measurements.get(family), calibration.sides(family)
+        chosen = (f"not calibrated yet ({first} until measured)" if m is None else
+                  f"{m.backend} (measured, a round: {first} {m.first_ms:.1f} ms, {second} {m.second_ms:.1f} ms)")
+        labels = ["ConvNet blocks of float32 real passes on CPU"] if family in calibration.SIDES else [
+            f"auto on CPU: {op}" for op in ops]
+        rows += [(label, chosen) for label in labels]
     where = str(path) if path.exists() else "none yet: on first use of each op, or fastdd calibrate"
     return [*rows, ("calibration", where)]
 

@@ -64,14 +64,15 @@ _CONVNET_VARIANTS: dict[str, dict[str, object]] = {
 _RESNET_VARIANTS: dict[str, str] = {"ResNet18": "instancenorm", "ResNet18BN": "batchnorm"}
 NETWORK_NAMES: tuple[str, ...] = (*_CONVNET_VARIANTS, *_RESNET_VARIANTS)
 
-_FUSED_BLOCKS = contextvars.ContextVar("fused_blocks", default=False)
+_FUSED_BLOCKS = contextvars.ContextVar("fused_blocks", default=None)  # None, or the memory format of fused maps
 MAX_SIDE = 1024  # the largest image side min_image_size looks at
 
 
 @contextlib.contextmanager
-def fused_blocks() -> Iterator[None]:
-    """Within it, default-configured ConvNets run norm + ReLU + pooling fused (first-order gradients only)."""
-    token = _FUSED_BLOCKS.set(True)
+def fused_blocks(memory_format: torch.memory_format = torch.contiguous_format) -> Iterator[None]:
+    """Within it, default-configured ConvNets run norm + ReLU + pooling fused (first-order gradients only), their
+    maps in ``memory_format`` (contiguous, or ``torch.channels_last``: the same values to rounding)."""
+    token = _FUSED_BLOCKS.set(memory_format)
     try:
         yield
     finally:
@@ -159,7 +160,8 @@ def fused_block(block: ConvBlock, x: torch.Tensor) -> torch.Tensor:
     """The block of a network in its default configuration as one op, :func:`conv_instance_norm_relu_pool`
     (first-order gradients only)."""
     conv, norm = block.conv, block.norm
-    return conv_instance_norm_relu_pool(x, conv.weight, conv.bias, norm.weight, norm.bias, conv.padding[0], norm.eps)
+    return conv_instance_norm_relu_pool(x, conv.weight, conv.bias, norm.weight, norm.bias, conv.padding[0], norm.eps,
+                                        memory_format=_FUSED_BLOCKS.get() or torch.contiguous_format)
 
 
 class ConvNet(nn.Module):
@@ -212,7 +214,7 @@ class ConvNet(nn.Module):
         self.classifier = nn.Linear(self.feat_dim, num_classes)
 
     def _through(self, x: torch.Tensor, blocks: tuple[ConvBlock, ...], run_block: BlockForward | None) -> torch.Tensor:
-        run = run_block or (fused_block if self.fusable and _FUSED_BLOCKS.get() else eager_block)
+        run = run_block or (fused_block if self.fusable and _FUSED_BLOCKS.get() is not None else eager_block)
         for block in blocks:
             x = run(block, x)
         return x

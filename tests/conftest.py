@@ -32,14 +32,11 @@ from fastdd.ops import _backend, calibration  # noqa: E402
 @pytest.fixture(autouse=True, scope="session")
 def calibrated_for_cpp(tmp_path_factory):
     """The user cache folder (XDG_CACHE_HOME, which subprocesses inherit) is a temporary one holding a calibration
-    that chooses the C++ extension for every op at every ISA level this machine runs: ``backend="auto"`` runs C++ on
-    CPU tensors and a test session never times the backends."""
+    that chooses the C++ extension for every op, and contiguous maps for the real passes, at every ISA level this
+    machine runs: ``backend="auto"`` runs C++ on CPU tensors and a test session never times the backends."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        cpp = calibration.Measurement("cpp", 1.0, 1.0, 1.0, 0)  # nominal timings: nothing was measured
-        for level in _backend.isa_levels():
-            calibration.save({**calibration.machine_key(), "isa_level": level},
-                             dict.fromkeys(calibration.FAMILIES, cpp))
+        calibration.pin_first_sides()
         yield
 
 
@@ -50,7 +47,8 @@ def fake_timings(monkeypatch, tmp_path) -> types.SimpleNamespace:
     timer reads them; 1.0 each until a test sets them); ``measured`` lists the extensions measured, in turn."""
     from fastdd.ops import workloads
 
-    fake = types.SimpleNamespace(cache=tmp_path / "cache", seconds={"cpp": 1.0, "torch": 1.0}, measured=[])
+    fake = types.SimpleNamespace(cache=tmp_path / "cache", measured=[],
+                                 seconds={"cpp": 1.0, "torch": 1.0, "contiguous": 1.0, "channels_last": 1.0})
 
     def setup(name: str):
         fake.measured.append(name)

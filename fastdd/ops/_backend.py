@@ -55,9 +55,10 @@ _loaded: dict[str, ModuleType] = {}  # the C++ extension last loaded under each 
 _cpu_choice: Callable[[str], str] | None = None  # family -> what "auto" runs on CPU: set_cpu_choice's
 
 
-def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str,
+          memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """An output buffer: uninitialised, or full of NaN while :data:`POISON_OUTPUTS` is on."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     if POISON_OUTPUTS:
         out.fill_(float("nan") if dtype.is_floating_point else -1)
     return out

@@ -9,6 +9,11 @@ them with (:mod:`fastdd.ops.workloads`): the two sides in alternation, each roun
 a warm-up call each. ``"torch"`` is chosen only when the median over rounds of torch's time over cpp's is below
 ``1 - MARGIN``, so that close calls stay on C++ and do not flip from one calibration to the next.
 
+One family chooses a memory format rather than a backend: ``block_layout`` times ConvNet-3's three fused blocks
+(:func:`~fastdd.ops.norm_relu_pool.conv_instance_norm_relu_pool`) on contiguous and on channels_last maps, and the
+methods' float32 real passes run in channels_last only where it takes under ``1 - MARGIN`` of the contiguous time
+(:func:`block_layout`): oneDNN's channels_last convolutions are faster on some CPUs and ISA levels, not on others.
+
 The measurements are kept in a JSON file per machine key (:func:`machine_key`: CPU model, the C++ kernels' ISA
 level and sources, torch's and fastdd's versions; a change of any of them means a fresh calibration) under the user
 cache folder, ``$XDG_CACHE_HOME/fastdd`` or ``~/.cache/fastdd``. An extension is measured on its first ``auto`` call
@@ -49,40 +54,61 @@ OPS = {
     "masked_contrastive": ("masked_feature_contrastive",),
     "norm_relu_pool": ("instance_norm_relu_pool",),
     "conv_norm_relu_pool": ("conv_instance_norm_relu_pool",),
+    "block_layout": ("conv_instance_norm_relu_pool",),
 }
-EXTENSION = {"conv_norm_relu_pool": "norm_relu_pool"}  # family -> its C++ extension, where not named after it
+# family -> its C++ extension, where not named after it
+EXTENSION = {"conv_norm_relu_pool": "norm_relu_pool", "block_layout": "norm_relu_pool"}
 FAMILIES = tuple(OPS)
-CHOICES = ("cpp", "torch")
-MARGIN = 0.05  # torch is chosen when it takes less than 1 - MARGIN of the C++ path's time
+CHOICES = ("cpp", "torch")  # a family's two sides: its backends, unless SIDES names others
+# block_layout: the memory format of a ConvNet's fused blocks in the methods' float32 real passes
+# (:func:`block_layout`), contiguous or channels_last
+SIDES = {"block_layout": ("contiguous", "channels_last")}
+MARGIN = 0.05  # the second side is chosen when it takes less than 1 - MARGIN of the first side's time
 BUDGET_S = 1.0  # timed seconds per extension, both sides together
 MIN_ROUNDS = 3
 MAX_ROUNDS = 50
 LOCK_FILE = ".calibration.lock"
 
-_choices: dict[str, str] = {}  # extension -> "cpp" or "torch", this process's (filled on first use)
+_SAYS = {"block_layout": "on contiguous and on channels_last maps"}  # what is timed, where not the backends
+_choices: dict[str, str] = {}  # family -> the side chosen, this process's (filled on first use)
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One extension's calibration: the median milliseconds of a round of its workload on each path, the median over
-    rounds of torch's time over cpp's, the rounds, and the path chosen."""
+    """One family's calibration: the side chosen (``backend``: ``"cpp"`` or ``"torch"``, or a side of
+    :data:`SIDES`), the median milliseconds of a round of its workload on its first side (the C++ path) and its
+    second (torch), the median over rounds of the second's time over the first's, and the rounds."""
 
     backend: str
-    cpp_ms: float
-    torch_ms: float
-    torch_over_cpp: float
+    first_ms: float
+    second_ms: float
+    second_over_first: float
     rounds: int
 
 
-def choose(torch_over_cpp: float) -> str:
-    """``"torch"`` when torch takes less than ``1 - MARGIN`` of the C++ path's time, else ``"cpp"``."""
-    return "torch" if torch_over_cpp < 1 - MARGIN else "cpp"
+def sides(family: str) -> tuple[str, str]:
+    """``family``'s two sides, the one kept on close calls first: ``("cpp", "torch")`` unless :data:`SIDES` says."""
+    return SIDES.get(family, CHOICES)
+
+
+def choose(second_over_first: float, family_sides: tuple[str, str] = CHOICES) -> str:
+    """The second side when it takes less than ``1 - MARGIN`` of the first side's time, else the first."""
+    return family_sides[1] if second_over_first < 1 - MARGIN else family_sides[0]
 
 
 def choice(extension: str) -> str:
     """``"cpp"`` or ``"torch"``: the faster path of ``extension``'s ops on this machine's CPU (a name of
     :data:`OPS`, whose C++ extension loads), measured and stored on first use."""
     return _choices.get(extension) or _calibrated(extension)
+
+
+def block_layout() -> torch.memory_format:
+    """The memory format in which a ConvNet's fused blocks run the methods' float32 real passes on this machine's
+    CPU: ``torch.channels_last`` where the calibration measured that ConvNet-3's blocks run faster so, else
+    ``torch.contiguous_format`` (always so where the C++ kernels do not load)."""
+    if _backend.load_extension(extension_of("block_layout")) is None:
+        return torch.contiguous_format
+    return torch.channels_last if choice("block_layout") == "channels_last" else torch.contiguous_format
 
 
 def wall_seconds(fn: Callable[[], object]) -> float:
@@ -92,19 +118,20 @@ def wall_seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
-def measure(run_cpp: Callable[[], object], run_torch: Callable[[], object]) -> Measurement:
+def measure(run_first: Callable[[], object], run_second: Callable[[], object],
+            family_sides: tuple[str, str] = CHOICES) -> Measurement:
     """Time one round of each side in alternation (module docstring), each call by :func:`wall_seconds`."""
-    run_cpp()
-    run_torch()
-    cpp: list[float] = []
-    reference: list[float] = []
-    while len(cpp) < MIN_ROUNDS or (sum(cpp) + sum(reference) < BUDGET_S and len(cpp) < MAX_ROUNDS):
-        sides = [(cpp, run_cpp), (reference, run_torch)]
-        for spent, fn in sides if len(cpp) % 2 == 0 else sides[::-1]:
+    run_first()
+    run_second()
+    first: list[float] = []
+    second: list[float] = []
+    while len(first) < MIN_ROUNDS or (sum(first) + sum(second) < BUDGET_S and len(first) < MAX_ROUNDS):
+        rounds = [(first, run_first), (second, run_second)]
+        for spent, fn in rounds if len(first) % 2 == 0 else rounds[::-1]:
             spent.append(wall_seconds(fn))
-    ratio = statistics.median(t / c for c, t in zip(cpp, reference))
-    return Measurement(choose(ratio), 1e3 * statistics.median(cpp), 1e3 * statistics.median(reference), ratio,
-                       len(cpp))
+    ratio = statistics.median(b / a for a, b in zip(first, second))
+    return Measurement(choose(ratio, family_sides), 1e3 * statistics.median(first), 1e3 * statistics.median(second),
+                       ratio, len(first))
 
 
 def calibrate(extensions: Sequence[str] = FAMILIES) -> dict[str, Measurement]:
@@ -133,6 +160,14 @@ def save(key: dict[str, str], measurements: dict[str, Measurement]) -> Path:
     path = cache_file(key)
     atomic_write_json(path, {"key": key, "measurements": {name: asdict(m) for name, m in measurements.items()}})
     return path
+
+
+def pin_first_sides() -> None:
+    """Store for every ISA level this process can run a calibration that chooses each family's first side (the C++
+    kernels, contiguous maps) with nominal timings: nothing is measured (tests, runs to be reproduced bit for bit)."""
+    nominal = {family: Measurement(sides(family)[0], 1.0, 1.0, 1.0, 0) for family in FAMILIES}
+    for level in _backend.isa_levels():
+        save({**machine_key(), "isa_level": level}, nominal)
 
 
 def machine_key() -> dict[str, str]:
@@ -175,7 +210,7 @@ def _calibrated(extension: str) -> str:
                       "they run on the C++ extension")
         found = {}
     _choices.update({name: m.backend for name, m in found.items()})
-    return _choices.setdefault(extension, "cpp")
+    return _choices.setdefault(extension, sides(extension)[0])
 
 
 def _update(extensions: Sequence[str], again: bool) -> dict[str, Measurement]:
@@ -187,8 +222,9 @@ def _update(extensions: Sequence[str], again: bool) -> dict[str, Measurement]:
         found = _read(path, key)
         measured = [name for name in extensions if again or name not in found]
         for name in measured:
-            _backend._say(f"fastdd: timing {', '.join(OPS[name])} on the C++ extension and on torch, to run the "
-                          "faster on this CPU (once per machine, a few seconds)")
+            timed = _SAYS.get(name, "on the C++ extension and on torch")
+            _backend._say(f"fastdd: timing {', '.join(OPS[name])} {timed}, to run the faster on this CPU (once per "
+                          "machine, a few seconds)")
             found[name] = _measured(name)
         if measured:
             try:
@@ -214,8 +250,8 @@ def _lock(folder: Path) -> Iterator[None]:
 def _measured(extension: str) -> Measurement:
     """:func:`measure` of ``extension``'s workload, with gradients on and autocast off whatever the caller's mode."""
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
-        run = WORKLOADS[extension].setup()
-        return measure(lambda: run("cpp"), lambda: run("torch"))
+        run, family_sides = WORKLOADS[extension].setup(), sides(extension)
+        return measure(lambda: run(family_sides[0]), lambda: run(family_sides[1]), family_sides)
 
 
 def _read(path: Path, key: dict[str, str]) -> dict[str, Measurement]:
@@ -238,9 +274,10 @@ def _parse(data: object, key: dict[str, str], path: Path) -> dict[str, Measureme
     except (KeyError, TypeError, AttributeError) as err:
         raise DamagedFileError(f"{path}: damaged backend calibration ({one_line(err)})") from err
     valid = isinstance(stored_key, dict) and all(
-        m.backend in CHOICES and isinstance(m.rounds, int)
-        and all(isinstance(v, (int, float)) for v in (m.cpp_ms, m.torch_ms, m.torch_over_cpp)) for m in found.values())
+        m.backend in sides(name) and isinstance(m.rounds, int)
+        and all(isinstance(v, (int, float)) for v in (m.first_ms, m.second_ms, m.second_over_first))
+        for name, m in found.items())
     if not valid:
-        raise DamagedFileError(f"{path}: damaged backend calibration (a key that is not a record, a backend other "
-                               "than cpp or torch, or a measurement that is not a number)")
+        raise DamagedFileError(f"{path}: damaged backend calibration (a key that is not a record, a choice other "
+                               "than the family's two sides, or a measurement that is not a number)")
     return found if stored_key == key else {}

@@ -53,17 +53,25 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _channels_last(x: Tensor) -> bool:
+    """Whether x [N, C, H, W] lies channels_last in memory and not also contiguous (as when C or H W is 1)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class _NormReLUPool(torch.autograd.Function):
     """(x, weight, bias, eps, backend, sink) -> (out, mean, rstd); mean and rstd [N, C] are kept for the backward.
+    x contiguous, or channels_last on the C++ kernels (out and grad_x are then channels_last too).
     ``sink``: None, or a list the backward appends the per-sample squared norms [N] of the weight and bias
     gradients to (of those that need a gradient)."""
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, backend: str, sink: list | None):
         (n, c, h, w), acc = x.shape, _accumulation_dtype(x.dtype)
-        out = _backend.empty((n, c, h // 2, w // 2), x.dtype, x.device)
+        nhwc = _channels_last(x)
+        out = _backend.empty((n, c, h // 2, w // 2), x.dtype, x.device, _layout(nhwc))
         mean, rstd = (_backend.empty((n, c), acc, x.device) for _ in range(2))
-        _kernels(backend).forward(x, weight.to(acc).contiguous(), bias.to(acc).contiguous(), eps, out, mean, rstd)
+        kernel = _kernels(backend).forward_nhwc if nhwc else _kernels(backend).forward
+        kernel(x, weight.to(acc).contiguous(), bias.to(acc).contiguous(), eps, out, mean, rstd)
         return out, mean, rstd
 
     @staticmethod
@@ -78,15 +86,20 @@ class _NormReLUPool(torch.autograd.Function):
             raise RuntimeError("instance_norm_relu_pool has a first-order backward only, and a graph of its gradient "
                                "was asked for (create_graph=True): run this pass outside fastdd.models.fused_blocks()")
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        acc = mean.dtype
-        grad_x = _backend.empty(x.shape, x.dtype, x.device)
+        acc, nhwc = mean.dtype, _channels_last(x)
+        grad_x = _backend.empty(x.shape, x.dtype, x.device, _layout(nhwc))
         grad_gamma, grad_beta = (_backend.empty(mean.shape, acc, x.device) for _ in range(2))
-        _kernels(ctx.backend).backward(grad_out.to(x.dtype).contiguous(), x, weight.to(acc).contiguous(),
-                                       bias.to(acc).contiguous(), mean, rstd, grad_x, grad_gamma, grad_beta)
+        kernel = _kernels(ctx.backend).backward_nhwc if nhwc else _kernels(ctx.backend).backward
+        kernel(grad_out.to(x.dtype).contiguous(memory_format=_layout(nhwc)), x, weight.to(acc).contiguous(),
+               bias.to(acc).contiguous(), mean, rstd, grad_x, grad_gamma, grad_beta)
         if ctx.sink is not None:  # the per-plane sums are the per-sample gradients
             needed = [g for g, need in zip((grad_gamma, grad_beta), ctx.needs_input_grad[1:3]) if need]
             ctx.sink.append(sum(g.pow(2).sum(1) for g in needed))
         return grad_x, grad_gamma.sum(0).to(weight.dtype), grad_beta.sum(0).to(bias.dtype), None, None, None
+
+
+def _layout(nhwc: bool) -> torch.memory_format:
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def _validate_input(x: Tensor, shape: str) -> None:
@@ -131,21 +144,23 @@ def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float 
         if per_sample_sq_norms is not None:
             raise ValueError("per_sample_sq_norms needs the fused kernels, and this call runs the eager composition "
                              f"(backend {name!r}, or inside a torch.func transform)")
-        acc = _accumulation_dtype(x.dtype)
-        return naive.instance_norm_relu_pool(x.to(acc), weight.to(acc), bias.to(acc), eps).to(x.dtype)
-    return _backend.apply(_NormReLUPool, x.contiguous(), weight, bias, float(eps), name, per_sample_sq_norms)[0]
+        acc = _accumulation_dtype(x.dtype)  # contiguous: ATen's channels_last GroupNorm loses precision on flat maps
+        return naive.instance_norm_relu_pool(x.to(acc).contiguous(), weight.to(acc), bias.to(acc), eps).to(x.dtype)
+    if not (name == "cpp" and _channels_last(x)):
+        x = x.contiguous()
+    return _backend.apply(_NormReLUPool, x, weight, bias, float(eps), name, per_sample_sq_norms)[0]
 
 
 class _ConvNormReLUPool(torch.autograd.Function):
-    """(x, conv_weight, conv_bias, weight, bias, padding, eps) -> (out, mean, rstd) on the C++ kernel; no gradient
-    w.r.t. x."""
+    """(x, conv_weight, conv_bias, weight, bias, padding, eps, memory_format) -> (out, mean, rstd) on the C++ kernel,
+    out in ``memory_format``; no gradient w.r.t. x."""
 
     @staticmethod
     def forward(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, weight: Tensor, bias: Tensor, padding: int,
-                eps: float):
+                eps: float, memory_format: torch.memory_format):
         n, c, (kh, kw) = len(x), len(conv_weight), conv_weight.shape[2:]
         h, w = x.shape[2] + 2 * padding - kh + 1, x.shape[3] + 2 * padding - kw + 1
-        out = _backend.empty((n, c, h // 2, w // 2), x.dtype, x.device)
+        out = _backend.empty((n, c, h // 2, w // 2), x.dtype, x.device, memory_format)
         mean, rstd = (_backend.empty((n, c), x.dtype, x.device) for _ in range(2))
         _kernels("cpp").conv_forward(x, conv_weight, conv_bias, weight, bias, padding, eps, out, mean, rstd)
         return out, mean, rstd
@@ -153,7 +168,7 @@ class _ConvNormReLUPool(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.mark_non_differentiable(*output[1:])
-        ctx.padding = inputs[5]
+        ctx.padding, ctx.memory_format = inputs[5], inputs[7]
         ctx.save_for_backward(*inputs[:5], *output[1:])
 
     @staticmethod
@@ -166,13 +181,14 @@ class _ConvNormReLUPool(torch.autograd.Function):
         n, c = mean.shape
         grad_conv_weight = _backend.empty((n, c, conv_weight.shape[1:].numel()), x.dtype, x.device)
         grads = [_backend.empty((n, c), x.dtype, x.device) for _ in range(3)]
-        _kernels("cpp").conv_backward(grad_out.contiguous(), x, conv_weight, conv_bias, weight, bias, ctx.padding,
-                                      mean, rstd, grad_conv_weight, *grads)
-        return (None, grad_conv_weight.sum(0).view_as(conv_weight), *(g.sum(0) for g in grads), None, None)
+        _kernels("cpp").conv_backward(grad_out.contiguous(memory_format=ctx.memory_format), x, conv_weight, conv_bias,
+                                      weight, bias, ctx.padding, mean, rstd, grad_conv_weight, *grads)
+        return (None, grad_conv_weight.sum(0).view_as(conv_weight), *(g.sum(0) for g in grads), None, None, None)
 
 
 def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, weight: Tensor, bias: Tensor,
-                                 padding: int = 0, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+                                 padding: int = 0, eps: float = 1e-5, *, backend: str = "auto",
+                                 memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """instance_norm_relu_pool(conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias, eps): a ConvNet block.
 
     x [N, Cin, H, W] non-empty, float32, float64 or bfloat16; conv_weight [C, Cin, kh, kw] (stride 1) and conv_bias
@@ -181,17 +197,22 @@ def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tens
     [N, C, H' // 2, W' // 2]. The fused C++ kernel runs where ``backend`` resolves to ``"cpp"`` (``"auto"``: as
     calibrated for this op, against the convolution followed by the C++ tail), x is float32 or float64 and needs no
     gradient, and Cin kh kw <= ``MAX_FUSED_TAPS``; otherwise the composition (with ``backend`` passed on).
+    ``memory_format``: the layout the block's maps and result are computed in, ``torch.contiguous_format`` or
+    ``torch.channels_last`` (the convolution and the C++ tail then run on channels_last maps: the same values, to
+    rounding, faster where oneDNN's channels_last convolutions are; see :mod:`fastdd.ops.calibration`).
     """
     _validate_conv(x, conv_weight, conv_bias, weight, bias, padding, eps)
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}")
     name = _backend.resolve_backend(backend, [x, conv_weight, conv_bias, weight, bias], _EXTENSION,
                                     family="conv_norm_relu_pool")
     fused = (name == "cpp" and not x.requires_grad and x.dtype in (torch.float32, torch.float64)
              and conv_weight.shape[1:].numel() <= MAX_FUSED_TAPS and not torch._C._are_functorch_transforms_active())
     if not fused:
-        return instance_norm_relu_pool(F.conv2d(x, conv_weight, conv_bias, padding=padding), weight, bias, eps,
-                                       backend=backend)
+        z = F.conv2d(x.contiguous(memory_format=memory_format), conv_weight, conv_bias, padding=padding)
+        return instance_norm_relu_pool(z.contiguous(memory_format=memory_format), weight, bias, eps, backend=backend)
     params = [t.to(x.dtype).contiguous() for t in (conv_weight, conv_bias, weight, bias)]
-    return _backend.apply(_ConvNormReLUPool, x.contiguous(), *params, padding, float(eps))[0]
+    return _backend.apply(_ConvNormReLUPool, x.contiguous(), *params, padding, float(eps), memory_format)[0]
 
 
 def _validate_conv(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, weight: Tensor, bias: Tensor, padding: int,

@@ -8,8 +8,9 @@ pads by 3, the others by 1), an instance norm (``GroupNorm`` with a group per ch
 pooling, then a linear layer from the 128 x 4 x 4 features to 10 classes.
 
 Each :class:`Workload`'s ``setup()`` builds its inputs once, from a private generator, and returns ``run(backend)``,
-one round on ``"cpp"`` or ``"torch"``; every op is called with that backend (an ``"auto"`` call would calibrate
-inside the calibration, waiting for its own lock). Batches are a chunk of the methods' (64 real images rather than
+one round on ``"cpp"`` or ``"torch"`` (on a side of :data:`fastdd.ops.calibration.SIDES` for the families that
+choose other things); every op is called with that backend (an ``"auto"`` call would calibrate inside the
+calibration, waiting for its own lock). Batches are a chunk of the methods' (64 real images rather than
 256, 32 images for the per-sample norms), so that a calibration takes seconds; the choice takes the two paths' ratio
 on a chunk for their ratio on the whole batch.
 """
@@ -133,6 +134,27 @@ def _conv_norm_relu_pool() -> Run:
     return run
 
 
+def _block_layout() -> Run:
+    """ConvNet-3's three blocks in turn (:func:`conv_instance_norm_relu_pool` on its C++ kernels), forward and
+    backward to their parameters, on ``"contiguous"`` or ``"channels_last"`` maps."""
+    g = torch.Generator().manual_seed(0)
+    found = blocks(REAL_BATCH)
+    x = torch.randn(found[0][2], generator=g)
+    params = [[torch.randn(shape, generator=g).requires_grad_(True)
+               for shape in (conv.weight.shape, conv.bias.shape, conv.bias.shape, conv.bias.shape)]
+              for conv, _, _, _ in found]
+    out = found[-1][3]
+    grad_out = torch.randn(*out[:2], out[2] // 2, out[3] // 2, generator=g)
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+    def run(layout: str) -> None:
+        h = x
+        for (conv, _, _, _), block in zip(found, params):
+            h = conv_instance_norm_relu_pool(h, *block, conv.padding[0], backend="cpp", memory_format=formats[layout])
+        torch.autograd.grad(h, [p for block in params for p in block], grad_out)
+    return run
+
+
 def _masked_contrastive() -> Run:
     g = torch.Generator().manual_seed(0)
     calls = []
@@ -159,4 +181,6 @@ WORKLOADS = {
                                "backward", _norm_relu_pool),
     "conv_norm_relu_pool": Workload(f"ConvNet-3's first block on {REAL_BATCH} real images, forward and backward: "
                                     "fused, or the convolution then the tail", _conv_norm_relu_pool),
+    "block_layout": Workload(f"ConvNet-3's three blocks on {REAL_BATCH} real images, forward and backward, on "
+                             "contiguous and on channels_last maps", _block_layout),
 }

@@ -95,9 +95,13 @@ def test_calibrate_prints_the_table_and_stores_it(fake_timings, capsys):
     fake_timings.seconds["torch"] = 0.5
     assert main(["calibrate"]) == 0
     out = capsys.readouterr().out
-    assert "conv_instance_norm_relu_pool 1000.00 500.00 0.50 3 torch" in " ".join(out.split())
+    words = " ".join(out.split())
+    assert "conv_instance_norm_relu_pool cpp / torch 1000.00 500.00 0.50 3 torch" in words
+    assert "conv_instance_norm_relu_pool contiguous / channels_last 1000.00 1000.00 1.00 3 contiguous" in words
     assert out.count(" torch\n") == 5 and "stored in" in out
-    assert sorted(fake_timings.measured) == ["conv_norm_relu_pool", "grad_match", "grad_norm", "masked_contrastive",
-                                             "norm_relu_pool"]
+    assert sorted(fake_timings.measured) == ["block_layout", "conv_norm_relu_pool", "grad_match", "grad_norm",
+                                             "masked_contrastive", "norm_relu_pool"]
     assert main(["info"]) == 0
-    assert "auto on CPU: per_sample_grad_norm torch (measured" in " ".join(capsys.readouterr().out.split())
+    info = " ".join(capsys.readouterr().out.split())
+    assert "auto on CPU: per_sample_grad_norm torch (measured" in info
+    assert "ConvNet blocks of float32 real passes on CPU contiguous (measured" in info

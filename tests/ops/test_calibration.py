@@ -33,8 +33,8 @@ def test_measure_alternates_the_sides_and_takes_the_median_of_the_rounds(monkeyp
 
     m = calibration.measure(side("cpp", cpp), side("torch", reference))
     assert calls == ["cpp", "torch", "cpp", "torch", "torch", "cpp", "cpp", "torch"]  # each round's order flipped
-    assert (m.rounds, m.backend, m.cpp_ms, m.torch_ms) == (3, "torch", 1000.0, 900.0)
-    assert m.torch_over_cpp == pytest.approx(0.9)
+    assert (m.rounds, m.backend, m.first_ms, m.second_ms) == (3, "torch", 1000.0, 900.0)
+    assert m.second_over_first == pytest.approx(0.9)
 
 
 def test_measure_stops_at_the_budget_or_the_round_cap(monkeypatch):
@@ -93,7 +93,7 @@ def test_a_measurement_that_is_not_as_written_is_damaged(fake_timings):
     data = json.loads(path.read_text())
     data["measurements"]["grad_norm"]["backend"] = "triton"
     path.write_text(json.dumps(data))
-    with pytest.raises(DamagedFileError, match="a backend other than cpp or torch"):
+    with pytest.raises(DamagedFileError, match="a choice other than the family.s two sides"):
         calibration.stored()
 
 
@@ -168,9 +168,20 @@ def test_calibrate_refuses_an_unknown_extension():
 
 
 def test_the_workloads_run():
-    """On the C++ path (the torch path is the same calls with another backend, and slower)."""
-    for workload in workloads.WORKLOADS.values():
-        workload.setup()("cpp")
+    """On each family's first side (the C++ path; the torch path is the same calls with another backend, and
+    slower); the layout family on both."""
+    for family, workload in workloads.WORKLOADS.items():
+        run = workload.setup()
+        for side in calibration.sides(family)[:2 if family in calibration.SIDES else 1]:
+            run(side)
+
+
+@pytest.mark.parametrize(("channels_last_s", "chosen"), [(0.8, torch.channels_last), (0.96, torch.contiguous_format)])
+def test_the_real_passes_run_channels_last_only_where_measured_faster(fake_timings, channels_last_s, chosen):
+    fake_timings.seconds.update(contiguous=1.0, channels_last=channels_last_s)
+    assert calibration.block_layout() == chosen
+    stored = calibration.stored()["block_layout"]
+    assert (stored.first_ms, stored.second_ms) == (1000.0, 1000.0 * channels_last_s)
 
 
 def test_the_workloads_have_convnet3s_layers_and_shapes():

@@ -3,6 +3,8 @@ inside ConvNet."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,17 +37,26 @@ def value_and_grads(fn, x, weight, bias, grad_out, **kw):
     return (out, *torch.autograd.grad(out, (x, weight, bias), grad_out))
 
 
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 4), c=st.sampled_from([1, 3, 37]), h=st.integers(2, 9), w=st.integers(2, 9),
        seed=st.integers(0, 2**16))
-def test_matches_oracle(backend, dtype, n, c, h, w, seed):
-    """Odd sides included: AvgPool2d drops the last row or column, which still gets the norm's gradient."""
+def test_matches_oracle(backend, dtype, layout, n, c, h, w, seed):
+    """Odd sides included: AvgPool2d drops the last row or column, which still gets the norm's gradient. A
+    channels_last x runs the C++ kernels' channels_last loops (37 channels: a block of 32 and a rest)."""
     x, weight, bias, grad_out = inputs(n, c, h, w, dtype, seed)
     expected = value_and_grads(naive.instance_norm_relu_pool, x.double(), weight, bias, grad_out.double())
-    on_device = (t.to(DEVICE[backend]) for t in (x, weight, bias, grad_out))
+    on_device = [t.to(DEVICE[backend]) for t in (x, weight, bias, grad_out)]
+    on_device[0] = on_device[0].contiguous(memory_format=LAYOUTS[layout])
     got = value_and_grads(instance_norm_relu_pool, *on_device, backend=backend)
+    if backend == "cpp" and layout == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[1].is_contiguous(memory_format=torch.channels_last)
     for e, r, name in zip(expected, got, ("out", "grad x", "grad weight", "grad bias")):
         assert r.dtype == (dtype if name in ("out", "grad x") else torch.float64), name
         r = r.cpu()
@@ -55,9 +66,10 @@ def test_matches_oracle(backend, dtype, n, c, h, w, seed):
         torch.testing.assert_close(r.double(), e, **tol, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_gradcheck(backend):
+@pytest.mark.parametrize("backend, layout", [("cpp", "contiguous"), ("cpp", "channels_last"), ("triton", "contiguous")])
+def test_gradcheck(backend, layout):
     x, weight, bias, _ = inputs(2, 3, 5, 4)
+    x = x.contiguous(memory_format=LAYOUTS[layout])
     args = tuple(t.to(DEVICE[backend]).requires_grad_(True) for t in (x, weight, bias))
     assert torch.autograd.gradcheck(lambda *a: instance_norm_relu_pool(*a, backend=backend), args)
 
@@ -112,11 +124,13 @@ def value_and_param_grads(fn, x, params, padding, seed, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 4), cin=st.sampled_from([1, 2, 3]), c=st.sampled_from([1, 3, 37]), k=st.integers(1, 3),
        padding=st.integers(0, 3), h=st.integers(2, 9), w=st.integers(2, 9), seed=st.integers(0, 2**16))
-def test_conv_block_matches_oracle(backend, dtype, n, cin, c, k, padding, h, w, seed):
-    """Fused (cpp, at most MAX_FUSED_TAPS taps) or composed, odd sides and every padding included."""
+def test_conv_block_matches_oracle(backend, dtype, layout, n, cin, c, k, padding, h, w, seed):
+    """Fused (cpp, at most MAX_FUSED_TAPS taps) or composed, odd sides and every padding included, computed in
+    either memory format (the fused kernel then writes its output channels_last)."""
     if min(h, w) + 2 * padding - k + 1 < 2:
         return
     x, params = conv_inputs(n, cin, h, w, c, k, dtype, seed)
@@ -124,7 +138,9 @@ def test_conv_block_matches_oracle(backend, dtype, n, cin, c, k, padding, h, w, 
     expected = value_and_param_grads(oracle, x.double(), [p.double() for p in params], padding, seed)
     device = DEVICE[backend]
     got = value_and_param_grads(conv_instance_norm_relu_pool, x.to(device), [p.to(device) for p in params], padding,
-                                seed, backend=backend)
+                                seed, backend=backend, memory_format=LAYOUTS[layout])
+    if backend == "cpp":
+        assert got[0].is_contiguous(memory_format=LAYOUTS[layout])
     for e, r, name in zip(expected, got, ("out", "grad conv_weight", "grad conv_bias", "grad weight", "grad bias")):
         assert r.dtype == dtype, name
         r = r.cpu()
@@ -137,10 +153,11 @@ def test_conv_block_matches_oracle(backend, dtype, n, cin, c, k, padding, h, w, 
         torch.testing.assert_close(r.double(), e, **tol, msg=name)
 
 
-def test_conv_block_gradcheck():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv_block_gradcheck(layout):
     x, params = conv_inputs(2, 1, 5, 6, 3, 3)
-    assert torch.autograd.gradcheck(lambda *p: conv_instance_norm_relu_pool(x, *p, 1, backend="cpp"),
-                                    tuple(p.requires_grad_(True) for p in params))
+    run = functools.partial(conv_instance_norm_relu_pool, backend="cpp", memory_format=LAYOUTS[layout])
+    assert torch.autograd.gradcheck(lambda *p: run(x, *p, 1), tuple(p.requires_grad_(True) for p in params))
 
 
 def test_conv_block_with_input_gradient_runs_the_composition():
@@ -182,23 +199,27 @@ def test_conv_block_backward_is_first_order_only():
     (dict(padding=1.5), "padding"),
     (dict(x=torch.randn(1, 1, 3, 3), padding=0), "at least 2 x 2"),
     (dict(eps=0.0), "eps"),
+    (dict(memory_format=torch.preserve_format), "memory_format must be"),
 ])
 def test_conv_block_bad_inputs_are_named(bad, match):
     args = dict(x=torch.randn(1, 1, 4, 4), conv_weight=torch.randn(2, 1, 3, 3), conv_bias=torch.zeros(2),
                 weight=torch.ones(2), bias=torch.zeros(2), padding=1, eps=1e-5)
     args.update(bad)
+    memory_format = args.pop("memory_format", torch.contiguous_format)
     with pytest.raises(ValueError, match=match):
-        conv_instance_norm_relu_pool(*args.values(), backend="cpp")
+        conv_instance_norm_relu_pool(*args.values(), backend="cpp", memory_format=memory_format)
 
 
-@pytest.mark.parametrize("model, fusable", [("ConvNet", True), ("ConvNetBN", False), ("ConvNetMP", False)])
-def test_convnet_inside_fused_blocks_gives_the_same_logits_and_gradients(model, fusable):
-    net = get_network(model, 1, 5, (28, 28), torch.Generator().manual_seed(0)).double()
-    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("model", "channels", "fusable"),
+                         [("ConvNet", 1, True), ("ConvNet", 3, True), ("ConvNetBN", 1, False), ("ConvNetMP", 1, False)])
+def test_convnet_inside_fused_blocks_gives_the_same_logits_and_gradients(model, channels, fusable, layout):
+    net = get_network(model, channels, 5, (28, 28), torch.Generator().manual_seed(0)).double()
+    x = torch.randn(3, channels, 28, 28, dtype=torch.float64)
     y = torch.tensor([0, 4, 2])
     results = []
     for fused in (False, True):
-        with fused_blocks() if fused else torch.enable_grad():
+        with fused_blocks(LAYOUTS[layout]) if fused else torch.enable_grad():
             logits = net(x)
         results.append((logits, *torch.autograd.grad(F.cross_entropy(logits, y), list(net.parameters()))))
     for eager, fused in zip(*results):
