@@ -209,10 +209,19 @@ def conv_instance_norm_relu_pool(x: Tensor, conv_weight: Tensor, conv_bias: Tens
     fused = (name == "cpp" and not x.requires_grad and x.dtype in (torch.float32, torch.float64)
              and conv_weight.shape[1:].numel() <= MAX_FUSED_TAPS and not torch._C._are_functorch_transforms_active())
     if not fused:
-        z = F.conv2d(x.contiguous(memory_format=memory_format), conv_weight, conv_bias, padding=padding)
+        z = F.conv2d(_in_layout(x, memory_format), conv_weight, conv_bias, padding=padding)
         return instance_norm_relu_pool(z.contiguous(memory_format=memory_format), weight, bias, eps, backend=backend)
     params = [t.to(x.dtype).contiguous() for t in (conv_weight, conv_bias, weight, bias)]
     return _backend.apply(_ConvNormReLUPool, x.contiguous(), *params, padding, float(eps), memory_format)[0]
+
+
+def _in_layout(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """x [N, C, H, W] in ``memory_format``. A one-channel x is both layouts at once, and torch's convolution then
+    writes a contiguous map: it is given channels_last strides (a view), so that the map comes out channels_last."""
+    if memory_format == torch.channels_last and x.shape[1] == 1:
+        n, _, h, w = x.shape
+        return x.contiguous().view(n, h, w, 1).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=memory_format)
 
 
 def _validate_conv(x: Tensor, conv_weight: Tensor, conv_bias: Tensor, weight: Tensor, bias: Tensor, padding: int,
