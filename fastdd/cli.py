@@ -534,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "start it without torchrun (distill, evaluate and experts split over processes: docs/distributed.md)",
               file=sys.stderr)
         return 1
-    if args.command in ("distill", "evaluate", "experts", "difficulty"):
+    if args.command in ("distill", "evaluate", "experts", "difficulty", "calibrate"):  # calibrate: as the runs time
         keep_freed_memory()
     try:
         status = command(args)
