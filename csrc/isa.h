@@ -11,6 +11,9 @@
 // the baseline's instructions (a level's code may inline them, never the reverse), so no function outside the
 // namespaces level_avx2 and level_avx512 holds an instruction above the baseline.
 //
+// Each copy sees kVectorBytes, the width of its level's vector registers (16, 32, 64), for kernels that size
+// vectors explicitly.
+//
 // FASTDD_BY_LEVEL(fn) is a function with the signature of the kernels' fn that calls the copy of the level in use;
 // bind_levels(m) adds set_level(name) and level() to the module. The level starts at "default"; the Python loader
 // sets it once after import (fastdd/ops/_backend.py).
@@ -43,26 +46,29 @@
 #define FASTDD_TARGET_END FASTDD_PRAGMA(GCC pop_options)
 #define FASTDD_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=256"
 #endif
-// The kernels' 64-byte vectors (norm_relu_pool) pass by value only between functions of one level inside this
-// module: the note on their ABI where AVX-512 is off concerns no caller.
+// The kernels' vectors (norm_relu_pool) pass by value only between functions of one level inside this module: the
+// note on their ABI concerns no caller.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 namespace {
 
 namespace level_default {
+constexpr int kVectorBytes = 16;  // the widest vector register: SSE2's
 #include FASTDD_KERNELS
 }  // namespace level_default
 
 #if FASTDD_X86_LEVELS
 FASTDD_TARGET_BEGIN("avx2,fma")
 namespace level_avx2 {
+constexpr int kVectorBytes = 32;
 #include FASTDD_KERNELS
 }  // namespace level_avx2
 FASTDD_TARGET_END
 
 FASTDD_TARGET_BEGIN(FASTDD_AVX512)
 namespace level_avx512 {
+constexpr int kVectorBytes = 64;
 #include FASTDD_KERNELS
 }  // namespace level_avx512
 FASTDD_TARGET_END

@@ -336,16 +336,19 @@ struct Sample {
   }
 };
 
-// A 64-byte vector of acc (GCC/Clang vector extension: 16 floats or 8 doubles), and unaligned moves.
+// A vector of acc as wide as the level's registers (GCC/Clang vector extension, kVectorBytes from isa.h: at AVX-512
+// 16 floats or 8 doubles), and unaligned moves. Wider than the registers, GCC splits every operation and passes the
+// vectors through memory: the AVX2 copy of the fused first block took 5x the AVX-512 one's time with 64-byte
+// vectors.
 template <typename acc>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(kVectorBytes)));
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
+  typedef double type __attribute__((vector_size(kVectorBytes)));
 };
 template <typename acc>
 using vec = typename Vec<acc>::type;
