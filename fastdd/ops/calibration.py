@@ -170,13 +170,19 @@ def pin_first_sides() -> None:
         save({**machine_key(), "isa_level": level}, nominal)
 
 
+# variables that cap the instruction sets of oneDNN's convolutions and MKL's products, which the torch paths run
+LIBRARY_CAPS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_key() -> dict[str, str]:
-    """What a calibration holds for: the CPU model, the ISA level of the C++ kernels, torch's and fastdd's versions,
-    and a hash of the C++ kernels' sources (an edited kernel is measured again)."""
+    """What a calibration holds for: the CPU model, the ISA level of the C++ kernels, the caps on oneDNN's and MKL's
+    instruction sets (:data:`LIBRARY_CAPS`, as set in the environment), torch's and fastdd's versions, and a hash of
+    the C++ kernels' sources (an edited kernel is measured again)."""
     built = sorted({extension_of(name) for name in FAMILIES})
     sources = hashlib.sha256(b"".join(_backend.source_bytes(name) for name in built)).hexdigest()[:16]
-    return {"cpu": cpu_model(), "isa_level": _backend.isa_level(), "torch": torch.__version__,
-            "fastdd": version.__version__, "kernels": sources}
+    caps = ", ".join(f"{name}={os.environ[name]}" for name in LIBRARY_CAPS if name in os.environ)
+    return {"cpu": cpu_model(), "isa_level": _backend.isa_level(), "library_caps": caps or "none",
+            "torch": torch.__version__, "fastdd": version.__version__, "kernels": sources}
 
 
 def extension_of(family: str) -> str:
