@@ -15,7 +15,7 @@ methods' float32 real passes run in channels_last only where it takes under ``1 
 (:func:`block_layout`): oneDNN's channels_last convolutions are faster on some CPUs and ISA levels, not on others.
 
 The measurements are kept in a JSON file per machine key (:func:`machine_key`: CPU model, the C++ kernels' ISA
-level and sources, torch's and fastdd's versions; a change of any of them means a fresh calibration) under the user
+level and sources, caps on oneDNN's and MKL's instruction sets, torch's and fastdd's versions; a change of any of them means a fresh calibration) under the user
 cache folder, ``$XDG_CACHE_HOME/fastdd`` or ``~/.cache/fastdd``. An extension is measured on its first ``auto`` call
 in a process that finds no measurement (a line on stderr says so), or all at once by ``fastdd calibrate``
 (:func:`calibrate`). Writes are atomic; processes calibrating at once take turns on a lock file, the later one
