@@ -14,16 +14,15 @@ One family chooses a memory format rather than a backend: ``block_layout`` times
 methods' float32 real passes run in channels_last only where it takes under ``1 - MARGIN`` of the contiguous time
 (:func:`block_layout`): oneDNN's channels_last convolutions are faster on some CPUs and ISA levels, not on others.
 
-The measurements are kept in a JSON file per machine key (:func:`machine_key`: CPU model, the C++ kernels' ISA
-level and sources, caps on oneDNN's and MKL's instruction sets, torch's and fastdd's versions; a change of any of
-them means a fresh calibration) under the user cache folder, ``$XDG_CACHE_HOME/fastdd`` or ``~/.cache/fastdd``. An
+The measurements are kept in a JSON file per machine key (:func:`machine_key`: CPU model, the C++ kernels' ISA level
+and sources, caps on oneDNN's and MKL's instruction sets, torch's and fastdd's versions; a change of any of them
+means a fresh calibration) under the user cache folder, ``$XDG_CACHE_HOME/fastdd`` or ``~/.cache/fastdd``. An
 extension is measured on its first ``auto`` call in a process that finds no measurement (a line on stderr says so),
-or all at once by ``fastdd calibrate`` (:func:`calibrate`). Writes are atomic; processes calibrating at once take turns on a lock file, the later one
-reading what the earlier one stored. A damaged file is measured again, with a line saying so; a folder that
-cannot be written keeps the measurement for the process alone. An extension's choice is read (or measured) once
-per process, at its first ``auto`` call, under the ISA level then in force; :func:`choice` is a dictionary lookup
-after that.
-"""
+or all at once by ``fastdd calibrate`` (:func:`calibrate`). Writes are atomic; processes calibrating at once take
+turns on a lock file, the later one reading what the earlier one stored. A damaged file is measured again, with a
+line saying so; a folder that cannot be written keeps the measurement for the process alone. An extension's choice
+is read (or measured) once per process, at its first ``auto`` call, under the ISA level then in force;
+:func:`choice` is a dictionary lookup after that. """
 
 from __future__ import annotations
 
