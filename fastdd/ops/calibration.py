@@ -22,7 +22,8 @@ or all at once by ``fastdd calibrate`` (:func:`calibrate`). Writes are atomic; p
 turns on a lock file, the later one reading what the earlier one stored. A damaged file is measured again, with a
 line saying so; a folder that cannot be written keeps the measurement for the process alone. An extension's choice
 is read (or measured) once per process, at its first ``auto`` call, under the ISA level then in force;
-:func:`choice` is a dictionary lookup after that. """
+:func:`choice` is a dictionary lookup after that.
+"""
 
 from __future__ import annotations
 
