@@ -2,11 +2,13 @@
 pooling, forward and backward, first order; and a whole block, convolution included, for thin convolutions.
 
 ``instance_norm_relu_pool(x, weight, bias, eps)`` equals :func:`fastdd.ops.naive.instance_norm_relu_pool`. On CPU
-the C++ kernel (``csrc/norm_relu_pool.cpp``) reads each (sample, channel) plane once forward and twice backward
-(the plane stays in cache) and never writes the normalised or rectified map: eager torch makes three passes
-with a full-size output each way. The backward is not differentiable (``create_graph=True`` raises): use the op for
-passes whose gradients are not differentiated again (the real-image passes of a distiller, network training),
-and the eager modules where a graph of the gradient is needed. On CUDA the Triton kernels of
+the C++ kernel (``csrc/norm_relu_pool.cpp``) reads each (sample, channel) plane once forward and twice backward (the
+plane stays in cache) and never writes the normalised or rectified map: eager torch makes three passes with a
+full-size output each way. On channels_last maps it reads and writes NHWC, a sample and a block of 32 channels at a
+time (the layout the methods' real passes use where the calibration measured it faster:
+:func:`fastdd.ops.calibration.block_layout`). The backward is not differentiable (``create_graph=True`` raises): use
+the op for passes whose gradients are not differentiated again (the real-image passes of a distiller, network
+training), and the eager modules where a graph of the gradient is needed. On CUDA the Triton kernels of
 ``kernels/norm_relu_pool.py`` do the same, one program per plane, which it walks in tiles of at most 1024 values.
 
 Non-finite values (NaN, +-inf in x, weight, bias or the upstream gradient) come out of both ops, forward and
@@ -126,7 +128,8 @@ def instance_norm_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, eps: float 
     x non-empty, H and W >= 2, float32, float64 or bfloat16 on every backend (statistics accumulated in float32,
     float64 for float64); weight, bias floating [C]; all three on one device; eps a finite number > 0.
     Differentiable once w.r.t. x, weight and bias. ``backend``: see :mod:`fastdd.ops._backend`;
-    ``"torch"`` runs the eager composition.
+    ``"torch"`` runs the eager composition. A channels_last x stays so on the C++ kernels, which then read and write
+    NHWC (the result and x's gradient channels_last); the other paths take it contiguous.
     ``per_sample_sq_norms``: a list to which the backward appends [N] the squared norms of each sample's
     own weight and bias gradient (the kernels compute them per plane before summing over samples; for
     :func:`fastdd.ops.per_sample_grad_norm`); the eager composition cannot, and raises when given one.
