@@ -229,9 +229,10 @@ void forward_nhwc_impl(const scalar_t* x, const acc_t<scalar_t>* gamma, const ac
           scalar_t* o = out + ((n * s.ho + i) * s.wo + j) * s.c + c0;
 #pragma omp simd
           for (int64_t k = 0; k < cb; ++k) {
-            const acc top = relu(a[k] * static_cast<acc>(p00[k]) + b[k]) + relu(a[k] * static_cast<acc>(p10[k]) + b[k]);
-            const acc right = relu(a[k] * static_cast<acc>(p01[k]) + b[k]) + relu(a[k] * static_cast<acc>(p11[k]) + b[k]);
-            o[k] = static_cast<scalar_t>(acc(0.25) * (top + right));
+            const acc left = relu(a[k] * static_cast<acc>(p00[k]) + b[k]) + relu(a[k] * static_cast<acc>(p10[k]) + b[k]);
+            const acc right =
+                relu(a[k] * static_cast<acc>(p01[k]) + b[k]) + relu(a[k] * static_cast<acc>(p11[k]) + b[k]);
+            o[k] = static_cast<scalar_t>(acc(0.25) * (left + right));
           }
         }
     }
@@ -434,14 +435,17 @@ void conv_backward_impl(const acc* grad_out, const acc* x, const acc* weight, co
   const auto offsets = s.offsets();
   at::parallel_for(0, batch * c, grain(l), [&](int64_t begin, int64_t end) {
     Sample<acc> sample(s);
-    std::vector<acc> wide(s.wide()), gz_wide(s.wide(), acc(0)), z(l), up(l, acc(0)), gz(l), go(planes.lo);
+    std::vector<acc> wide(s.wide()), gz_wide(s.wide(), acc(0)), z(l), up(l, acc(0)), gz(l), go(nhwc ? planes.lo : 0);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t o = p % c;
       const acc* xs = sample.get(x, p / c);
       conv_plane(xs, weight + o * s.taps(), bias[o], s, offsets.data(), wide.data(), z.data());
       const acc* g = grad_out + planes.start(p);
-      for (int64_t q = 0; q < planes.lo; ++q) go[q] = g[q * planes.stride()];
-      widen(go.data(), s.h, s.w, up.data());
+      if (nhwc) {  // the plane's gradient, gathered from the channels_last layout
+        for (int64_t q = 0; q < planes.lo; ++q) go[q] = g[q * planes.stride()];
+        g = go.data();
+      }
+      widen(g, s.h, s.w, up.data());
       plane_backward(z.data(), up.data(), l, gamma[o], beta[o], mean[p], rstd[p], gz.data(), grad_beta[p],
                      grad_gamma[p]);
       acc sum = 0;
@@ -556,8 +560,9 @@ void conv_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   });
 }
 
-// grad_out [N, C, h / 2, w / 2] (contiguous or channels_last) and what conv_forward read and wrote; writes the per-plane contributions
-// grad_weight [N, C, Cin * kh * kw], grad_bias, grad_gamma, grad_beta [N, C] (summed over samples by torch).
+// grad_out [N, C, h / 2, w / 2] (contiguous or channels_last) and what conv_forward read and wrote; writes the
+// per-plane contributions grad_weight [N, C, Cin * kh * kw], grad_bias, grad_gamma, grad_beta [N, C] (summed over
+// samples by torch).
 void conv_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const at::Tensor& gamma, const at::Tensor& beta, int64_t pad, const at::Tensor& mean,
                    const at::Tensor& rstd, at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor& grad_gamma, at::Tensor& grad_beta) {
