@@ -63,6 +63,8 @@ CHOICES = ("cpp", "torch")  # a family's two sides: its backends, unless SIDES n
 # block_layout: the memory format of a ConvNet's fused blocks in the methods' float32 real passes
 # (:func:`block_layout`), contiguous or channels_last
 SIDES = {"block_layout": ("contiguous", "channels_last")}
+# family -> the families whose choices its workload runs with ("auto"): measured before it where missing
+NEEDS = {"block_layout": ("norm_relu_pool", "conv_norm_relu_pool")}
 MARGIN = 0.05  # the second side is chosen when it takes less than 1 - MARGIN of the first side's time
 BUDGET_S = 1.0  # timed seconds per extension, both sides together
 MIN_ROUNDS = 3
@@ -226,11 +228,13 @@ def _update(extensions: Sequence[str], again: bool) -> dict[str, Measurement]:
     path = cache_file(key)
     with _lock(path.parent):
         found = _read(path, key)
-        measured = [name for name in extensions if again or name not in found]
+        wanted = [need for name in extensions for need in NEEDS.get(name, ()) if need not in found] + list(extensions)
+        measured = [name for name in dict.fromkeys(wanted) if again or name not in found]
         for name in measured:
             timed = _SAYS.get(name, "on the C++ extension and on torch")
             _backend._say(f"fastdd: timing {', '.join(OPS[name])} {timed}, to run the faster on this CPU (once per "
                           "machine, a few seconds)")
+            _choices.update({need: found[need].backend for need in NEEDS.get(name, ())})  # its "auto" calls
             found[name] = _measured(name)
         if measured:
             try:

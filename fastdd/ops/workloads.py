@@ -10,10 +10,11 @@ pooling, then a linear layer from the 128 x 4 x 4 features to 10 classes.
 Each :class:`Workload`'s ``setup()`` builds its inputs once, from a private generator, and returns ``run(backend)``,
 one round on ``"cpp"`` or ``"torch"`` (on a side of :data:`fastdd.ops.calibration.SIDES` for the families that
 choose other things); every op is called with that backend (an ``"auto"`` call would calibrate inside the
-calibration, waiting for its own lock). Batches are a chunk of the methods' (64 real images rather than
-256, 32 images for the per-sample norms), so that a calibration takes seconds; the choice takes the two paths' ratio
-on a chunk for their ratio on the whole batch. The layouts are timed on a whole batch of 256, where their ratio
-differs from a chunk's.
+calibration, waiting for its own lock), except in the layout family's workload, whose ``"auto"`` calls run the
+choices of the families it needs (:data:`fastdd.ops.calibration.NEEDS`), measured before it. Batches are a chunk of
+the methods' (64 real images rather than 256, 32 images for the per-sample norms), so that a calibration takes
+seconds; the choice takes the two paths' ratio on a chunk for their ratio on the whole batch. The layouts are timed
+on a whole batch of 256, where their ratio differs from a chunk's.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def _conv_norm_relu_pool() -> Run:
 
 
 def _block_layout() -> Run:
-    """ConvNet-3's three blocks in turn (:func:`conv_instance_norm_relu_pool` on its C++ kernels), forward and
-    backward to their parameters, on ``"contiguous"`` or ``"channels_last"`` maps."""
+    """ConvNet-3's three blocks in turn (:func:`conv_instance_norm_relu_pool` on the backends calibrated for it and
+    its tail, as the real passes run it), forward and backward to their parameters, on ``"contiguous"`` or
+    ``"channels_last"`` maps."""
     g = torch.Generator().manual_seed(0)
     found = blocks(LAYOUT_BATCH)
     x = torch.randn(found[0][2], generator=g)
@@ -152,7 +154,7 @@ def _block_layout() -> Run:
     def run(layout: str) -> None:
         h = x
         for (conv, _, _, _), block in zip(found, params):
-            h = conv_instance_norm_relu_pool(h, *block, conv.padding[0], backend="cpp", memory_format=formats[layout])
+            h = conv_instance_norm_relu_pool(h, *block, conv.padding[0], memory_format=formats[layout])
         torch.autograd.grad(h, [p for block in params for p in block], grad_out)
     return run
 

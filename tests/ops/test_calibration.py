@@ -179,6 +179,15 @@ def test_the_workloads_run():
             run(side)
 
 
+def test_the_layout_is_timed_with_the_choices_of_the_blocks_it_runs(fake_timings):
+    """block_layout's workload calls the block ops with backend="auto": the families it needs are measured first
+    (inside the same calibration, whose lock an "auto" call must not take again) and their choices are in force."""
+    fake_timings.seconds["torch"] = 0.5
+    assert calibration.block_layout() == torch.contiguous_format
+    assert fake_timings.measured == ["norm_relu_pool", "conv_norm_relu_pool", "block_layout"]
+    assert calibration._choices["conv_norm_relu_pool"] == "torch"
+
+
 @pytest.mark.parametrize(("channels_last_s", "chosen"), [(0.8, torch.channels_last), (0.96, torch.contiguous_format)])
 def test_the_real_passes_run_channels_last_only_where_measured_faster(fake_timings, channels_last_s, chosen):
     fake_timings.seconds.update(contiguous=1.0, channels_last=channels_last_s)
