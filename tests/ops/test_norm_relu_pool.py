@@ -40,15 +40,15 @@ def value_and_grads(fn, x, weight, bias, grad_out, **kw):
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "layout"), [*((b, "contiguous") for b in BACKENDS), ("cpp", "channels_last")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", LAYOUTS)
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 4), c=st.sampled_from([1, 3, 37]), h=st.integers(2, 9), w=st.integers(2, 9),
        seed=st.integers(0, 2**16))
-def test_matches_oracle(backend, dtype, layout, n, c, h, w, seed):
+def test_matches_oracle(backend, layout, dtype, n, c, h, w, seed):
     """Odd sides included: AvgPool2d drops the last row or column, which still gets the norm's gradient. A
-    channels_last x runs the C++ kernels' channels_last loops (37 channels: a block of 32 and a rest)."""
+    channels_last x runs the C++ kernels' channels_last loops (37 channels: a block of 32 and a rest); the other
+    backends take it contiguous, as any strided x."""
     x, weight, bias, grad_out = inputs(n, c, h, w, dtype, seed)
     expected = value_and_grads(naive.instance_norm_relu_pool, x.double(), weight, bias, grad_out.double())
     on_device = [t.to(DEVICE[backend]) for t in (x, weight, bias, grad_out)]
@@ -122,15 +122,16 @@ def value_and_param_grads(fn, x, params, padding, seed, **kw):
     return (out, *torch.autograd.grad(out, params, grad_out.to(out.device, out.dtype)))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "layout"),
+                         [*((b, "contiguous") for b in BACKENDS), ("cpp", "channels_last"), ("torch", "channels_last")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("layout", LAYOUTS)
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 4), cin=st.sampled_from([1, 2, 3]), c=st.sampled_from([1, 3, 37]), k=st.integers(1, 3),
        padding=st.integers(0, 3), h=st.integers(2, 9), w=st.integers(2, 9), seed=st.integers(0, 2**16))
-def test_conv_block_matches_oracle(backend, dtype, layout, n, cin, c, k, padding, h, w, seed):
+def test_conv_block_matches_oracle(backend, layout, dtype, n, cin, c, k, padding, h, w, seed):
     """Fused (cpp, at most MAX_FUSED_TAPS taps) or composed, odd sides and every padding included, computed in
-    either memory format (the fused kernel then writes its output channels_last)."""
+    either memory format (the fused kernel then writes its output channels_last; Triton takes its maps
+    contiguous)."""
     if min(h, w) + 2 * padding - k + 1 < 2:
         return
     x, params = conv_inputs(n, cin, h, w, c, k, dtype, seed)
