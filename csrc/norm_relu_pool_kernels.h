@@ -114,6 +114,19 @@ void widen(const acc* grad_out, int64_t h, int64_t w, acc* up) {
   }
 }
 
+// From a plane's sums db = sum gz and ds = sum gz x (plane_backward): its contribution s2 to grad_gamma and the
+// coefficients c2, c3 of its input gradient.
+template <typename acc>
+struct NormBackward {
+  acc s2, c2, c3;
+  NormBackward(acc db, acc ds, acc gamma, acc mean, acc rstd, int64_t l) {
+    const acc db_gamma = db * gamma, ds_gamma = ds * gamma;
+    s2 = (ds - db * mean) * rstd;
+    c2 = (db_gamma * mean - ds_gamma) * rstd * rstd * rstd / l;
+    c3 = -c2 * mean - db_gamma * rstd / l;
+  }
+};
+
 // One plane x [l] backward, in two vectorised passes, in ATen's GroupNorm backward formulation (so that
 // infinities meet as they do there: an infinite gamma gives NaN where ATen's does). The first pass sums
 // db = sum gz and ds = sum gz x; s1 = db and s2 = (ds - db mean) rstd are the plane's contributions to grad_beta
@@ -131,9 +144,9 @@ void plane_backward(const acc* x, const acc* up, int64_t l, acc gamma, acc beta,
     db += v;
     ds += v * x[k];
   }
-  s1 = db, s2 = (ds - db * mean) * rstd;
-  const acc db_gamma = db * gamma, ds_gamma = ds * gamma;
-  const acc c2 = (db_gamma * mean - ds_gamma) * rstd * rstd * rstd / l, c3 = -c2 * mean - db_gamma * rstd / l;
+  const NormBackward<acc> nb(db, ds, gamma, mean, rstd, l);
+  s1 = db, s2 = nb.s2;
+  const acc c2 = nb.c2, c3 = nb.c3;
 #pragma omp simd
   for (int64_t k = 0; k < l; ++k) {
     const acc v = relu_passes(a * x[k] + b) ? up[k] : acc(0);
@@ -275,9 +288,8 @@ void backward_nhwc_impl(const scalar_t* grad_out, const scalar_t* x, const acc_t
           }
         }
       for (int64_t k = 0; k < cb; ++k) {
-        const acc m = mean[row + k], r = rstd[row + k], g = gamma[c0 + k];
-        grad_beta[row + k] = db[k], grad_gamma[row + k] = (ds[k] - db[k] * m) * r;
-        c2[k] = (db[k] * g * m - ds[k] * g) * r * r * r / l, c3[k] = -c2[k] * m - db[k] * g * r / l;
+        const NormBackward<acc> nb(db[k], ds[k], gamma[c0 + k], mean[row + k], rstd[row + k], l);
+        grad_beta[row + k] = db[k], grad_gamma[row + k] = nb.s2, c2[k] = nb.c2, c3[k] = nb.c3;
       }
       for (int64_t y = 0; y < s.h; ++y)
         for (int64_t q = 0; q < s.w; ++q) {
