@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from datm_seed import datm_config
 from fastdd.api import load_data
-from fastdd.cli import build_parser, config_from_args
 from fastdd.evaluation import train_and_test
 from fastdd.models import get_network
 from fastdd.synset import SyntheticSet
@@ -51,10 +51,7 @@ def main() -> None:
     p.add_argument("--models", type=int, default=1)
     args = p.parse_args()
     for seed in args.seeds:
-        out = Path("runs/bench") / f"datm-seed-{seed}-it{args.iterations}"
-        config = config_from_args(build_parser().parse_args([
-            "distill", "--dataset", "fashion-mnist", "--ipc", "1", "--method", "datm", "--experts", args.experts,
-            "--iterations", str(args.iterations), "--seed", str(seed), "--out", str(out), "--quiet"]))
+        config, out = datm_config(args.experts, seed, args.iterations)
         train, test = load_data(config.dataset, config.data_root, torch.device("cpu"))
         start = config.build_distiller(train)
         final = SyntheticSet.load(out / "synset.safetensors")

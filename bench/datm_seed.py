@@ -29,6 +29,7 @@ import torch
 
 from fastdd.api import load_data
 from fastdd.cli import build_parser, config_from_args
+from fastdd.config import RunConfig
 from fastdd.evaluation import evaluate_random_real, evaluate_synset
 from fastdd.run import CONFIG, METRICS, run_distillation
 from harness.measure import commit, machine, record
@@ -40,11 +41,16 @@ HEADER = ("| date | seed | iterations | models | " + " | ".join(VARIANTS) + " | 
           "|" + "---|" * (4 + len(VARIANTS) + 7) + "\n")
 
 
-def seed_row(experts: str, seed: int, iterations: int, models: int) -> dict:
+def datm_config(experts: str, seed: int, iterations: int) -> tuple[RunConfig, Path]:
+    """The configuration of a DATM run on Fashion-MNIST at IPC 1 and its directory, ``runs/bench/datm-seed-S-itN``."""
     out = Path("runs/bench") / f"datm-seed-{seed}-it{iterations}"
-    config = config_from_args(build_parser().parse_args([
+    return config_from_args(build_parser().parse_args([
         "distill", "--dataset", "fashion-mnist", "--ipc", "1", "--method", "datm", "--experts", experts,
-        "--iterations", str(iterations), "--seed", str(seed), "--out", str(out), "--quiet"]))
+        "--iterations", str(iterations), "--seed", str(seed), "--out", str(out), "--quiet"])), out
+
+
+def seed_row(experts: str, seed: int, iterations: int, models: int) -> dict:
+    config, out = datm_config(experts, seed, iterations)
     train, test = load_data(config.dataset, config.data_root, torch.device("cpu"))
     distiller = config.build_distiller(train)
     start_images = distiller.images.detach().clone()
