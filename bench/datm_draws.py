@@ -1,6 +1,7 @@
 """Which of a DATM run's random draws ruin its set, when, and whether the damage lasts.
 
-    python bench/datm_draws.py --experts DIR --pairs 2:2 2:0 0:2 0:0 --iterations 40 --every 10 --models 2
+    python bench/datm_draws.py --experts DIR --pairs 2:2 2:0 0:2 0:0 --iterations 40 --every 10 --models 2 \
+        [--lr-img 100]
 
 A DATM run's generator draws first its start images (real images the expert's final network classifies correctly,
 labelled with that network's soft labels), then, each iteration, the start epoch, the students' minibatch order and
@@ -11,8 +12,9 @@ at the start) the set is evaluated by DATM's protocol (the learned rate at that 
 networks, network k from evaluation seed k for every snapshot), with each class's test accuracy and each class's
 image distance from its start (L2 norm, normalised units). Per iteration: the start epoch, the loss, whether it
 was skipped, and each class's image step (L2 norm of the update), to ``bench/results/datm_draws_steps.jsonl``.
-Snapshot rows to ``bench/results/datm_draws.md`` and ``.jsonl``. A diagnostic beside ``datm_seed.py``'s protocol
-rows, not an accuracy claim.
+Snapshot rows to ``bench/results/datm_draws.md`` and ``.jsonl``; with ``--lr-img R`` (default: the method's, 1000)
+the files are named ``datm_draws_lrR``. A diagnostic beside ``datm_seed.py``'s protocol rows, not an accuracy
+claim.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def snapshot_row(distiller, start_images: torch.Tensor, start_seed: int, draws_s
     accuracies = torch.tensor([e["accuracy"] for e in evaluations])
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "start_seed": start_seed, "draws_seed": draws_seed,
-        "iteration": iteration, "models": models, "mean": accuracies.mean().item(),
-        "std": accuracies.std(unbiased=False).item(),
+        "lr_img": distiller.hparams()["lr_img"], "iteration": iteration, "models": models,
+        "mean": accuracies.mean().item(), "std": accuracies.std(unbiased=False).item(),
         "per_class": torch.tensor([e["per_class"] for e in evaluations]).mean(0).tolist(),
         "distance": class_norms(synset.images - start_images, distiller.ipc), "skipped": skipped, "lr": synset.lr,
         "machine": machine(), "commit": commit(),
@@ -70,32 +72,34 @@ def cells(row: dict) -> str:
             + f" | {row['skipped']:.0f} | {row['lr']:.4f} | {row['machine']} | {row['commit']} |\n")
 
 
-def run_pair(experts: str, start_seed: int, draws_seed: int, iterations: int, every: int, models: int) -> None:
-    config, _ = datm_config(experts, start_seed, iterations)
+def run_pair(experts: str, start_seed: int, draws_seed: int, iterations: int, every: int, models: int,
+             lr_img: float | None) -> None:
+    config, _ = datm_config(experts, start_seed, iterations, lr_img)
     train, test = load_data(config.dataset, config.data_root, torch.device("cpu"))
     distiller = config.build_distiller(train)
     if draws_seed != start_seed:
-        donor, _ = datm_config(experts, draws_seed, iterations)
+        donor, _ = datm_config(experts, draws_seed, iterations, lr_img)
         distiller.generator.set_state(donor.build_distiller(train).generator.get_state())
     protocol = config.resolved(distiller).eval_config()
     start_images = distiller.images.detach().clone()
+    name = "datm_draws" if lr_img is None else f"datm_draws_lr{lr_img:g}"
     skipped = 0.0
     for iteration in range(iterations + 1):
         if iteration % every == 0 or iteration == iterations:
             row = snapshot_row(distiller, start_images, start_seed, draws_seed, iteration, skipped, models,
                                protocol, test)
             print(cells(row), end="", flush=True)
-            record(RESULTS, "datm_draws", HEADER, cells(row), [row])
+            record(RESULTS, name, HEADER, cells(row), [row])
         if iteration == iterations:
             break
         before = distiller.images.detach().clone()
         metrics = distiller.step(iteration)
         distiller.after_step(iteration)
         skipped += metrics.get("skipped", 0.0)
-        step = {"start_seed": start_seed, "draws_seed": draws_seed, "iteration": iteration,
+        step = {"start_seed": start_seed, "draws_seed": draws_seed, "lr_img": row["lr_img"], "iteration": iteration,
                 "start_epoch": metrics["start_epoch"], "loss": metrics["loss"], "skipped": metrics.get("skipped", 0.0),
                 "class_steps": class_norms(distiller.images.detach() - before, distiller.ipc)}
-        append_jsonl(RESULTS / "datm_draws_steps.jsonl", step)
+        append_jsonl(RESULTS / f"{name}_steps.jsonl", step)
 
 
 def main() -> None:
@@ -106,9 +110,10 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--every", type=int, default=10, help="iterations between evaluated snapshots")
     p.add_argument("--models", type=int, default=2, help="evaluation networks per snapshot")
+    p.add_argument("--lr-img", type=float, help="the images' learning rate (default the method's)")
     args = p.parse_args()
     for start_seed, draws_seed in args.pairs:
-        run_pair(args.experts, start_seed, draws_seed, args.iterations, args.every, args.models)
+        run_pair(args.experts, start_seed, draws_seed, args.iterations, args.every, args.models, args.lr_img)
 
 
 if __name__ == "__main__":

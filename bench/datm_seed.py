@@ -41,12 +41,14 @@ HEADER = ("| date | seed | iterations | models | " + " | ".join(VARIANTS) + " | 
           "|" + "---|" * (4 + len(VARIANTS) + 7) + "\n")
 
 
-def datm_config(experts: str, seed: int, iterations: int) -> tuple[RunConfig, Path]:
-    """The configuration of a DATM run on Fashion-MNIST at IPC 1 and its directory, ``runs/bench/datm-seed-S-itN``."""
+def datm_config(experts: str, seed: int, iterations: int, lr_img: float | None = None) -> tuple[RunConfig, Path]:
+    """The configuration of a DATM run on Fashion-MNIST at IPC 1 (at ``lr_img``, default the method's) and its
+    directory, ``runs/bench/datm-seed-S-itN``."""
     out = Path("runs/bench") / f"datm-seed-{seed}-it{iterations}"
+    lr = [] if lr_img is None else ["--lr-img", str(lr_img)]
     return config_from_args(build_parser().parse_args([
         "distill", "--dataset", "fashion-mnist", "--ipc", "1", "--method", "datm", "--experts", experts,
-        "--iterations", str(iterations), "--seed", str(seed), "--out", str(out), "--quiet"])), out
+        "--iterations", str(iterations), "--seed", str(seed), "--out", str(out), "--quiet", *lr])), out
 
 
 def seed_row(experts: str, seed: int, iterations: int, models: int) -> dict:
