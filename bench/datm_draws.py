@@ -56,7 +56,7 @@ def snapshot_row(distiller, start_images: torch.Tensor, start_seed: int, draws_s
     accuracies = torch.tensor([e["accuracy"] for e in evaluations])
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "start_seed": start_seed, "draws_seed": draws_seed,
-        "lr_img": distiller.hparams()["lr_img"], "iteration": iteration, "models": models,
+        "lr_img": distiller.lr_img, "iteration": iteration, "models": models,
         "mean": accuracies.mean().item(), "std": accuracies.std(unbiased=False).item(),
         "per_class": torch.tensor([e["per_class"] for e in evaluations]).mean(0).tolist(),
         "distance": class_norms(synset.images - start_images, distiller.ipc), "skipped": skipped, "lr": synset.lr,
@@ -96,7 +96,7 @@ def run_pair(experts: str, start_seed: int, draws_seed: int, iterations: int, ev
         metrics = distiller.step(iteration)
         distiller.after_step(iteration)
         skipped += metrics.get("skipped", 0.0)
-        step = {"start_seed": start_seed, "draws_seed": draws_seed, "lr_img": row["lr_img"], "iteration": iteration,
+        step = {"start_seed": start_seed, "draws_seed": draws_seed, "lr_img": distiller.lr_img, "iteration": iteration,
                 "start_epoch": metrics["start_epoch"], "loss": metrics["loss"], "skipped": metrics.get("skipped", 0.0),
                 "class_steps": class_norms(distiller.images.detach() - before, distiller.ipc)}
         append_jsonl(RESULTS / f"{name}_steps.jsonl", step)
